@@ -1,0 +1,136 @@
+"""The Model/State/Control/Solver protocol shared by every solver.
+
+A Model holds what is constant during a rollout, a State what changes, a Control the inputs of
+one step; ``Solver.step`` maps (model, state_in, control) to state_out and never writes state_in.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import warp as wp
+
+from diffsim.errors import SimulationDiverged
+
+
+class ArrayBundle:
+    """A named group of ``wp.array`` fields (the base of Model, State and Control).
+
+    Subclasses are dataclasses whose array-valued fields are discovered generically, so copying,
+    zeroing gradients and checkpointing work for every solver without per-solver code.
+    """
+
+    def arrays(self) -> Iterator[tuple[str, wp.array]]:
+        """Yield ``(name, array)`` for every field that holds a Warp array."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, wp.array):
+                yield field.name, value
+
+    def array(self, name: str) -> wp.array:
+        value = getattr(self, name, None)
+        if not isinstance(value, wp.array):
+            names = ", ".join(n for n, _ in self.arrays())
+            raise KeyError(f"{type(self).__name__} has no array named {name!r}; it has: {names}.")
+        return value
+
+    def clone(self, *, requires_grad: bool | None = None):
+        """Return a deep copy: new arrays with the same contents (non-array fields are shared)."""
+        changes = {}
+        for name, arr in self.arrays():
+            grad = arr.requires_grad if requires_grad is None else requires_grad
+            changes[name] = wp.clone(arr, requires_grad=grad)
+        return dataclasses.replace(self, **changes)
+
+    def assign(self, other) -> None:
+        """Copy the values of every array of ``other`` into this bundle's arrays.
+
+        Gradients are left alone (``wp.copy`` would copy them too when both arrays have one).
+        """
+        for name, arr in self.arrays():
+            copy_values(arr, other.array(name))
+
+    def zero_grad(self) -> None:
+        for _, arr in self.arrays():
+            if arr.requires_grad and arr.grad is not None:
+                arr.grad.zero_()
+
+    def set_requires_grad(self, flag: bool = True) -> None:
+        for _, arr in self.arrays():
+            arr.requires_grad = flag
+
+    def grads(self) -> dict[str, np.ndarray]:
+        """Return a numpy copy of every array's gradient (zeros where none is kept)."""
+        out = {}
+        for name, arr in self.arrays():
+            if arr.grad is not None:
+                out[name] = arr.grad.numpy().copy()
+            else:
+                out[name] = np.zeros(arr.shape + (), dtype=np.float32)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (values only, gradients excluded)."""
+        return sum(arr.capacity for _, arr in self.arrays())
+
+
+def values_view(array: wp.array) -> wp.array:
+    """A view of ``array``'s values without its gradient (contiguous arrays only)."""
+    return wp.array(ptr=array.ptr, dtype=array.dtype, shape=array.shape, device=array.device)
+
+
+def copy_values(dest: wp.array, src: wp.array) -> None:
+    """Copy values only; ``wp.copy`` alone also overwrites ``dest.grad`` when both have one."""
+    if dest.size:
+        wp.copy(values_view(dest), values_view(src))
+
+
+class Model(ArrayBundle):
+    """Everything constant during a rollout: topology, rest shapes, material parameters."""
+
+
+class State(ArrayBundle):
+    """Everything that changes from step to step."""
+
+
+class Control(ArrayBundle):
+    """The inputs of one step."""
+
+
+class Solver(abc.ABC):
+    """Advances a State by one step. Scratch buffers belong to the solver and are reused."""
+
+    @abc.abstractmethod
+    def step(self, model: Model, state_in: State, state_out: State, control: Control, dt: float) -> None:
+        """Write the state after ``dt`` seconds into ``state_out``; never write ``state_in``."""
+
+    @abc.abstractmethod
+    def new_state(self, model: Model, *, requires_grad: bool = False) -> State:
+        """Allocate a State shaped for ``model`` (contents unspecified)."""
+
+    def max_stable_dt(self, model: Model) -> float:
+        """Largest step [s] the solver accepts for ``model`` (infinite when unconstrained)."""
+        return float("inf")
+
+    def scratch_arrays(self) -> list[wp.array]:
+        """Arrays reused across steps; their gradients are cleared before each local backward."""
+        return []
+
+    def zero_scratch_grad(self) -> None:
+        for arr in self.scratch_arrays():
+            if arr.grad is not None:
+                arr.grad.zero_()
+
+    def check_finite(self, model: Model, state: State, step: int) -> None:
+        """Raise :class:`SimulationDiverged` naming the first non-finite array of ``state``."""
+        for name, arr in state.arrays():
+            if arr.dtype in (wp.int32, wp.int64, wp.uint64, wp.uint32, wp.int8, wp.uint8):
+                continue
+            values = arr.numpy().reshape(-1)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                components = max(1, values.size // max(1, arr.size))
+                raise SimulationDiverged(step, name, int(bad[0] // components))

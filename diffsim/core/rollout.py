@@ -1,0 +1,239 @@
+"""Checkpointed rollouts: forward simulation and reverse-mode gradients over long horizons.
+
+Forward keeps a State only every ``checkpoint_every`` solver steps; backward re-simulates each
+segment from its checkpoint and back-propagates one step at a time under a fresh local tape, so
+memory is O(T/K + K) states plus the solver's scratch, whatever the horizon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import warp as wp
+from tqdm.auto import tqdm
+
+from diffsim.core.protocol import Control, Model, Solver, State
+from diffsim.errors import ConfigError, InvalidParameter
+
+#: ``frame_loss(model, state, frame, loss)`` launches kernels that add a scalar into ``loss[0]``
+#: for the state reached at the end of control interval ``frame``.
+FrameLoss = Callable[[Model, State, int, wp.array], None]
+#: ``final_loss(model, state, loss)`` does the same for the last state of the rollout.
+FinalLoss = Callable[[Model, State, wp.array], None]
+
+
+@dataclass
+class RolloutStats:
+    """Bookkeeping of one rollout, for memory tests and benchmarks."""
+
+    solver_steps: int = 0
+    checkpoint_every: int = 0
+    checkpoints: int = 0
+    #: State objects the rollout itself allocated (checkpoints + working pool); state0 excluded.
+    states_allocated: int = 0
+    forward_steps_run: int = 0
+    backward_steps_run: int = 0
+
+
+class Rollout:
+    """A differentiable simulation of ``len(controls)`` control intervals (frames).
+
+    Each frame applies one Control for ``substeps`` solver steps of ``frame_dt / substeps``
+    seconds. ``forward()`` returns the loss; ``backward()`` then accumulates d(loss)/d(x) into the
+    ``.grad`` of every array that requires it: ``state0``'s, the model's and each control's.
+
+    Args:
+        solver: the solver that advances a state by one step.
+        model: constant data of the scene.
+        state0: initial state; never written.
+        controls: one Control per frame.
+        frame_dt: duration of one frame [s].
+        substeps: solver steps per frame, or ``"auto"`` for the fewest the solver accepts.
+        checkpoint_every: keep one state every K solver steps (default: about sqrt(T)).
+        frame_loss: optional per-frame loss, see :data:`FrameLoss`.
+        final_loss: optional end-of-rollout loss, see :data:`FinalLoss`.
+        check_every: test the state for non-finite values every this many steps (0: never).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        solver: Solver,
+        model: Model,
+        state0: State,
+        controls: Sequence[Control],
+        *,
+        frame_dt: float,
+        substeps: int | str = 1,
+        checkpoint_every: int | None = None,
+        frame_loss: FrameLoss | None = None,
+        final_loss: FinalLoss | None = None,
+        check_every: int = 50,
+        progress: bool = False,
+    ):
+        if len(controls) == 0:
+            raise ConfigError("a rollout needs at least one control (one per frame); got an empty sequence.")
+        if not (frame_dt > 0 and math.isfinite(frame_dt)):
+            raise InvalidParameter("frame_dt", frame_dt, "(0, inf) seconds")
+        max_dt = solver.max_stable_dt(model)
+        if substeps == "auto":
+            substeps = max(1, math.ceil(frame_dt / max_dt * (1 + 1e-9))) if math.isfinite(max_dt) else 1
+        if not isinstance(substeps, int) or substeps < 1:
+            raise InvalidParameter("substeps", substeps, "positive integers or 'auto'")
+        self.solver = solver
+        self.model = model
+        self.state0 = state0
+        self.controls = list(controls)
+        self.frame_dt = float(frame_dt)
+        self.substeps = substeps
+        self.dt = self.frame_dt / substeps
+        # Let the solver refuse an unstable dt now, before any work, with its own message.
+        validate = getattr(solver, "validate_dt", None)
+        if validate is not None:
+            validate(model, self.dt)
+        self.num_steps = len(self.controls) * substeps
+        if checkpoint_every is None:
+            checkpoint_every = max(1, round(math.sqrt(self.num_steps)))
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise InvalidParameter("checkpoint_every", checkpoint_every, "positive integers (solver steps)")
+        self.checkpoint_every = min(checkpoint_every, self.num_steps)
+        self.frame_loss = frame_loss
+        self.final_loss = final_loss
+        self.check_every = check_every
+        self.progress = progress
+
+        device = state0.arrays().__next__()[1].device
+        self.device = device
+        self.loss = wp.zeros(1, dtype=float, device=device, requires_grad=True)
+        self._step_loss = wp.zeros(1, dtype=float, device=device, requires_grad=True)
+        self._pool: list[State] = []
+        self._checkpoints: dict[int, State] = {}
+        self.final_state: State | None = None
+        self.stats = RolloutStats(solver_steps=self.num_steps, checkpoint_every=self.checkpoint_every)
+        self._forward_done = False
+
+    # -- storage -----------------------------------------------------------------------------
+    def _pool_state(self, i: int) -> State:
+        while len(self._pool) <= i:
+            self._pool.append(self.solver.new_state(self.model, requires_grad=True))
+            self.stats.states_allocated += 1
+        return self._pool[i]
+
+    def _checkpoint(self, step: int) -> State:
+        if step == 0:
+            return self.state0
+        if step not in self._checkpoints:
+            self._checkpoints[step] = self.solver.new_state(self.model, requires_grad=False)
+            self.stats.states_allocated += 1
+            self.stats.checkpoints = len(self._checkpoints)
+        return self._checkpoints[step]
+
+    def _control(self, step: int) -> Control:
+        return self.controls[step // self.substeps]
+
+    def _add_losses(self, step_done: int, state: State, loss: wp.array) -> None:
+        """Launch the losses due after ``step_done`` solver steps (1-based) on ``state``."""
+        if self.frame_loss is not None and step_done % self.substeps == 0:
+            self.frame_loss(self.model, state, step_done // self.substeps - 1, loss)
+        if self.final_loss is not None and step_done == self.num_steps:
+            self.final_loss(self.model, state, loss)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, *, on_frame: Callable[[int, State], None] | None = None) -> float:
+        """Simulate the whole horizon and return the loss (0 when no loss is given).
+
+        Args:
+            on_frame: called as ``on_frame(frame, state)`` after each frame, e.g. to record video.
+        """
+        self.loss.zero_()
+        state = self.state0
+        bar = tqdm(total=self.num_steps, desc="forward", disable=not self.progress, leave=False)
+        for t in range(self.num_steps):
+            # Ping-pong between two pool states; state0 is only ever read.
+            nxt = self._pool_state((t + 1) % 2)
+            self.solver.step(self.model, state, nxt, self._control(t), self.dt)
+            done = t + 1
+            if self.check_every and (done % self.check_every == 0 or done == self.num_steps):
+                self.solver.check_finite(self.model, nxt, t)
+            self._add_losses(done, nxt, self.loss)
+            if done % self.checkpoint_every == 0 and done < self.num_steps:
+                self._checkpoint(done).assign(nxt)
+            if on_frame is not None and done % self.substeps == 0:
+                on_frame(done // self.substeps - 1, nxt)
+            state = nxt
+            bar.update(1)
+        bar.close()
+        self.stats.forward_steps_run += self.num_steps
+        self.final_state = state
+        self._forward_done = True
+        return float(self.loss.numpy()[0])
+
+    # -- backward ----------------------------------------------------------------------------
+    def backward(self) -> None:
+        """Accumulate d(loss)/d(inputs) into the ``.grad`` of state0, model and control arrays.
+
+        Gradients add to whatever the ``.grad`` arrays hold; zero them first to start afresh.
+        """
+        if not self._forward_done:
+            raise ConfigError("Rollout.backward() needs a forward() first, to lay down the checkpoints.")
+        K = self.checkpoint_every
+        T = self.num_steps
+        num_segments = math.ceil(T / K)
+        for s in self._pool:
+            s.zero_grad()
+        bar = tqdm(total=T, desc="backward", disable=not self.progress, leave=False)
+        carried: State | None = None  # holds the adjoint of the first state of the later segment
+        for segment in reversed(range(num_segments)):
+            start, end = segment * K, min(T, (segment + 1) * K)
+            # Re-simulate the segment without a tape, keeping every state of it.
+            states = [self._pool_state(i) for i in range(end - start + 1)]
+            states[0].assign(self._checkpoint(start))
+            for t in range(start, end):
+                self.solver.step(self.model, states[t - start], states[t - start + 1], self._control(t), self.dt)
+            # Hand over the adjoint of this segment's last state from the later segment.
+            last = states[end - start]
+            last.zero_grad()
+            if carried is not None:
+                for name, arr in last.arrays():
+                    src = carried.array(name)
+                    if arr.grad is not None and src.grad is not None:
+                        wp.copy(arr.grad, src.grad)
+            for t in reversed(range(start, end)):
+                state_in, state_out = states[t - start], states[t - start + 1]
+                state_in.zero_grad()
+                self.solver.zero_scratch_grad()
+                self._step_loss.zero_()
+                self._step_loss.grad.zero_()
+                tape = wp.Tape()
+                with tape:
+                    self.solver.step(self.model, state_in, state_out, self._control(t), self.dt)
+                    self._add_losses(t + 1, state_out, self._step_loss)
+                tape.backward(loss=self._step_loss)
+                self.stats.backward_steps_run += 1
+                bar.update(1)
+            # states[0] (pool slot 0) keeps its adjoint until the earlier segment has copied it
+            # into its own last state (a different slot): re-simulation writes values only.
+            carried = states[0]
+        bar.close()
+        # carried (== pool[0]) now holds d(loss)/d(state0): add it to state0's gradients.
+        for name, arr in self.state0.arrays():
+            if arr.requires_grad and arr.grad is not None:
+                src = carried.array(name)
+                if src.grad is not None:
+                    _accumulate(arr.grad, src.grad)
+
+
+@wp.kernel
+def _accumulate_kernel(dst: wp.array(dtype=float), src: wp.array(dtype=float)):
+    i = wp.tid()
+    dst[i] = dst[i] + src[i]
+
+
+def _accumulate(dst: wp.array, src: wp.array) -> None:
+    """dst += src for arrays of any float-based dtype (viewed as flat float arrays)."""
+    n = dst.capacity // 4
+    flat_dst = wp.array(ptr=dst.ptr, dtype=float, shape=(n,), device=dst.device)
+    flat_src = wp.array(ptr=src.ptr, dtype=float, shape=(n,), device=src.device)
+    wp.launch(_accumulate_kernel, dim=n, inputs=[flat_dst, flat_src], device=dst.device)

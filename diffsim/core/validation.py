@@ -1,0 +1,53 @@
+"""Validation results shared by every solver's physics checks and the ``diffsim validate`` command.
+
+A check compares one measured quantity with a closed-form value under a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class CheckResult:
+    """One physics check: what was measured, what theory says, and whether they agree."""
+
+    name: str
+    measured: float
+    expected: float
+    error: float  #: the error measure the tolerance applies to (see ``error_kind``)
+    tolerance: float
+    error_kind: str  #: e.g. "relative", "absolute [deg]"
+    unit: str = ""
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def format_table(results: list[CheckResult]) -> str:
+    """A fixed-width table of results for terminals."""
+    header = f"{'check':38s} {'measured':>12s} {'expected':>12s} {'error':>10s} {'tolerance':>10s}  result"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        pct = "relative" in r.error_kind
+        err = f"{r.error:.2%}" if pct else f"{r.error:.3g}"
+        tol = f"{r.tolerance:.2%}" if pct else f"{r.tolerance:.3g}"
+        lines.append(
+            f"{r.name:38s} {r.measured:12.5g} {r.expected:12.5g} {err:>10s} {tol:>10s}  "
+            f"{'PASS' if r.passed else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def to_json(results: list[CheckResult]) -> str:
+    return json.dumps({"checks": [r.to_dict() for r in results],
+                       "passed": all(r.passed for r in results)}, indent=2)

@@ -1,0 +1,62 @@
+"""Collision geometry: signed-distance colliders (analytic primitives and triangle meshes) for solvers,
+and samplers that fill shapes with particles.
+
+Solver kernels call :func:`shape_query` (local frame) or :func:`shape_query_world`; Python code builds
+colliders with the ``collider_*`` factories and initial particle sets with the ``sample_*`` functions.
+"""
+
+from diffsim.geometry.mesh import TriangleMesh
+from diffsim.geometry.sampling import (
+    particle_volume,
+    sample_box,
+    sample_cylinder,
+    sample_mesh,
+    sample_sphere,
+)
+from diffsim.geometry.shapes import (
+    MESH_MAX_DISTANCE,
+    NO_SURFACE_DISTANCE,
+    Collider,
+    ShapeType,
+    SurfaceQuery,
+    closest_point_on_triangle,
+    collider_box,
+    collider_capsule,
+    collider_cylinder,
+    collider_mesh,
+    collider_plane,
+    collider_sphere,
+    local_to_world_point,
+    local_to_world_vector,
+    mesh_query,
+    shape_query,
+    shape_query_world,
+    world_to_local,
+)
+
+__all__ = [
+    "MESH_MAX_DISTANCE",
+    "NO_SURFACE_DISTANCE",
+    "Collider",
+    "ShapeType",
+    "SurfaceQuery",
+    "TriangleMesh",
+    "closest_point_on_triangle",
+    "collider_box",
+    "collider_capsule",
+    "collider_cylinder",
+    "collider_mesh",
+    "collider_plane",
+    "collider_sphere",
+    "local_to_world_point",
+    "local_to_world_vector",
+    "mesh_query",
+    "particle_volume",
+    "sample_box",
+    "sample_cylinder",
+    "sample_mesh",
+    "sample_sphere",
+    "shape_query",
+    "shape_query_world",
+    "world_to_local",
+]

@@ -1,0 +1,260 @@
+"""Warp kernels of one MLS-MPM step: collider motion, particle-to-grid transfer with stress,
+grid update with gravity, colliders and walls, and grid-to-particle transfer (APIC).
+"""
+
+from __future__ import annotations
+
+import warp as wp
+
+from diffsim.geometry import shape_query
+from diffsim.materials import MaterialParams, constitutive_update
+
+wp.set_module_options({"optimization_level": 3, "default_grid_stride": False})
+
+
+@wp.kernel
+def integrate_colliders(
+    position_in: wp.array(dtype=wp.vec3),
+    rotation_in: wp.array(dtype=wp.quat),
+    velocity: wp.array(dtype=wp.vec3),
+    angular_velocity: wp.array(dtype=wp.vec3),
+    dt: float,
+    position_out: wp.array(dtype=wp.vec3),
+    rotation_out: wp.array(dtype=wp.quat),
+):
+    i = wp.tid()
+    position_out[i] = position_in[i] + velocity[i] * dt
+    q = rotation_in[i]
+    w = angular_velocity[i]
+    # first-order quaternion integration; the normalisation keeps it a rotation
+    dq = wp.quat(w[0], w[1], w[2], 0.0) * q
+    q_new = wp.quat(q[0] + 0.5 * dt * dq[0], q[1] + 0.5 * dt * dq[1], q[2] + 0.5 * dt * dq[2], q[3] + 0.5 * dt * dq[3])
+    rotation_out[i] = wp.normalize(q_new)
+
+
+@wp.func
+def stencil_base(x: wp.vec3, origin: wp.vec3, inv_dx: float, grid_res: int):
+    """Lower corner of the 3x3x3 stencil of a particle, clamped inside the grid."""
+    g = (x - origin) * inv_dx
+    return wp.vec3i(
+        wp.clamp(int(wp.floor(g[0] - 0.5)), 0, grid_res - 3),
+        wp.clamp(int(wp.floor(g[1] - 0.5)), 0, grid_res - 3),
+        wp.clamp(int(wp.floor(g[2] - 0.5)), 0, grid_res - 3),
+    )
+
+
+@wp.func
+def bspline_weights(fx: float):
+    """Quadratic B-spline weights of the three nodes at offsets 0, 1, 2 from the stencil base."""
+    return wp.vec3(0.5 * (1.5 - fx) * (1.5 - fx), 0.75 - (fx - 1.0) * (fx - 1.0), 0.5 * (fx - 0.5) * (fx - 0.5))
+
+
+@wp.kernel
+def particle_to_grid(
+    particle_x: wp.array(dtype=wp.vec3),
+    particle_v: wp.array(dtype=wp.vec3),
+    particle_F: wp.array(dtype=wp.mat33),
+    particle_C: wp.array(dtype=wp.mat33),
+    particle_world: wp.array(dtype=int),
+    particle_material: wp.array(dtype=int),
+    particle_mass: wp.array(dtype=float),
+    particle_volume: wp.array(dtype=float),
+    young_modulus: wp.array(dtype=float),
+    poisson_ratio: wp.array(dtype=float),
+    yield_stress: wp.array(dtype=float),
+    friction_angle: wp.array(dtype=float),
+    viscosity: wp.array(dtype=float),
+    bulk_modulus: wp.array(dtype=float),
+    origin: wp.vec3,
+    inv_dx: float,
+    dt: float,
+    grid_res: int,
+    particle_F_out: wp.array(dtype=wp.mat33),
+    grid_mass: wp.array4d(dtype=float),
+    grid_momentum: wp.array4d(dtype=wp.vec3),
+):
+    p = wp.tid()
+    x = particle_x[p]
+    world = particle_world[p]
+    C = particle_C[p]
+    params = MaterialParams()
+    params.young_modulus = young_modulus[p]
+    params.poisson_ratio = poisson_ratio[p]
+    params.yield_stress = yield_stress[p]
+    params.friction_angle = friction_angle[p]
+    params.viscosity = viscosity[p]
+    params.bulk_modulus = bulk_modulus[p]
+    F_trial = (wp.identity(3, dtype=float) + dt * C) * particle_F[p]
+    response = constitutive_update(particle_material[p], F_trial, C, params)
+    particle_F_out[p] = response.F
+
+    mass = particle_mass[p]
+    dx = 1.0 / inv_dx
+    # MLS-MPM: the stress divergence and the APIC momentum share one affine matrix.
+    affine = (-dt * particle_volume[p] * 4.0 * inv_dx * inv_dx) * response.stress + mass * C
+    momentum = mass * particle_v[p]
+
+    base = stencil_base(x, origin, inv_dx, grid_res)
+    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
+    wx = bspline_weights(fx[0])
+    wy = bspline_weights(fx[1])
+    wz = bspline_weights(fx[2])
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                weight = wx[i] * wy[j] * wz[k]
+                dpos = (wp.vec3(float(i), float(j), float(k)) - fx) * dx
+                wp.atomic_add(grid_mass, world, base[0] + i, base[1] + j, base[2] + k, weight * mass)
+                wp.atomic_add(
+                    grid_momentum, world, base[0] + i, base[1] + j, base[2] + k, weight * (momentum + affine * dpos)
+                )
+
+
+@wp.kernel
+def grid_update(
+    grid_mass: wp.array4d(dtype=float),
+    grid_momentum: wp.array4d(dtype=wp.vec3),
+    gravity: wp.array(dtype=wp.vec3),
+    collider_shape: wp.array(dtype=int),
+    collider_size: wp.array(dtype=wp.vec3),
+    collider_friction: wp.array(dtype=float),
+    collider_mesh: wp.array(dtype=wp.uint64),
+    collider_position: wp.array(dtype=wp.vec3),
+    collider_rotation: wp.array(dtype=wp.quat),
+    collider_velocity: wp.array(dtype=wp.vec3),
+    collider_angular_velocity: wp.array(dtype=wp.vec3),
+    num_colliders: int,
+    origin: wp.vec3,
+    dx: float,
+    dt: float,
+    grid_res: int,
+    boundary: int,
+    boundary_cells: int,
+    offset: wp.vec3i,
+    grid_v: wp.array4d(dtype=wp.vec3),
+):
+    world, ii, jj, kk = wp.tid()
+    # the launch covers only the box of nodes that particles can reach, starting at offset
+    i = ii + offset[0]
+    j = jj + offset[1]
+    k = kk + offset[2]
+    m = grid_mass[world, i, j, k]
+    if m <= 0.0:
+        grid_v[world, i, j, k] = wp.vec3(0.0)
+        return
+    v = grid_momentum[world, i, j, k] / m + dt * gravity[0]
+    x = origin + wp.vec3(float(i), float(j), float(k)) * dx
+
+    # Warp's adjoint of a dynamic-length loop is only right for variables the loop does not
+    # carry, so the loop just picks the collider the node is deepest inside (control flow only)
+    # and the differentiable response is applied once, after it.
+    deepest = int(-1)
+    deepest_distance = float(0.0)
+    for c in range(num_colliders):
+        slot = world * num_colliders + c
+        local = wp.quat_rotate_inv(collider_rotation[slot], x - collider_position[slot])
+        d = shape_query(collider_shape[c], collider_size[c], collider_mesh[c], local).distance
+        if d < deepest_distance:
+            deepest = c
+            deepest_distance = d
+    if deepest >= 0:
+        slot = world * num_colliders + deepest
+        pos = collider_position[slot]
+        rot = collider_rotation[slot]
+        local = wp.quat_rotate_inv(rot, x - pos)
+        q = shape_query(collider_shape[deepest], collider_size[deepest], collider_mesh[deepest], local)
+        n = wp.quat_rotate(rot, q.normal)
+        v_collider = collider_velocity[slot] + wp.cross(collider_angular_velocity[slot], x - pos)
+        v_rel = v - v_collider
+        vn = wp.dot(v_rel, n)
+        if vn < 0.0:
+            # Coulomb friction: the tangential slip shrinks by mu * |vn|, never reversing.
+            vt = v_rel - vn * n
+            vt_norm = wp.sqrt(wp.dot(vt, vt) + 1.0e-20)
+            scale = wp.max(vt_norm + collider_friction[deepest] * vn, 0.0) / vt_norm
+            v = v_collider + scale * vt
+
+    # domain walls
+    index = wp.vec3i(i, j, k)
+    for a in range(3):
+        low = index[a] < boundary_cells
+        high = index[a] >= grid_res - boundary_cells
+        if low or high:
+            if boundary == 0:
+                v = wp.vec3(0.0)
+            elif boundary == 1:
+                v[a] = 0.0
+            else:
+                if (low and v[a] < 0.0) or (high and v[a] > 0.0):
+                    v[a] = 0.0
+    grid_v[world, i, j, k] = v
+
+
+@wp.kernel
+def grid_to_particle(
+    particle_x: wp.array(dtype=wp.vec3),
+    particle_world: wp.array(dtype=int),
+    grid_v: wp.array4d(dtype=wp.vec3),
+    origin: wp.vec3,
+    inv_dx: float,
+    dt: float,
+    grid_res: int,
+    particle_x_out: wp.array(dtype=wp.vec3),
+    particle_v_out: wp.array(dtype=wp.vec3),
+    particle_C_out: wp.array(dtype=wp.mat33),
+):
+    p = wp.tid()
+    x = particle_x[p]
+    world = particle_world[p]
+    base = stencil_base(x, origin, inv_dx, grid_res)
+    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
+    wx = bspline_weights(fx[0])
+    wy = bspline_weights(fx[1])
+    wz = bspline_weights(fx[2])
+    v = wp.vec3(0.0)
+    C = wp.mat33(0.0)
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                weight = wx[i] * wy[j] * wz[k]
+                dpos = wp.vec3(float(i), float(j), float(k)) - fx  # in cells
+                g = grid_v[world, base[0] + i, base[1] + j, base[2] + k]
+                v += weight * g
+                C += (4.0 * inv_dx * weight) * wp.outer(g, dpos)
+    particle_v_out[p] = v
+    particle_C_out[p] = C
+    particle_x_out[p] = x + dt * v
+
+
+@wp.kernel
+def stencil_bounds(
+    particle_x: wp.array(dtype=wp.vec3),
+    origin: wp.vec3,
+    inv_dx: float,
+    grid_res: int,
+    bounds: wp.array(dtype=int),
+):
+    """Lowest stencil base (bounds[0:3]) and highest (bounds[3:6]) over all particles."""
+    p = wp.tid()
+    base = stencil_base(particle_x[p], origin, inv_dx, grid_res)
+    for a in range(3):
+        wp.atomic_min(bounds, a, base[a])
+        wp.atomic_max(bounds, 3 + a, base[a])
+
+
+@wp.kernel
+def particles_outside(
+    particle_x: wp.array(dtype=wp.vec3),
+    lower: wp.vec3,
+    upper: wp.vec3,
+    first_outside: wp.array(dtype=int),
+):
+    """Record the smallest index of a particle outside [lower, upper] or with a non-finite position."""
+    p = wp.tid()
+    x = particle_x[p]
+    inside = True
+    for a in range(3):
+        if not (x[a] >= lower[a] and x[a] <= upper[a]):  # also false for NaN
+            inside = False
+    if not inside:
+        wp.atomic_min(first_outside, 0, p)

@@ -1,0 +1,375 @@
+"""MPM scene data: the Model (particles, materials, colliders, grid), State and Control, and the
+builder that assembles them from shapes, presets and colliders with validated SI parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import warp as wp
+
+from diffsim.core.device import resolve_device
+from diffsim.core.protocol import Control, Model, State
+from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.geometry import Collider, TriangleMesh, sampling
+from diffsim.materials import Material
+
+
+class Boundary(enum.IntEnum):
+    """What the walls of the grid domain do to the material touching them."""
+
+    STICKY = 0  #: velocity set to zero
+    SLIP = 1  #: normal velocity set to zero, tangential kept
+    SEPARATE = 2  #: normal velocity into the wall set to zero; material may leave the wall
+
+
+#: Grid cells along each wall where the boundary condition acts (the quadratic stencil is 3 wide).
+BOUNDARY_CELLS = 3
+
+
+@dataclass
+class MPMModel(Model):
+    """Everything constant during an MPM rollout.
+
+    Particle arrays have one entry per particle of every world; ``particle_world`` says which
+    world (and so which grid) a particle belongs to. Collider shapes are shared by all worlds;
+    their poses live in the State, one per (world, collider).
+    """
+
+    num_worlds: int
+    grid_res: int  #: cells per axis of each world's cubic grid
+    domain_size: float  #: edge of the cubic domain [m]
+    domain_origin: tuple[float, float, float]  #: lower corner of the domain [m]
+    boundary: Boundary
+    device: str
+
+    particle_world: wp.array  #: int32, world index of each particle
+    particle_material: wp.array  #: int32, a :class:`diffsim.materials.MaterialModel` per particle
+    particle_mass: wp.array  #: float, mass [kg]
+    particle_volume: wp.array  #: float, reference volume [m^3]
+    particle_young_modulus: wp.array  #: float [Pa]
+    particle_poisson_ratio: wp.array  #: float [-]
+    particle_yield_stress: wp.array  #: float, von Mises yield stress [Pa]
+    particle_friction_angle: wp.array  #: float, Drucker–Prager friction angle [rad]
+    particle_viscosity: wp.array  #: float, dynamic viscosity [Pa s]
+    particle_bulk_modulus: wp.array  #: float, fluid bulk modulus [Pa]
+    gravity: wp.array  #: vec3, shape (1,), gravitational acceleration [m/s^2]
+
+    collider_shape: wp.array  #: int32, a :class:`diffsim.geometry.ShapeType` per collider
+    collider_size: wp.array  #: vec3, shape parameters [m]
+    collider_friction: wp.array  #: float, Coulomb friction coefficient [-]
+    collider_mesh: wp.array  #: uint64, Warp mesh id (0 for analytic shapes)
+
+    initial_x: np.ndarray = field(repr=False, default=None)
+    initial_v: np.ndarray = field(repr=False, default=None)
+    initial_collider_position: np.ndarray = field(repr=False, default=None)
+    initial_collider_rotation: np.ndarray = field(repr=False, default=None)
+    colliders: list[Collider] = field(default_factory=list, repr=False)
+    materials: list[Material] = field(default_factory=list, repr=False)
+    particle_material_index: np.ndarray = field(repr=False, default=None)
+    _meshes: list = field(default_factory=list, repr=False)
+
+    @property
+    def dx(self) -> float:
+        """Grid spacing [m]."""
+        return self.domain_size / self.grid_res
+
+    @property
+    def particle_count(self) -> int:
+        return self.particle_world.shape[0]
+
+    @property
+    def collider_count(self) -> int:
+        return self.collider_shape.shape[0]
+
+    def state(self, *, requires_grad: bool = False) -> MPMState:
+        """A new State at the builder's initial conditions (F = I, C = 0)."""
+        n = self.particle_count
+        eye = np.tile(np.eye(3, dtype=np.float32), (n, 1, 1))
+        kw = dict(device=self.device, requires_grad=requires_grad)
+        return MPMState(
+            particle_x=wp.array(self.initial_x, dtype=wp.vec3, **kw),
+            particle_v=wp.array(self.initial_v, dtype=wp.vec3, **kw),
+            particle_F=wp.array(eye, dtype=wp.mat33, **kw),
+            particle_C=wp.zeros(n, dtype=wp.mat33, **kw),
+            collider_position=wp.array(self.initial_collider_position, dtype=wp.vec3, **kw),
+            collider_rotation=wp.array(self.initial_collider_rotation, dtype=wp.quat, **kw),
+        )
+
+    def control(self, *, requires_grad: bool = False) -> MPMControl:
+        """A new Control with every collider at rest."""
+        m = self.num_worlds * self.collider_count
+        kw = dict(device=self.device, requires_grad=requires_grad)
+        return MPMControl(
+            collider_velocity=wp.zeros(m, dtype=wp.vec3, **kw),
+            collider_angular_velocity=wp.zeros(m, dtype=wp.vec3, **kw),
+        )
+
+    def max_wave_speed(self) -> float:
+        """Largest elastic (or acoustic) wave speed over all particles [m/s]."""
+        E = self.particle_young_modulus.numpy().astype(np.float64)
+        nu = self.particle_poisson_ratio.numpy().astype(np.float64)
+        K = self.particle_bulk_modulus.numpy().astype(np.float64)
+        rho = self.particle_mass.numpy().astype(np.float64) / self.particle_volume.numpy().astype(np.float64)
+        fluid = self.particle_material.numpy() == 4
+        lam = E * nu / ((1 + nu) * (1 - 2 * nu))
+        mu = E / (2 * (1 + nu))
+        modulus = np.where(fluid, K, lam + 2 * mu)
+        if modulus.size == 0:
+            return 0.0
+        return float(np.sqrt(np.max(modulus / rho)))
+
+    def max_kinematic_viscosity(self) -> float:
+        """Largest viscosity / density over all particles [m^2/s]."""
+        if self.particle_count == 0:
+            return 0.0
+        rho = self.particle_mass.numpy() / self.particle_volume.numpy()
+        return float(np.max(self.particle_viscosity.numpy() / rho))
+
+
+@dataclass
+class MPMState(State):
+    """Particle and collider state of every world."""
+
+    particle_x: wp.array  #: vec3, position [m]
+    particle_v: wp.array  #: vec3, velocity [m/s]
+    particle_F: wp.array  #: mat33, elastic deformation gradient [-]
+    particle_C: wp.array  #: mat33, APIC affine velocity field (velocity gradient) [1/s]
+    collider_position: wp.array  #: vec3, (world, collider) position [m]
+    collider_rotation: wp.array  #: quat (x, y, z, w), (world, collider) orientation
+
+
+@dataclass
+class MPMControl(Control):
+    """Kinematic collider motion during one step, per (world, collider)."""
+
+    collider_velocity: wp.array  #: vec3, linear velocity [m/s]
+    collider_angular_velocity: wp.array  #: vec3, angular velocity in world axes [rad/s]
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidParameter(name, value, "(0, inf)")
+    return value
+
+
+class MPMBuilder:
+    """Assembles an :class:`MPMModel`: particles by shape and material, colliders, grid, worlds.
+
+    Args:
+        grid_res: grid cells per axis (16..512).
+        domain_size: edge of the cubic simulation domain [m].
+        domain_origin: its lower corner [m].
+        num_worlds: independent copies of the scene simulated in one launch.
+        gravity: gravitational acceleration [m/s^2].
+        boundary: what the domain walls do.
+    """
+
+    def __init__(
+        self,
+        *,
+        grid_res: int = 64,
+        domain_size: float = 1.0,
+        domain_origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        num_worlds: int = 1,
+        gravity: tuple[float, float, float] = (0.0, 0.0, -9.81),
+        boundary: Boundary = Boundary.SEPARATE,
+    ):
+        if not isinstance(grid_res, int) or not 8 <= grid_res <= 1024:
+            raise InvalidParameter("grid_res", grid_res, "integers in [8, 1024]")
+        if not isinstance(num_worlds, int) or num_worlds < 1:
+            raise InvalidParameter("num_worlds", num_worlds, "integers >= 1")
+        self.grid_res = grid_res
+        self.domain_size = _positive("domain_size", domain_size)
+        self.domain_origin = tuple(float(c) for c in domain_origin)
+        self.num_worlds = num_worlds
+        g = np.asarray(gravity, dtype=np.float64)
+        if g.shape != (3,) or not np.all(np.isfinite(g)):
+            raise InvalidParameter("gravity", gravity, "three finite numbers [m/s^2]")
+        self.gravity = tuple(g)
+        self.boundary = Boundary(boundary)
+        self._x: list[np.ndarray] = []
+        self._v: list[np.ndarray] = []
+        self._volume: list[np.ndarray] = []
+        self._world: list[np.ndarray] = []
+        self._material_index: list[np.ndarray] = []
+        self.materials: list[Material] = []
+        self.colliders: list[Collider] = []
+
+    @property
+    def dx(self) -> float:
+        return self.domain_size / self.grid_res
+
+    @property
+    def particle_count(self) -> int:
+        return sum(len(x) for x in self._x)
+
+    # -- particles -------------------------------------------------------------------------
+    def add_particles(
+        self,
+        positions: np.ndarray,
+        material: Material,
+        *,
+        volume: float | np.ndarray,
+        velocity: tuple[float, float, float] | np.ndarray = (0.0, 0.0, 0.0),
+        world: int | None = None,
+    ) -> slice:
+        """Add particles at ``positions`` [m] (N, 3), each of reference ``volume`` [m^3].
+
+        ``world=None`` adds the particles to every world. Returns the index range of the
+        particles added to the first world they went to (the others follow in order).
+        """
+        x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+        if x.shape[0] == 0:
+            raise ConfigError("add_particles got no positions; a shape smaller than the spacing gives none.")
+        if not np.all(np.isfinite(x)):
+            raise InvalidParameter("positions", "array with non-finite entries", "finite coordinates [m]")
+        material.validate()
+        lo = np.asarray(self.domain_origin) + BOUNDARY_CELLS * self.dx
+        hi = np.asarray(self.domain_origin) + self.domain_size - BOUNDARY_CELLS * self.dx
+        outside = np.flatnonzero(np.any((x < lo) | (x > hi), axis=1))
+        if outside.size:
+            p = x[outside[0]]
+            raise InvalidParameter(
+                "positions",
+                f"particle {outside[0]} at ({p[0]:.4g}, {p[1]:.4g}, {p[2]:.4g})",
+                f"the domain interior [{lo[0]:.4g}, {hi[0]:.4g}]^3 m (walls take {BOUNDARY_CELLS} cells)",
+                hint="Move the shape, enlarge domain_size or change domain_origin.",
+            )
+        vol = np.broadcast_to(np.asarray(volume, dtype=np.float64), (x.shape[0],))
+        if not np.all(vol > 0) or not np.all(np.isfinite(vol)):
+            raise InvalidParameter("volume", float(np.min(vol)), "(0, inf) m^3")
+        v = np.broadcast_to(np.asarray(velocity, dtype=np.float64), x.shape)
+        if not np.all(np.isfinite(v)):
+            raise InvalidParameter("velocity", "non-finite entries", "finite velocities [m/s]")
+        if material not in self.materials:
+            self.materials.append(material)
+        mat_index = self.materials.index(material)
+        worlds = range(self.num_worlds) if world is None else [world]
+        first = self.particle_count
+        for w in worlds:
+            if not 0 <= w < self.num_worlds:
+                raise InvalidParameter("world", w, f"integers in [0, {self.num_worlds - 1}]")
+            self._x.append(x.copy())
+            self._v.append(np.array(v))
+            self._volume.append(np.array(vol))
+            self._world.append(np.full(x.shape[0], w, dtype=np.int32))
+            self._material_index.append(np.full(x.shape[0], mat_index, dtype=np.int32))
+        return slice(first, first + x.shape[0])
+
+    def _spacing(self, spacing: float | None) -> float:
+        return _positive("spacing", spacing) if spacing is not None else 0.5 * self.dx
+
+    def add_box(self, center, half_extents, material: Material, *, spacing=None, velocity=(0, 0, 0), world=None,
+                jitter: float = 0.0, seed: int = 0) -> slice:
+        """Fill a box with particles, ``spacing`` [m] apart (default: half a grid cell)."""
+        h = self._spacing(spacing)
+        x = sampling.sample_box(center, half_extents, h, jitter=jitter, seed=seed)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+
+    def add_sphere(self, center, radius, material: Material, *, spacing=None, velocity=(0, 0, 0), world=None,
+                   jitter: float = 0.0, seed: int = 0) -> slice:
+        """Fill a sphere of ``radius`` [m] with particles."""
+        h = self._spacing(spacing)
+        x = sampling.sample_sphere(center, radius, h, jitter=jitter, seed=seed)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+
+    def add_cylinder(self, center, radius, half_height, material: Material, *, axis: int = 2, spacing=None,
+                     velocity=(0, 0, 0), world=None, jitter: float = 0.0, seed: int = 0) -> slice:
+        """Fill a cylinder (``radius``, ``half_height`` [m], along ``axis``) with particles."""
+        h = self._spacing(spacing)
+        x = sampling.sample_cylinder(center, radius, half_height, h, axis=axis, jitter=jitter, seed=seed)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+
+    def add_mesh(self, mesh: TriangleMesh, material: Material, *, position=(0, 0, 0), rotation=(0, 0, 0, 1),
+                 scale: float = 1.0, spacing=None, velocity=(0, 0, 0), world=None) -> slice:
+        """Fill the inside of a closed triangle mesh with particles."""
+        h = self._spacing(spacing)
+        x = sampling.sample_mesh(mesh, h, position=position, rotation=rotation, scale=scale)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+
+    # -- colliders -------------------------------------------------------------------------
+    def add_collider(self, collider: Collider) -> int:
+        """Add a kinematic collider (see ``diffsim.geometry.collider_*``); returns its index."""
+        if not isinstance(collider, Collider):
+            raise ConfigError(f"add_collider expects a diffsim.geometry.Collider, got {type(collider).__name__}.")
+        self.colliders.append(collider)
+        return len(self.colliders) - 1
+
+    # -- finalize --------------------------------------------------------------------------
+    def finalize(self, device: str | None = None, *, requires_grad: bool = False) -> MPMModel:
+        """Build the Model on ``device`` (see :func:`diffsim.core.resolve_device`).
+
+        ``requires_grad`` makes the material parameter and collider friction arrays carry
+        gradients (needed to differentiate with respect to them).
+        """
+        if self.particle_count == 0:
+            raise ConfigError("the scene has no particles; add some with add_box, add_sphere, ... first.")
+        device = resolve_device(device)
+        x = np.concatenate(self._x)
+        v = np.concatenate(self._v)
+        vol = np.concatenate(self._volume)
+        world = np.concatenate(self._world)
+        mat_index = np.concatenate(self._material_index)
+        mats = self.materials
+
+        def per_particle(attr: str) -> np.ndarray:
+            table = np.array([float(getattr(m, attr)) for m in mats], dtype=np.float64)
+            return table[mat_index]
+
+        density = per_particle("density")
+        grad = dict(device=device, requires_grad=requires_grad)
+
+        def farr(values) -> wp.array:
+            return wp.array(np.asarray(values, dtype=np.float32), dtype=float, **grad)
+
+        meshes = []
+        mesh_ids = []
+        for c in self.colliders:
+            if c.mesh is not None:
+                m = c.mesh.warp_mesh(device)
+                meshes.append(m)
+                mesh_ids.append(m.id)
+            else:
+                mesh_ids.append(0)
+        nc = len(self.colliders)
+        positions = np.array([c.position for c in self.colliders], dtype=np.float32).reshape(nc, 3)
+        rotations = np.array([c.rotation for c in self.colliders], dtype=np.float32).reshape(nc, 4)
+        return MPMModel(
+            num_worlds=self.num_worlds,
+            grid_res=self.grid_res,
+            domain_size=self.domain_size,
+            domain_origin=self.domain_origin,
+            boundary=self.boundary,
+            device=device,
+            particle_world=wp.array(world, dtype=wp.int32, device=device),
+            particle_material=wp.array(np.array([int(m.model) for m in mats], dtype=np.int32)[mat_index],
+                                       dtype=wp.int32, device=device),
+            particle_mass=farr(density * vol),
+            particle_volume=farr(vol),
+            particle_young_modulus=farr(per_particle("young_modulus")),
+            particle_poisson_ratio=farr(per_particle("poisson_ratio")),
+            particle_yield_stress=farr(per_particle("yield_stress")),
+            particle_friction_angle=farr(per_particle("friction_angle")),
+            particle_viscosity=farr(per_particle("viscosity")),
+            particle_bulk_modulus=farr(per_particle("bulk_modulus")),
+            gravity=wp.array([self.gravity], dtype=wp.vec3, **grad),
+            collider_shape=wp.array(np.array([int(c.shape) for c in self.colliders], dtype=np.int32),
+                                    dtype=wp.int32, device=device),
+            collider_size=wp.array(np.array([c.size for c in self.colliders], dtype=np.float32).reshape(nc, 3),
+                                   dtype=wp.vec3, device=device),
+            collider_friction=farr([c.friction for c in self.colliders]),
+            collider_mesh=wp.array(np.array(mesh_ids, dtype=np.uint64), dtype=wp.uint64, device=device),
+            initial_x=x.astype(np.float32),
+            initial_v=v.astype(np.float32),
+            initial_collider_position=np.tile(positions, (self.num_worlds, 1)),
+            initial_collider_rotation=np.tile(rotations, (self.num_worlds, 1)),
+            colliders=list(self.colliders),
+            materials=list(mats),
+            particle_material_index=mat_index,
+            _meshes=meshes,
+        )
