@@ -1,0 +1,7 @@
+"""Controllers that act through the simulators: gradient-based trajectory optimisers (and, later,
+torch policies, sampling baselines and RL adapters), imported as ``diffsim.controllers``.
+"""
+
+from diffsim.controllers.trajectory import Bounds, OptimizationResult, optimize
+
+__all__ = ["Bounds", "OptimizationResult", "optimize"]

@@ -56,6 +56,7 @@ def check_grad(
     indices: list[int] | None = None,
     num_directions: int = 0,
     mask: np.ndarray | None = None,
+    directions: list[np.ndarray] | None = None,
     seed: int = 0,
     floor: float = 1e-8,
 ) -> GradCheckResult:
@@ -74,6 +75,9 @@ def check_grad(
         indices: flat entries to probe one at a time (components of vector dtypes count apart).
         num_directions: random unit directions to probe (restricted to ``mask`` if given).
         mask: flat boolean mask of entries a random direction may move.
+        directions: explicit directions to probe, used as given (not normalised): entry i moves
+            by ``eps * d[i]``, e.g. ``d = values`` for a uniform relative change of a per-particle
+            material parameter. ``relative_eps`` does not apply to them.
         seed: seed of the random directions.
         floor: absolute magnitude below which relative errors are not amplified.
 
@@ -84,7 +88,8 @@ def check_grad(
     grad = np.asarray(analytic_grad, dtype=np.float64).reshape(-1)
     if grad.shape != x0.shape:
         raise ValueError(f"analytic_grad has {grad.size} entries but the array has {x0.size}.")
-    directions: list[np.ndarray] = []
+    explicit = [np.asarray(d, dtype=np.float64).reshape(-1) for d in (directions or [])]
+    directions = list(explicit)
     for i in indices or []:
         d = np.zeros_like(x0)
         d[i] = 1.0
@@ -97,13 +102,13 @@ def check_grad(
         d /= np.linalg.norm(d) + 1e-30
         directions.append(d)
     if not directions:
-        raise ValueError("check_grad needs indices or num_directions > 0.")
+        raise ValueError("check_grad needs directions, indices or num_directions > 0.")
 
     fds, ans = [], []
     try:
-        for d in directions:
+        for n, d in enumerate(directions):
             step = eps
-            if relative_eps:
+            if relative_eps and n >= len(explicit):
                 scale = np.sqrt(np.mean(x0[d != 0] ** 2)) if np.any(d != 0) else 1.0
                 step = eps * max(scale, 1e-12)
             _set_flat(array, x0 + step * d)

@@ -79,7 +79,8 @@ class Rollout:
             raise InvalidParameter("frame_dt", frame_dt, "(0, inf) seconds")
         max_dt = solver.max_stable_dt(model)
         if substeps == "auto":
-            substeps = max(1, math.ceil(frame_dt / max_dt * (1 + 1e-9))) if math.isfinite(max_dt) else 1
+            # (1 - 1e-9): a frame exactly N stable steps long needs N substeps, not N + 1
+            substeps = max(1, math.ceil(frame_dt / max_dt * (1 - 1e-9))) if math.isfinite(max_dt) else 1
         if not isinstance(substeps, int) or substeps < 1:
             raise InvalidParameter("substeps", substeps, "positive integers or 'auto'")
         self.solver = solver

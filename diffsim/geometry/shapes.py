@@ -136,6 +136,11 @@ def _sphere_query(radius: float, p: wp.vec3):
     return _make_query(wp.dot(p, normal) - radius, normal)
 
 
+#: Width, as a fraction of the smallest half extent, over which the inside normal of a box or
+#: cylinder turns from one face to the next.
+_INSIDE_BLEND = wp.constant(0.1)
+
+
 @wp.func
 def _box_query(half_extents: wp.vec3, p: wp.vec3):
     s = wp.vec3(_sign_or_one(p[0]), _sign_or_one(p[1]), _sign_or_one(p[2]))
@@ -146,15 +151,19 @@ def _box_query(half_extents: wp.vec3, p: wp.vec3):
     if excess_sq > _TINY_SQUARED:
         direction = excess / wp.sqrt(excess_sq)
         return _make_query(wp.dot(excess, direction), wp.cw_mul(s, direction))
-    # Inside (or on the surface): the nearest face is the axis with the largest q.
-    axis = int(0)  # noqa: UP018 -- int(0) makes a mutable Warp variable, not a constant
-    if q[1] > q[axis]:
-        axis = 1
-    if q[2] > q[axis]:
-        axis = 2
-    normal = wp.vec3(0.0)
-    normal[axis] = s[axis]
-    return _make_query(q[axis], normal)
+    # Inside (or on the surface): the distance is the largest q (nearest face). The normal blends
+    # the face normals by a softmax of their distances, so it turns continuously across the
+    # medial planes instead of flipping: a flip would make contact responses, and so losses,
+    # jump as a collider moves. Near a single face the blend is that face's normal.
+    depth = wp.max(q[0], wp.max(q[1], q[2]))
+    temperature = _INSIDE_BLEND * wp.min(half_extents[0], wp.min(half_extents[1], half_extents[2]))
+    w = wp.vec3(
+        wp.exp((q[0] - depth) / temperature),
+        wp.exp((q[1] - depth) / temperature),
+        wp.exp((q[2] - depth) / temperature),
+    )
+    blended = wp.cw_mul(s, w)
+    return _make_query(depth, blended / wp.length(blended))
 
 
 @wp.func
@@ -187,9 +196,11 @@ def _cylinder_query(radius: float, half_height: float, p: wp.vec3):
         nx = ex / excess_len
         nz = ez / excess_len
         return _make_query(ex * nx + ez * nz, nx * radial_dir + nz * axial_dir)
-    if dx > dz:
-        return _make_query(dx, radial_dir)
-    return _make_query(dz, axial_dir)
+    # inside: softmax-blended normal, as for boxes (continuous across the side/cap medial cone)
+    depth = wp.max(dx, dz)
+    temperature = _INSIDE_BLEND * wp.min(radius, half_height)
+    blended = wp.exp((dx - depth) / temperature) * radial_dir + wp.exp((dz - depth) / temperature) * axial_dir
+    return _make_query(depth, blended / wp.length(blended))
 
 
 # ---------------------------------------------------------------------------- triangle meshes

@@ -11,6 +11,11 @@ from diffsim.materials import MaterialParams, constitutive_update
 
 wp.set_module_options({"optimization_level": 3, "default_grid_stride": False})
 
+#: Colliders per scene. The grid update applies them in a loop unrolled at compile time: Warp's
+#: adjoint of a loop with a run-time trip count does not replay the loop's forward sweep, so a
+#: velocity carried through such a loop gets a wrong gradient.
+MAX_COLLIDERS = 8
+
 
 @wp.kernel
 def integrate_colliders(
@@ -69,9 +74,11 @@ def particle_to_grid(
     inv_dx: float,
     dt: float,
     grid_res: int,
-    particle_F_out: wp.array(dtype=wp.mat33),
+    particle_F_new: wp.array(dtype=wp.mat33),
     grid_mass: wp.array4d(dtype=float),
     grid_momentum: wp.array4d(dtype=wp.vec3),
+    grid_fluid_mass: wp.array4d(dtype=float),
+    grid_fluid_volume: wp.array4d(dtype=float),
 ):
     p = wp.tid()
     x = particle_x[p]
@@ -85,8 +92,11 @@ def particle_to_grid(
     params.viscosity = viscosity[p]
     params.bulk_modulus = bulk_modulus[p]
     F_trial = (wp.identity(3, dtype=float) + dt * C) * particle_F[p]
-    response = constitutive_update(particle_material[p], F_trial, C, params)
-    particle_F_out[p] = response.F
+    material = particle_material[p]
+    response = constitutive_update(material, F_trial, C, params)
+    particle_F_new[p] = response.F
+    is_fluid = material == 4
+    fluid_J = wp.determinant(response.F)
 
     mass = particle_mass[p]
     dx = 1.0 / inv_dx
@@ -108,6 +118,83 @@ def particle_to_grid(
                 wp.atomic_add(
                     grid_momentum, world, base[0] + i, base[1] + j, base[2] + k, weight * (momentum + affine * dpos)
                 )
+                if is_fluid:
+                    wp.atomic_add(grid_fluid_mass, world, base[0] + i, base[1] + j, base[2] + k, weight * mass)
+                    wp.atomic_add(
+                        grid_fluid_volume, world, base[0] + i, base[1] + j, base[2] + k, weight * mass * fluid_J
+                    )
+
+
+@wp.func
+def contact_weight(distance: float, contact_distance: float):
+    """1 inside the surface, smoothstep down to 0 at ``contact_distance`` outside it."""
+    if distance <= 0.0:
+        return 1.0
+    if distance >= contact_distance:
+        return 0.0
+    t = 1.0 - distance / contact_distance
+    return t * t * (3.0 - 2.0 * t)
+
+
+@wp.func
+def collider_response(
+    v: wp.vec3,
+    x: wp.vec3,
+    c: int,
+    slot: int,
+    collider_shape: wp.array(dtype=int),
+    collider_size: wp.array(dtype=wp.vec3),
+    collider_friction: wp.array(dtype=float),
+    collider_mesh: wp.array(dtype=wp.uint64),
+    collider_position: wp.array(dtype=wp.vec3),
+    collider_rotation: wp.array(dtype=wp.quat),
+    collider_velocity: wp.array(dtype=wp.vec3),
+    collider_angular_velocity: wp.array(dtype=wp.vec3),
+    contact_distance: float,
+):
+    """Node velocity after contact with collider ``c`` (unchanged outside its skin).
+
+    Colliders act one after another; each blends in over its skin, so the result stays
+    continuous when a node enters or leaves any of them.
+    """
+    pos = collider_position[slot]
+    rot = collider_rotation[slot]
+    local = wp.quat_rotate_inv(rot, x - pos)
+    q = shape_query(collider_shape[c], collider_size[c], collider_mesh[c], local)
+    out = v
+    if q.distance < contact_distance:
+        n = wp.quat_rotate(rot, q.normal)
+        v_collider = collider_velocity[slot] + wp.cross(collider_angular_velocity[slot], x - pos)
+        v_rel = v - v_collider
+        vn = wp.dot(v_rel, n)
+        if vn < 0.0:
+            # Coulomb friction: the tangential slip shrinks by mu * |vn|, never reversing.
+            vt = v_rel - vn * n
+            vt_norm = wp.sqrt(wp.dot(vt, vt) + 1.0e-20)
+            scale = wp.max(vt_norm + collider_friction[c] * vn, 0.0) / vt_norm
+            v_contact = v_collider + scale * vt
+            # Full response inside the collider, fading out smoothly across a thin skin outside
+            # it: the contact front then moves continuously with the collider's pose, which is
+            # what gives the loss a gradient with respect to collider positions.
+            out = v + contact_weight(q.distance, contact_distance) * (v_contact - v)
+    return out
+
+
+@wp.func
+def wall_condition(v: wp.vec3, index: int, axis: int, grid_res: int, boundary: int, boundary_cells: int):
+    """Apply the domain-wall condition along one axis to a node velocity."""
+    low = index < boundary_cells
+    high = index >= grid_res - boundary_cells
+    out = v
+    if low or high:
+        if boundary == 0:
+            out = wp.vec3(0.0)
+        elif boundary == 1:
+            out[axis] = 0.0
+        else:
+            if (low and v[axis] < 0.0) or (high and v[axis] > 0.0):
+                out[axis] = 0.0
+    return out
 
 
 @wp.kernel
@@ -124,6 +211,7 @@ def grid_update(
     collider_velocity: wp.array(dtype=wp.vec3),
     collider_angular_velocity: wp.array(dtype=wp.vec3),
     num_colliders: int,
+    contact_distance: float,
     origin: wp.vec3,
     dx: float,
     dt: float,
@@ -145,48 +233,15 @@ def grid_update(
     v = grid_momentum[world, i, j, k] / m + dt * gravity[0]
     x = origin + wp.vec3(float(i), float(j), float(k)) * dx
 
-    # Warp's adjoint of a dynamic-length loop is only right for variables the loop does not
-    # carry, so the loop just picks the collider the node is deepest inside (control flow only)
-    # and the differentiable response is applied once, after it.
-    deepest = int(-1)
-    deepest_distance = float(0.0)
-    for c in range(num_colliders):
-        slot = world * num_colliders + c
-        local = wp.quat_rotate_inv(collider_rotation[slot], x - collider_position[slot])
-        d = shape_query(collider_shape[c], collider_size[c], collider_mesh[c], local).distance
-        if d < deepest_distance:
-            deepest = c
-            deepest_distance = d
-    if deepest >= 0:
-        slot = world * num_colliders + deepest
-        pos = collider_position[slot]
-        rot = collider_rotation[slot]
-        local = wp.quat_rotate_inv(rot, x - pos)
-        q = shape_query(collider_shape[deepest], collider_size[deepest], collider_mesh[deepest], local)
-        n = wp.quat_rotate(rot, q.normal)
-        v_collider = collider_velocity[slot] + wp.cross(collider_angular_velocity[slot], x - pos)
-        v_rel = v - v_collider
-        vn = wp.dot(v_rel, n)
-        if vn < 0.0:
-            # Coulomb friction: the tangential slip shrinks by mu * |vn|, never reversing.
-            vt = v_rel - vn * n
-            vt_norm = wp.sqrt(wp.dot(vt, vt) + 1.0e-20)
-            scale = wp.max(vt_norm + collider_friction[deepest] * vn, 0.0) / vt_norm
-            v = v_collider + scale * vt
+    for c in range(wp.static(MAX_COLLIDERS)):
+        if c < num_colliders:
+            v = collider_response(v, x, c, world * num_colliders + c, collider_shape, collider_size,
+                                  collider_friction, collider_mesh, collider_position, collider_rotation,
+                                  collider_velocity, collider_angular_velocity, contact_distance)
 
-    # domain walls
-    index = wp.vec3i(i, j, k)
-    for a in range(3):
-        low = index[a] < boundary_cells
-        high = index[a] >= grid_res - boundary_cells
-        if low or high:
-            if boundary == 0:
-                v = wp.vec3(0.0)
-            elif boundary == 1:
-                v[a] = 0.0
-            else:
-                if (low and v[a] < 0.0) or (high and v[a] > 0.0):
-                    v[a] = 0.0
+    v = wall_condition(v, i, 0, grid_res, boundary, boundary_cells)
+    v = wall_condition(v, j, 1, grid_res, boundary, boundary_cells)
+    v = wall_condition(v, k, 2, grid_res, boundary, boundary_cells)
     grid_v[world, i, j, k] = v
 
 
@@ -194,7 +249,11 @@ def grid_update(
 def grid_to_particle(
     particle_x: wp.array(dtype=wp.vec3),
     particle_world: wp.array(dtype=int),
+    particle_material: wp.array(dtype=int),
+    particle_F_new: wp.array(dtype=wp.mat33),
     grid_v: wp.array4d(dtype=wp.vec3),
+    grid_fluid_mass: wp.array4d(dtype=float),
+    grid_fluid_volume: wp.array4d(dtype=float),
     origin: wp.vec3,
     inv_dx: float,
     dt: float,
@@ -202,6 +261,7 @@ def grid_to_particle(
     particle_x_out: wp.array(dtype=wp.vec3),
     particle_v_out: wp.array(dtype=wp.vec3),
     particle_C_out: wp.array(dtype=wp.mat33),
+    particle_F_out: wp.array(dtype=wp.mat33),
 ):
     p = wp.tid()
     x = particle_x[p]
@@ -211,8 +271,10 @@ def grid_to_particle(
     wx = bspline_weights(fx[0])
     wy = bspline_weights(fx[1])
     wz = bspline_weights(fx[2])
+    is_fluid = particle_material[p] == 4
     v = wp.vec3(0.0)
     C = wp.mat33(0.0)
+    J = float(0.0)
     for i in range(3):
         for j in range(3):
             for k in range(3):
@@ -221,9 +283,19 @@ def grid_to_particle(
                 g = grid_v[world, base[0] + i, base[1] + j, base[2] + k]
                 v += weight * g
                 C += (4.0 * inv_dx * weight) * wp.outer(g, dpos)
+                if is_fluid:
+                    node_mass = grid_fluid_mass[world, base[0] + i, base[1] + j, base[2] + k]
+                    node_volume = grid_fluid_volume[world, base[0] + i, base[1] + j, base[2] + k]
+                    J += weight * node_volume / wp.max(node_mass, 1.0e-30)
     particle_v_out[p] = v
     particle_C_out[p] = C
     particle_x_out[p] = x + dt * v
+    if is_fluid:
+        # A fluid particle's volume ratio is the grid-averaged one: per-particle J drifts apart
+        # between neighbours (a checkerboard the pressure cannot see), and averaging removes it.
+        particle_F_out[p] = wp.identity(3, dtype=float) * wp.cbrt(J)
+    else:
+        particle_F_out[p] = particle_F_new[p]
 
 
 @wp.kernel

@@ -35,6 +35,10 @@ class MPMSolver(Solver):
         self.grid_mass = wp.zeros(shape, dtype=float, **kw)
         self.grid_momentum = wp.zeros(shape, dtype=wp.vec3, **kw)
         self.grid_v = wp.zeros(shape, dtype=wp.vec3, **kw)
+        self.grid_fluid_mass = wp.zeros(shape, dtype=float, **kw)
+        self.grid_fluid_volume = wp.zeros(shape, dtype=float, **kw)
+        self.particle_F_new = wp.zeros(model.particle_count, dtype=wp.mat33, **kw)
+        self._has_fluid = bool(np.any(model.particle_material.numpy() == 4))
         self._first_outside = wp.zeros(1, dtype=int, device=model.device)
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
@@ -44,7 +48,8 @@ class MPMSolver(Solver):
         return model.state(requires_grad=requires_grad)
 
     def scratch_arrays(self) -> list[wp.array]:
-        return [self.grid_mass, self.grid_momentum, self.grid_v]
+        return [self.grid_mass, self.grid_momentum, self.grid_v, self.grid_fluid_mass, self.grid_fluid_volume,
+                self.particle_F_new]
 
     def max_stable_dt(self, model: MPMModel) -> float:
         """Largest stable step [s]: the elastic-wave CFL limit and the explicit-viscosity limit."""
@@ -87,6 +92,9 @@ class MPMSolver(Solver):
             )
         self.grid_mass.zero_()
         self.grid_momentum.zero_()
+        if self._has_fluid:
+            self.grid_fluid_mass.zero_()
+            self.grid_fluid_volume.zero_()
         wp.launch(
             kernels.particle_to_grid,
             dim=model.particle_count,
@@ -95,7 +103,8 @@ class MPMSolver(Solver):
                     model.particle_young_modulus, model.particle_poisson_ratio, model.particle_yield_stress,
                     model.particle_friction_angle, model.particle_viscosity, model.particle_bulk_modulus,
                     origin, inv_dx, dt, res],
-            outputs=[state_out.particle_F, self.grid_mass, self.grid_momentum],
+            outputs=[self.particle_F_new, self.grid_mass, self.grid_momentum, self.grid_fluid_mass,
+                     self.grid_fluid_volume],
             device=device,
         )
         offset, extent = self._active_box(model, state_in)
@@ -105,15 +114,17 @@ class MPMSolver(Solver):
             inputs=[self.grid_mass, self.grid_momentum, model.gravity, model.collider_shape, model.collider_size,
                     model.collider_friction, model.collider_mesh, state_out.collider_position,
                     state_out.collider_rotation, control.collider_velocity, control.collider_angular_velocity,
-                    nc, origin, model.dx, dt, res, int(model.boundary), BOUNDARY_CELLS, offset],
+                    nc, model.contact_distance, origin, model.dx, dt, res, int(model.boundary), BOUNDARY_CELLS,
+                    offset],
             outputs=[self.grid_v],
             device=device,
         )
         wp.launch(
             kernels.grid_to_particle,
             dim=model.particle_count,
-            inputs=[state_in.particle_x, model.particle_world, self.grid_v, origin, inv_dx, dt, res],
-            outputs=[state_out.particle_x, state_out.particle_v, state_out.particle_C],
+            inputs=[state_in.particle_x, model.particle_world, model.particle_material, self.particle_F_new,
+                    self.grid_v, self.grid_fluid_mass, self.grid_fluid_volume, origin, inv_dx, dt, res],
+            outputs=[state_out.particle_x, state_out.particle_v, state_out.particle_C, state_out.particle_F],
             device=device,
         )
 
