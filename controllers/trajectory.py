@@ -9,9 +9,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -147,6 +147,7 @@ def optimize(
     iterations: int,
     learning_rate: float,
     learning_rate_decay: float = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
     inputs: InputMap | None = None,
     bounds: dict[str, Bounds] | None = None,
     regularizer: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
@@ -170,6 +171,8 @@ def optimize(
         learning_rate_decay: factor in (0, 1] applied to the step size every iteration, so that
             iteration i steps with ``learning_rate * learning_rate_decay**i``; below 1 it damps
             the overshoot Adam's momentum causes near a minimum.
+        betas: Adam's decay rates of the gradient mean and square; a first one of about 0.5
+            overshoots far less than torch's 0.9 on the nearly quadratic losses of reaching tasks.
         inputs: maps the parameters to the rollout's named inputs, for when only part of an
             input is optimised (e.g. one collider's velocity, the others kept still).
         bounds: per parameter name, limits kept after every step (e.g. a maximum speed).
@@ -199,16 +202,21 @@ def optimize(
     bounds = dict(bounds or {})
     unknown = sorted(set(bounds) - set(parameters))
     if unknown:
-        raise ConfigError(f"bounds name {unknown}, which are not parameters; the parameters are {sorted(parameters)}.")
+        raise ConfigError(f"bounds name {unknown}, which are not parameters; "
+                          f"the parameters are {sorted(parameters)}.")
     for name, p in parameters.items():
         if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise ConfigError(f"parameter {name!r} must be a floating-point torch.Tensor, got {type(p).__name__}.")
+            raise ConfigError(f"parameter {name!r} must be a floating-point torch.Tensor, "
+                              f"got {type(p).__name__}.")
         if not p.is_leaf:
-            raise ConfigError(f"parameter {name!r} must be a leaf tensor; pass a detached copy (tensor.detach()).")
+            raise ConfigError(f"parameter {name!r} must be a leaf tensor; "
+                              "pass a detached copy (tensor.detach()).")
         p.requires_grad_(True)
     map_inputs = inputs if inputs is not None else dict
 
-    optimizer = torch.optim.Adam(list(parameters.values()), lr=learning_rate)
+    if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
+        raise InvalidParameter("betas", tuple(betas), "two numbers in [0, 1)")
+    optimizer = torch.optim.Adam(list(parameters.values()), lr=learning_rate, betas=tuple(betas))
     losses: list[float] = []
     grad_norms: list[float] = []
     best_loss, best_iteration = math.inf, -1
@@ -249,23 +257,27 @@ def optimize(
                 loss = loss + regularizer(parameters)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise SimulationDiverged(iteration, "loss", hint="The optimisation loss is not finite at this "
-                                         "iteration; lower the learning rate or tighten the bounds.")
+                raise SimulationDiverged(
+                    iteration, "loss",
+                    hint="The optimisation loss is not finite at this iteration; lower the learning rate "
+                         "or tighten the bounds.")
             loss.backward()
             norm_sq = 0.0
             for name, p in parameters.items():
                 if p.grad is None:
-                    raise ConfigError(f"the loss does not depend on parameter {name!r}; check the inputs map.")
+                    raise ConfigError(f"the loss does not depend on parameter {name!r}; "
+                                      "check the inputs map.")
                 if not torch.isfinite(p.grad).all():
-                    raise SimulationDiverged(iteration, f"gradient of {name}", hint="Lower the learning rate, "
-                                             "tighten the bounds or shorten the horizon.")
+                    raise SimulationDiverged(
+                        iteration, f"gradient of {name}",
+                        hint="Lower the learning rate, tighten the bounds or shorten the horizon.")
                 norm_sq += float((p.grad.double() ** 2).sum())
             grad_norms.append(math.sqrt(norm_sq))
             if norm_sq == 0.0 and not warned_zero:
                 warned_zero = True
                 warnings.warn(
-                    f"the gradient of the loss is exactly zero at iteration {iteration}, so Adam cannot move; "
-                    "the controls may not touch the material (e.g. a pusher that never reaches it).",
+                    f"the gradient of the loss is exactly zero at iteration {iteration}, so Adam cannot "
+                    "move; the controls may not touch the material (e.g. a pusher that never reaches it).",
                     RuntimeWarning, stacklevel=2,
                 )
             losses.append(value)

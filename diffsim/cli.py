@@ -9,7 +9,7 @@ import argparse
 import inspect
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from diffsim.errors import ConfigError, DiffsimError
 
@@ -45,15 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     device_flag.add_argument("--device", default=argparse.SUPPRESS,
                              help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
 
-    parser = argparse.ArgumentParser(prog="diffsim", description="Differentiable soft-matter simulation on Warp.")
+    parser = argparse.ArgumentParser(prog="diffsim",
+                                     description="Differentiable soft-matter simulation on Warp.")
     parser.add_argument("--device", default=None,
                         help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,validate,bench}")
 
     demo = commands.add_parser("demo", parents=[device_flag],
-                               help="optimise a pusher trajectory through the MPM solver; write a GIF and plots")
+                               help="optimise a pusher trajectory through the MPM solver; "
+                                    "write a GIF and plots")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    demo.add_argument("--iterations", type=_positive_int, default=20, help="Adam iterations (default: 20)")
+    demo.add_argument("--iterations", type=_positive_int, default=15, help="Adam iterations (default: 15)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the particle jitter (default: 0)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=_run_demo)
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mpm.add_argument("--particles", type=_positive_int, required=True, help="number of particles")
     bench_mpm.add_argument("--grid", type=_positive_int, required=True, help="grid cells per axis")
     bench_mpm.add_argument("--dt", type=_positive_float, default=1e-4, help="solver step [s] (default: 1e-4)")
-    bench_mpm.add_argument("--substeps", type=_positive_int, default=19, help="solver steps per frame (default: 19)")
+    bench_mpm.add_argument("--substeps", type=_positive_int, default=19,
+                           help="solver steps per frame (default: 19)")
     bench_mpm.add_argument("--frames", type=_positive_int, default=50, help="frames to time (default: 50)")
     bench_mpm.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_mpm.set_defaults(handler=_run_bench_mpm)
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace, device: str) -> int:
     from diffsim.demo import run_demo
 
-    run_demo(args.out, iterations=args.iterations, device=device, seed=args.seed, progress=not args.no_progress)
+    run_demo(args.out, iterations=args.iterations, device=device, seed=args.seed,
+             progress=not args.no_progress)
     return 0
 
 
@@ -110,7 +114,8 @@ def _run_validate_mpm(args: argparse.Namespace, device: str) -> int:
         known = physics_names + gradient_names
         unknown = [n for n in args.only if n not in known]
         if unknown:
-            raise ConfigError(f"unknown check {', '.join(map(repr, unknown))}; valid names are: {', '.join(known)}.")
+            raise ConfigError(f"unknown check {', '.join(map(repr, unknown))}; "
+                              f"valid names are: {', '.join(known)}.")
         physics_only = [n for n in args.only if n in physics_names]
         gradient_only = [n for n in args.only if n in gradient_names]
 

@@ -55,8 +55,9 @@ class PushDemoConfig:
     target_offset: tuple[float, float, float] = (0.06, 0.0, 0.0)  #: target minus initial centre of mass [m]
     initial_speed: float = 0.05  #: pusher speed along +x of the initial guess [m/s]
     max_speed: float = 0.5  #: largest horizontal pusher speed allowed [m/s]
-    learning_rate: float = 0.03  #: Adam step size [m/s]
-    learning_rate_decay: float = 0.85  #: factor on the step size per iteration [-]
+    learning_rate: float = 0.05  #: Adam step size [m/s]
+    learning_rate_decay: float = 0.9  #: factor on the step size per iteration [-]
+    adam_betas: tuple[float, float] = (0.5, 0.999)  #: little momentum: the loss is nearly quadratic
 
     def __post_init__(self):
         if not isinstance(self.frames, int) or self.frames < 1:
@@ -132,7 +133,8 @@ def pusher_inputs(scene: PushScene):
         horizontal = parameters["pusher_velocity"]
         # The floor and every other collider stay still; the pusher never moves vertically.
         per_collider = [torch.zeros(frames, 3, dtype=horizontal.dtype) for _ in range(colliders)]
-        per_collider[scene.pusher] = torch.cat([horizontal, torch.zeros(frames, 1, dtype=horizontal.dtype)], dim=1)
+        vertical = torch.zeros(frames, 1, dtype=horizontal.dtype)
+        per_collider[scene.pusher] = torch.cat([horizontal, vertical], dim=1)
         return {"controls.collider_velocity": torch.stack(per_collider, dim=1)}
 
     return to_inputs
@@ -199,16 +201,19 @@ def render_before_after(scene: PushScene, before: _Recording, after: _Recording,
     lo[2] = c.floor_height
     floor = _floor_points(c, lo, hi)
     marker = _target_marker(scene.target, 0.008)
+    target_image = visualize.render_points([(marker, TARGET_RGB)], bounds=(lo, hi), view="iso", size=size)
+    target_mask = np.any(target_image != 255, axis=2, keepdims=True)
     frames = []
     for i in range(len(before.particles)):
         panels = []
         for name, rec in (("initial guess", before), ("optimised", after)):
             outline = visualize.box_outline_points(rec.pusher[i], pusher_half)
             image = visualize.render_points(
-                [(floor, FLOOR_RGB), (rec.particles[i], PLASTICINE_RGB), (outline, PUSHER_RGB),
-                 (marker, TARGET_RGB)],
+                [(floor, FLOOR_RGB), (rec.particles[i], PLASTICINE_RGB), (outline, PUSHER_RGB)],
                 bounds=(lo, hi), view="iso", size=size,
             )
+            # The target sits inside the material once it is reached: draw it on top to keep it seen.
+            image = np.where(target_mask, target_image, image)
             panels.append(_caption(image, f"{name}  t = {i * c.frame_dt:.2f} s"))
         frames.append(np.concatenate([panels[0], np.full((size[1], 4, 3), 80, np.uint8), panels[1]], axis=1))
     # Hold the last frame so the end result can be seen.
@@ -219,7 +224,7 @@ def render_before_after(scene: PushScene, before: _Recording, after: _Recording,
 def run_demo(
     output_dir: str | Path = "outputs/demo",
     *,
-    iterations: int = 20,
+    iterations: int = 15,
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -257,10 +262,12 @@ def run_demo(
     checkpoint = output / CHECKPOINT_NAME
     result = optimize(
         scene.rollout, parameters, iterations=iterations, learning_rate=config.learning_rate,
-        learning_rate_decay=config.learning_rate_decay,
+        learning_rate_decay=config.learning_rate_decay, betas=config.adam_betas,
         inputs=pusher_inputs(scene), bounds={"pusher_velocity": Bounds(max_norm=config.max_speed)},
         checkpoint_path=checkpoint, progress=progress,
     )
+    if result.resumed_from is not None:
+        print(f"resumed from iteration {result.resumed_from} of an interrupted run ({checkpoint})")
     best = result.best_parameters["pusher_velocity"] if result.losses else initial
     after = _record(scene, best)
 
@@ -281,7 +288,8 @@ def run_demo(
     summary = asdict(demo)
     summary.update(
         device=device, seed=seed, particles=scene.model.particle_count, substeps=scene.rollout.substeps,
-        best_iteration=result.best_iteration, target=scene.target.tolist(),
+        best_iteration=result.best_iteration, resumed_from_iteration=result.resumed_from,
+        target=scene.target.tolist(),
         initial_center_of_mass=before.com.tolist(), final_center_of_mass=after.com.tolist(),
         pusher_velocity=best.tolist(), config=asdict(config),
     )

@@ -68,8 +68,10 @@ def _zero_all(model, state0, controls):
 
 
 @pytest.mark.parametrize("checkpoint_every", [1, 4, 7, 1000])
-def test_checkpointed_gradient_equals_store_everything(checkpoint_every):
+@pytest.mark.parametrize("fresh_scratch", [False, True], ids=["shared-scratch", "tape-per-segment"])
+def test_checkpointed_gradient_equals_store_everything(checkpoint_every, fresh_scratch):
     model, solver, state0, controls = make_toy(n=5, frames=6)
+    solver.fresh_scratch = fresh_scratch
     frame_loss, final_loss = _losses(5)
     substeps, frame_dt = 3, 0.03
     ref_loss, ref = _store_everything_grads(model, state0, controls, substeps, frame_dt / substeps,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import warp as wp
-
 from diffsim.controllers import Bounds, optimize
 from diffsim.controllers.trajectory import load_checkpoint
+
 from diffsim.core import Rollout
 from diffsim.errors import ConfigError
 from tests.toy_solver import make_toy
@@ -23,7 +23,8 @@ FRAMES = 8
 
 
 @wp.kernel
-def _squared_distance(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
+def _squared_distance(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+                      loss: wp.array(dtype=float)):
     i = wp.tid()
     d = x[i] - target[i]
     wp.atomic_add(loss, 0, wp.dot(d, d))
@@ -76,8 +77,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     assert list(tmp_path.glob("*.tmp")) == []  # atomic writes leave no temp files
 
     seen = []
-    resumed = optimize(_toy_rollout(), _forces(), iterations=iterations, learning_rate=0.3, checkpoint_path=path,
-                       on_iteration=lambda i, loss, p: seen.append(i), progress=False)
+    resumed = optimize(_toy_rollout(), _forces(), iterations=iterations, learning_rate=0.3,
+                       checkpoint_path=path, on_iteration=lambda i, loss, p: seen.append(i), progress=False)
     assert resumed.resumed_from == 4
     assert seen == [4, 5, 6]
     assert resumed.losses == reference.losses
@@ -87,8 +88,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
                                reference.best_parameters["controls.force"], rtol=0, atol=0)
 
     # A finished checkpoint resumes to an immediate return with the same result.
-    again = optimize(_toy_rollout(), _forces(), iterations=iterations, learning_rate=0.3, checkpoint_path=path,
-                     progress=False)
+    again = optimize(_toy_rollout(), _forces(), iterations=iterations, learning_rate=0.3,
+                     checkpoint_path=path, progress=False)
     assert again.losses == reference.losses and again.resumed_from == iterations
 
 
@@ -133,19 +134,20 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     path = tmp_path / "ckpt.pt"
     optimize(_toy_rollout(), _forces(), iterations=1, learning_rate=0.1, checkpoint_path=path, progress=False)
     with pytest.raises(ConfigError, match="checkpoint"):
-        optimize(_toy_rollout(), {"controls.force": torch.zeros(FRAMES, 5, 3)}, iterations=2, learning_rate=0.1,
-                 checkpoint_path=path, progress=False)
+        optimize(_toy_rollout(), {"controls.force": torch.zeros(FRAMES, 5, 3)}, iterations=2,
+                 learning_rate=0.1, checkpoint_path=path, progress=False)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="delete it"):
-        optimize(_toy_rollout(), _forces(), iterations=2, learning_rate=0.1, checkpoint_path=path, progress=False)
+        optimize(_toy_rollout(), _forces(), iterations=2, learning_rate=0.1, checkpoint_path=path,
+                 progress=False)
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ConfigError):
         optimize(_toy_rollout(), {}, iterations=1, learning_rate=0.1, progress=False)
     with pytest.raises(ConfigError, match="bounds"):
-        optimize(_toy_rollout(), _forces(), iterations=1, learning_rate=0.1, bounds={"other": Bounds(upper=1.0)},
-                 progress=False)
+        optimize(_toy_rollout(), _forces(), iterations=1, learning_rate=0.1,
+                 bounds={"other": Bounds(upper=1.0)}, progress=False)
     with pytest.raises(ValueError):
         optimize(_toy_rollout(), _forces(), iterations=1, learning_rate=-1.0, progress=False)
 
@@ -153,6 +155,7 @@ def test_bad_arguments_are_refused():
 def test_loss_decreases_on_tiny_mpm_scene():
     """A real MPM rollout: the initial velocity of a small elastic block is tuned to hit a target."""
     from diffsim.materials import Material, MaterialModel
+
     from diffsim.mpm import MPMBuilder, MPMSolver
     from diffsim.mpm.losses import CenterOfMassLoss
 

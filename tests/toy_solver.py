@@ -51,9 +51,16 @@ def _integrate(x: wp.array(dtype=wp.vec3), v: wp.array(dtype=wp.vec3), force: wp
 
 
 class ToySolver(Solver):
+    """With ``fresh_scratch`` each step allocates its force buffer, so a tape may span steps."""
+
     def __init__(self, n: int, device: str = "cpu"):
         self.force = wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=True)
         self.n = n
+        self.fresh_scratch = False
+
+    @property
+    def tape_spans_steps(self):
+        return self.fresh_scratch
 
     def new_state(self, model, *, requires_grad=False):
         return ToyState(x=wp.zeros(self.n, dtype=wp.vec3, requires_grad=requires_grad),
@@ -63,8 +70,9 @@ class ToySolver(Solver):
         return [self.force]
 
     def step(self, model, state_in, state_out, control, dt):
-        wp.launch(_force, self.n, inputs=[state_in.x, model.stiffness, control.force], outputs=[self.force])
-        wp.launch(_integrate, self.n, inputs=[state_in.x, state_in.v, self.force, model.mass, dt],
+        force = wp.zeros_like(self.force, requires_grad=True) if self.fresh_scratch else self.force
+        wp.launch(_force, self.n, inputs=[state_in.x, model.stiffness, control.force], outputs=[force])
+        wp.launch(_integrate, self.n, inputs=[state_in.x, state_in.v, force, model.mass, dt],
                   outputs=[state_out.x, state_out.v])
 
 

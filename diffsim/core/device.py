@@ -19,7 +19,9 @@ def init_warp(*, quiet: bool = True) -> None:
     """Initialise Warp once, quietly unless asked otherwise."""
     global _initialised
     if not _initialised:
-        wp.config.quiet = quiet
+        if quiet:
+            # keep Warp's banner and per-module load lines off stdout (they would corrupt --json)
+            wp.config.log_level = wp.LOG_WARNING
         wp.init()
         _initialised = True
 

@@ -79,13 +79,30 @@ class ArrayBundle:
 
 def values_view(array: wp.array) -> wp.array:
     """A view of ``array``'s values without its gradient (contiguous arrays only)."""
-    return wp.array(ptr=array.ptr, dtype=array.dtype, shape=array.shape, device=array.device)
+    view = wp.array(ptr=array.ptr, dtype=array.dtype, shape=array.shape, device=array.device)
+    view._keepalive = array  # a view does not own its memory
+    return view
 
 
 def copy_values(dest: wp.array, src: wp.array) -> None:
     """Copy values only; ``wp.copy`` alone also overwrites ``dest.grad`` when both have one."""
     if dest.size:
         wp.copy(values_view(dest), values_view(src))
+
+
+@wp.kernel
+def _add_flat(dst: wp.array(dtype=float), src: wp.array(dtype=float)):
+    i = wp.tid()
+    dst[i] = dst[i] + src[i]
+
+
+def accumulate(dst: wp.array, src: wp.array) -> None:
+    """dst += src, element-wise, for contiguous arrays of any float-based dtype."""
+    n = dst.capacity // 4
+    if n:
+        flat_dst = wp.array(ptr=dst.ptr, dtype=float, shape=(n,), device=dst.device)
+        flat_src = wp.array(ptr=src.ptr, dtype=float, shape=(n,), device=src.device)
+        wp.launch(_add_flat, dim=n, inputs=[flat_dst, flat_src], device=dst.device, record_tape=False)
 
 
 class Model(ArrayBundle):
@@ -103,6 +120,11 @@ class Control(ArrayBundle):
 class Solver(abc.ABC):
     """Advances a State by one step. Scratch buffers belong to the solver and are reused."""
 
+    #: True when a step recorded on a tape allocates its own scratch, so one tape may record
+    #: many consecutive steps (the rollout then re-simulates each segment once, under one tape).
+    #: False when steps share scratch: each step is then re-run under its own tape.
+    tape_spans_steps: bool = False
+
     @abc.abstractmethod
     def step(self, model: Model, state_in: State, state_out: State, control: Control, dt: float) -> None:
         """Write the state after ``dt`` seconds into ``state_out``; never write ``state_in``."""
@@ -114,6 +136,9 @@ class Solver(abc.ABC):
     def max_stable_dt(self, model: Model) -> float:
         """Largest step [s] the solver accepts for ``model`` (infinite when unconstrained)."""
         return float("inf")
+
+    def release_step_scratch(self) -> None:
+        """Called when the tapes that recorded steps are gone: their scratch may be reused."""
 
     def scratch_arrays(self) -> list[wp.array]:
         """Arrays reused across steps; their gradients are cleared before each local backward."""

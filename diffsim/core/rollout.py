@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import warp as wp
 from tqdm.auto import tqdm
 
-from diffsim.core.protocol import Control, Model, Solver, State
+from diffsim.core.protocol import Control, Model, Solver, State, accumulate
 from diffsim.errors import ConfigError, InvalidParameter
 
 #: ``frame_loss(model, state, frame, loss)`` launches kernels that add a scalar into ``loss[0]``
@@ -111,7 +111,7 @@ class Rollout:
         self._step_loss = wp.zeros(1, dtype=float, device=device, requires_grad=True)
         self._pool: list[State] = []
         self._checkpoints: dict[int, State] = {}
-        self.final_state: State | None = None
+        self._final_state: State | None = None
         self.stats = RolloutStats(solver_steps=self.num_steps, checkpoint_every=self.checkpoint_every)
         self._forward_done = False
 
@@ -133,6 +133,17 @@ class Rollout:
 
     def _control(self, step: int) -> Control:
         return self.controls[step // self.substeps]
+
+    @staticmethod
+    def _hand_over(carried: State | None, last: State) -> None:
+        """Seed the adjoint of a segment's last state with the later segment's first-state adjoint."""
+        last.zero_grad()
+        if carried is None:
+            return
+        for name, arr in last.arrays():
+            src = carried.array(name)
+            if arr.grad is not None and src.grad is not None:
+                wp.copy(arr.grad, src.grad)
 
     def _add_losses(self, step_done: int, state: State, loss: wp.array) -> None:
         """Launch the losses due after ``step_done`` solver steps (1-based) on ``state``."""
@@ -167,9 +178,21 @@ class Rollout:
             bar.update(1)
         bar.close()
         self.stats.forward_steps_run += self.num_steps
-        self.final_state = state
+        self._final_state = state
         self._forward_done = True
         return float(self.loss.numpy()[0])
+
+    @property
+    def final_state(self) -> State:
+        """The state after the last step, valid from ``forward()`` until ``backward()``.
+
+        It lives in the rollout's working pool, which the backward pass re-uses; ``clone()`` it
+        to keep it longer.
+        """
+        if self._final_state is None:
+            raise ConfigError("final_state is only available between forward() and backward(); "
+                              "clone() it after forward() to keep it across backward().")
+        return self._final_state
 
     # -- backward ----------------------------------------------------------------------------
     def backward(self) -> None:
@@ -179,43 +202,57 @@ class Rollout:
         """
         if not self._forward_done:
             raise ConfigError("Rollout.backward() needs a forward() first, to lay down the checkpoints.")
+        self._final_state = None  # the pool is about to be overwritten
         K = self.checkpoint_every
         T = self.num_steps
         num_segments = math.ceil(T / K)
-        for s in self._pool:
-            s.zero_grad()
         bar = tqdm(total=T, desc="backward", disable=not self.progress, leave=False)
         carried: State | None = None  # holds the adjoint of the first state of the later segment
+        span = getattr(self.solver, "tape_spans_steps", False)
         for segment in reversed(range(num_segments)):
             start, end = segment * K, min(T, (segment + 1) * K)
-            # Re-simulate the segment without a tape, keeping every state of it.
             states = [self._pool_state(i) for i in range(end - start + 1)]
+            # First move the later segment's adjoint (held by pool slot 0) into this segment's last
+            # state, then clear the rest: slot 0 is this segment's first state too.
+            self._hand_over(carried, states[end - start])
+            for s in states[:-1]:
+                s.zero_grad()
             states[0].assign(self._checkpoint(start))
-            for t in range(start, end):
-                self.solver.step(self.model, states[t - start], states[t - start + 1], self._control(t), self.dt)
-            # Hand over the adjoint of this segment's last state from the later segment.
-            last = states[end - start]
-            last.zero_grad()
-            if carried is not None:
-                for name, arr in last.arrays():
-                    src = carried.array(name)
-                    if arr.grad is not None and src.grad is not None:
-                        wp.copy(arr.grad, src.grad)
-            for t in reversed(range(start, end)):
-                state_in, state_out = states[t - start], states[t - start + 1]
-                state_in.zero_grad()
-                self.solver.zero_scratch_grad()
-                self._step_loss.zero_()
-                self._step_loss.grad.zero_()
+            self._step_loss.zero_()
+            self._step_loss.grad.zero_()
+            if span:
+                # One tape over the segment: possible when each taped step has its own scratch.
                 tape = wp.Tape()
                 with tape:
-                    self.solver.step(self.model, state_in, state_out, self._control(t), self.dt)
-                    self._add_losses(t + 1, state_out, self._step_loss)
+                    for t in range(start, end):
+                        self.solver.step(self.model, states[t - start], states[t - start + 1],
+                                         self._control(t), self.dt)
+                        self._add_losses(t + 1, states[t - start + 1], self._step_loss)
                 tape.backward(loss=self._step_loss)
-                self.stats.backward_steps_run += 1
-                bar.update(1)
-            # states[0] (pool slot 0) keeps its adjoint until the earlier segment has copied it
-            # into its own last state (a different slot): re-simulation writes values only.
+                del tape
+                self.solver.release_step_scratch()
+                self.stats.backward_steps_run += end - start
+                bar.update(end - start)
+            else:
+                # Scratch is shared between steps: re-simulate without a tape, then re-run each
+                # step under its own tape, newest first.
+                for t in range(start, end):
+                    self.solver.step(self.model, states[t - start], states[t - start + 1], self._control(t), self.dt)
+                for t in reversed(range(start, end)):
+                    state_in, state_out = states[t - start], states[t - start + 1]
+                    state_in.zero_grad()
+                    self.solver.zero_scratch_grad()
+                    self._step_loss.zero_()
+                    self._step_loss.grad.zero_()
+                    tape = wp.Tape()
+                    with tape:
+                        self.solver.step(self.model, state_in, state_out, self._control(t), self.dt)
+                        self._add_losses(t + 1, state_out, self._step_loss)
+                    tape.backward(loss=self._step_loss)
+                    del tape
+                    self.solver.release_step_scratch()
+                    self.stats.backward_steps_run += 1
+                    bar.update(1)
             carried = states[0]
         bar.close()
         # carried (== pool[0]) now holds d(loss)/d(state0): add it to state0's gradients.
@@ -223,18 +260,4 @@ class Rollout:
             if arr.requires_grad and arr.grad is not None:
                 src = carried.array(name)
                 if src.grad is not None:
-                    _accumulate(arr.grad, src.grad)
-
-
-@wp.kernel
-def _accumulate_kernel(dst: wp.array(dtype=float), src: wp.array(dtype=float)):
-    i = wp.tid()
-    dst[i] = dst[i] + src[i]
-
-
-def _accumulate(dst: wp.array, src: wp.array) -> None:
-    """dst += src for arrays of any float-based dtype (viewed as flat float arrays)."""
-    n = dst.capacity // 4
-    flat_dst = wp.array(ptr=dst.ptr, dtype=float, shape=(n,), device=dst.device)
-    flat_src = wp.array(ptr=src.ptr, dtype=float, shape=(n,), device=src.device)
-    wp.launch(_accumulate_kernel, dim=n, inputs=[flat_dst, flat_src], device=dst.device)
+                    accumulate(arr.grad, src.grad)

@@ -106,6 +106,8 @@ class _StepFunction(torch.autograd.Function):
         for tensor, name in zip(tensors, names, strict=True):
             _copy_in(tensor, _targets(name, model=model, state=state_in, controls=[control]))
         state_out = solver.new_state(model, requires_grad=True)
+        # scratch of taped steps is handed back only when no step still awaits its backward
+        solver._torch_pending_steps = getattr(solver, "_torch_pending_steps", 0) + 1
         tape = wp.Tape()
         with tape:
             solver.step(model, state_in, state_out, control, dt)
@@ -133,6 +135,9 @@ class _StepFunction(torch.autograd.Function):
         ctx.tape.backward()
         grads = [_grad_out(arrays, t) for arrays, t in zip(targets, tensors, strict=True)]
         ctx.tape.reset()
+        ctx.solver._torch_pending_steps -= 1
+        if ctx.solver._torch_pending_steps == 0:
+            ctx.solver.release_step_scratch()
         return (None, None, None, None, None, None, None, *grads)
 
 

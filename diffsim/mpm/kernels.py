@@ -9,7 +9,7 @@ import warp as wp
 from diffsim.geometry import shape_query
 from diffsim.materials import MaterialParams, constitutive_update
 
-wp.set_module_options({"optimization_level": 3, "default_grid_stride": False})
+wp.set_module_options({"default_grid_stride": False})
 
 #: Colliders per scene. The grid update applies them in a loop unrolled at compile time: Warp's
 #: adjoint of a loop with a run-time trip count does not replay the loop's forward sweep, so a
@@ -55,12 +55,9 @@ def bspline_weights(fx: float):
 
 
 @wp.kernel
-def particle_to_grid(
-    particle_x: wp.array(dtype=wp.vec3),
-    particle_v: wp.array(dtype=wp.vec3),
+def particle_stress(
     particle_F: wp.array(dtype=wp.mat33),
     particle_C: wp.array(dtype=wp.mat33),
-    particle_world: wp.array(dtype=int),
     particle_material: wp.array(dtype=int),
     particle_mass: wp.array(dtype=float),
     particle_volume: wp.array(dtype=float),
@@ -70,19 +67,14 @@ def particle_to_grid(
     friction_angle: wp.array(dtype=float),
     viscosity: wp.array(dtype=float),
     bulk_modulus: wp.array(dtype=float),
-    origin: wp.vec3,
     inv_dx: float,
     dt: float,
-    grid_res: int,
+    offset: int,
     particle_F_new: wp.array(dtype=wp.mat33),
-    grid_mass: wp.array4d(dtype=float),
-    grid_momentum: wp.array4d(dtype=wp.vec3),
-    grid_fluid_mass: wp.array4d(dtype=float),
-    grid_fluid_volume: wp.array4d(dtype=float),
+    particle_affine: wp.array(dtype=wp.mat33),
 ):
-    p = wp.tid()
-    x = particle_x[p]
-    world = particle_world[p]
+    """Constitutive update of each particle: the new F and the MLS-MPM affine momentum matrix."""
+    p = wp.tid() + offset
     C = particle_C[p]
     params = MaterialParams()
     params.young_modulus = young_modulus[p]
@@ -92,20 +84,47 @@ def particle_to_grid(
     params.viscosity = viscosity[p]
     params.bulk_modulus = bulk_modulus[p]
     F_trial = (wp.identity(3, dtype=float) + dt * C) * particle_F[p]
-    material = particle_material[p]
-    response = constitutive_update(material, F_trial, C, params)
+    response = constitutive_update(particle_material[p], F_trial, C, params)
     particle_F_new[p] = response.F
-    is_fluid = material == 4
-    fluid_J = wp.determinant(response.F)
-
-    mass = particle_mass[p]
-    dx = 1.0 / inv_dx
     # MLS-MPM: the stress divergence and the APIC momentum share one affine matrix.
-    affine = (-dt * particle_volume[p] * 4.0 * inv_dx * inv_dx) * response.stress + mass * C
-    momentum = mass * particle_v[p]
+    particle_affine[p] = (-dt * particle_volume[p] * 4.0 * inv_dx * inv_dx) * response.stress + particle_mass[p] * C
 
+
+@wp.kernel
+def particle_to_grid(
+    particle_x: wp.array(dtype=wp.vec3),
+    particle_v: wp.array(dtype=wp.vec3),
+    particle_affine: wp.array(dtype=wp.mat33),
+    particle_F_new: wp.array(dtype=wp.mat33),
+    particle_world: wp.array(dtype=int),
+    particle_material: wp.array(dtype=int),
+    particle_mass: wp.array(dtype=float),
+    origin: wp.vec3,
+    inv_dx: float,
+    grid_res: int,
+    grid_offset: wp.vec3i,
+    has_fluid: int,
+    offset: int,
+    grid_mass: wp.array4d(dtype=float),
+    grid_momentum: wp.array4d(dtype=wp.vec3),
+    grid_fluid_mass: wp.array4d(dtype=float),
+    grid_fluid_volume: wp.array4d(dtype=float),
+):
+    """Scatter mass, APIC momentum and stress impulse (and fluid volume) to the grid."""
+    p = wp.tid() + offset
+    x = particle_x[p]
+    world = particle_world[p]
+    mass = particle_mass[p]
+    affine = particle_affine[p]
+    momentum = mass * particle_v[p]
+    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    fluid_J = float(1.0)
+    if is_fluid:
+        fluid_J = wp.determinant(particle_F_new[p])
+    dx = 1.0 / inv_dx
     base = stencil_base(x, origin, inv_dx, grid_res)
     fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
+    local = base - grid_offset  # the grid arrays cover the active box only
     wx = bspline_weights(fx[0])
     wy = bspline_weights(fx[1])
     wz = bspline_weights(fx[2])
@@ -114,14 +133,14 @@ def particle_to_grid(
             for k in range(3):
                 weight = wx[i] * wy[j] * wz[k]
                 dpos = (wp.vec3(float(i), float(j), float(k)) - fx) * dx
-                wp.atomic_add(grid_mass, world, base[0] + i, base[1] + j, base[2] + k, weight * mass)
+                wp.atomic_add(grid_mass, world, local[0] + i, local[1] + j, local[2] + k, weight * mass)
                 wp.atomic_add(
-                    grid_momentum, world, base[0] + i, base[1] + j, base[2] + k, weight * (momentum + affine * dpos)
+                    grid_momentum, world, local[0] + i, local[1] + j, local[2] + k, weight * (momentum + affine * dpos)
                 )
                 if is_fluid:
-                    wp.atomic_add(grid_fluid_mass, world, base[0] + i, base[1] + j, base[2] + k, weight * mass)
+                    wp.atomic_add(grid_fluid_mass, world, local[0] + i, local[1] + j, local[2] + k, weight * mass)
                     wp.atomic_add(
-                        grid_fluid_volume, world, base[0] + i, base[1] + j, base[2] + k, weight * mass * fluid_J
+                        grid_fluid_volume, world, local[0] + i, local[1] + j, local[2] + k, weight * mass * fluid_J
                     )
 
 
@@ -222,15 +241,15 @@ def grid_update(
     grid_v: wp.array4d(dtype=wp.vec3),
 ):
     world, ii, jj, kk = wp.tid()
-    # the launch covers only the box of nodes that particles can reach, starting at offset
+    # the grid arrays cover only the box of nodes that particles reach; (i, j, k) is global
     i = ii + offset[0]
     j = jj + offset[1]
     k = kk + offset[2]
-    m = grid_mass[world, i, j, k]
+    m = grid_mass[world, ii, jj, kk]
     if m <= 0.0:
-        grid_v[world, i, j, k] = wp.vec3(0.0)
+        grid_v[world, ii, jj, kk] = wp.vec3(0.0)
         return
-    v = grid_momentum[world, i, j, k] / m + dt * gravity[0]
+    v = grid_momentum[world, ii, jj, kk] / m + dt * gravity[0]
     x = origin + wp.vec3(float(i), float(j), float(k)) * dx
 
     for c in range(wp.static(MAX_COLLIDERS)):
@@ -242,7 +261,7 @@ def grid_update(
     v = wall_condition(v, i, 0, grid_res, boundary, boundary_cells)
     v = wall_condition(v, j, 1, grid_res, boundary, boundary_cells)
     v = wall_condition(v, k, 2, grid_res, boundary, boundary_cells)
-    grid_v[world, i, j, k] = v
+    grid_v[world, ii, jj, kk] = v
 
 
 @wp.kernel
@@ -258,12 +277,15 @@ def grid_to_particle(
     inv_dx: float,
     dt: float,
     grid_res: int,
+    grid_offset: wp.vec3i,
+    has_fluid: int,
+    offset: int,
     particle_x_out: wp.array(dtype=wp.vec3),
     particle_v_out: wp.array(dtype=wp.vec3),
     particle_C_out: wp.array(dtype=wp.mat33),
     particle_F_out: wp.array(dtype=wp.mat33),
 ):
-    p = wp.tid()
+    p = wp.tid() + offset
     x = particle_x[p]
     world = particle_world[p]
     base = stencil_base(x, origin, inv_dx, grid_res)
@@ -271,7 +293,8 @@ def grid_to_particle(
     wx = bspline_weights(fx[0])
     wy = bspline_weights(fx[1])
     wz = bspline_weights(fx[2])
-    is_fluid = particle_material[p] == 4
+    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    local = base - grid_offset
     v = wp.vec3(0.0)
     C = wp.mat33(0.0)
     J = float(0.0)
@@ -280,12 +303,12 @@ def grid_to_particle(
             for k in range(3):
                 weight = wx[i] * wy[j] * wz[k]
                 dpos = wp.vec3(float(i), float(j), float(k)) - fx  # in cells
-                g = grid_v[world, base[0] + i, base[1] + j, base[2] + k]
+                g = grid_v[world, local[0] + i, local[1] + j, local[2] + k]
                 v += weight * g
                 C += (4.0 * inv_dx * weight) * wp.outer(g, dpos)
                 if is_fluid:
-                    node_mass = grid_fluid_mass[world, base[0] + i, base[1] + j, base[2] + k]
-                    node_volume = grid_fluid_volume[world, base[0] + i, base[1] + j, base[2] + k]
+                    node_mass = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
+                    node_volume = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
                     J += weight * node_volume / wp.max(node_mass, 1.0e-30)
     particle_v_out[p] = v
     particle_C_out[p] = C

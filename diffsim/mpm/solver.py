@@ -5,14 +5,68 @@ per-particle materials, kinematic colliders and domain walls, for many worlds in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import warp as wp
 
+from diffsim.core.parallel import launch_items
 from diffsim.core.protocol import Solver
 from diffsim.errors import InvalidParameter, SimulationDiverged, UnstableTimeStep
 from diffsim.mpm import kernels
 from diffsim.mpm.model import BOUNDARY_CELLS, MPMControl, MPMModel, MPMState
+
+
+@dataclass
+class _StepScratch:
+    """Scratch of one step: grids over the active box (world, i, j, k) and per-particle arrays."""
+
+    grid_mass: wp.array
+    grid_momentum: wp.array
+    grid_v: wp.array
+    grid_fluid_mass: wp.array
+    grid_fluid_volume: wp.array
+    particle_F_new: wp.array
+    particle_affine: wp.array
+
+
+class _ScratchSlot:
+    """Growable flat buffers (values and gradients) from which one taped step's scratch is viewed."""
+
+    _FIELDS = (("grid_mass", float), ("grid_momentum", wp.vec3), ("grid_v", wp.vec3),
+               ("grid_fluid_mass", float), ("grid_fluid_volume", float),
+               ("particle_F_new", wp.mat33), ("particle_affine", wp.mat33))
+
+    def __init__(self, device):
+        self.device = device
+        self.values: dict[str, wp.array] = {}
+        self.grads: dict[str, wp.array] = {}
+
+    def _view(self, name, dtype, shape) -> wp.array:
+        size = int(np.prod(shape))
+        if name not in self.values or self.values[name].shape[0] < size:
+            capacity = max(size, 1)
+            self.values[name] = wp.zeros(capacity, dtype=dtype, device=self.device)
+            self.grads[name] = wp.zeros(capacity, dtype=dtype, device=self.device)
+        view = wp.array(ptr=self.values[name].ptr, dtype=dtype, shape=shape, device=self.device)
+        view.grad = wp.array(ptr=self.grads[name].ptr, dtype=dtype, shape=shape, device=self.device)
+        # Views do not own memory: tie the buffers' lifetime to the views (a tape may outlive the
+        # solver, and a slot may be re-grown while an old view is still referenced).
+        view._keepalive = self.values[name]
+        view.grad._keepalive = self.grads[name]
+        view.zero_()
+        view.grad.zero_()
+        return view
+
+    def views(self, shape, fluid_shape, particles) -> _StepScratch:
+        shapes = (shape, shape, shape, fluid_shape, fluid_shape, (particles,), (particles,))
+        return _StepScratch(*(self._view(n, t, sh) for (n, t), sh in zip(self._FIELDS, shapes, strict=True)))
+
+
+def _taping() -> bool:
+    from warp._src.context import runtime
+
+    return runtime.tape is not None
 
 
 class MPMSolver(Solver):
@@ -30,15 +84,20 @@ class MPMSolver(Solver):
         if not (0 < cfl <= 1):
             raise InvalidParameter("cfl", cfl, "(0, 1]")
         self.cfl = float(cfl)
-        shape = (model.num_worlds, model.grid_res, model.grid_res, model.grid_res)
-        kw = dict(device=model.device, requires_grad=True)
-        self.grid_mass = wp.zeros(shape, dtype=float, **kw)
-        self.grid_momentum = wp.zeros(shape, dtype=wp.vec3, **kw)
-        self.grid_v = wp.zeros(shape, dtype=wp.vec3, **kw)
-        self.grid_fluid_mass = wp.zeros(shape, dtype=float, **kw)
-        self.grid_fluid_volume = wp.zeros(shape, dtype=float, **kw)
-        self.particle_F_new = wp.zeros(model.particle_count, dtype=wp.mat33, **kw)
+        # Persistent scratch for untaped steps; a taped step gets fresh scratch (see _scratch).
+        self._grid_capacity = model.num_worlds * model.grid_res**3
+        self._buffers = {
+            "grid_mass": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
+            "grid_momentum": wp.zeros(self._grid_capacity, dtype=wp.vec3, device=model.device),
+            "grid_v": wp.zeros(self._grid_capacity, dtype=wp.vec3, device=model.device),
+            "grid_fluid_mass": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
+            "grid_fluid_volume": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
+            "particle_F_new": wp.zeros(model.particle_count, dtype=wp.mat33, device=model.device),
+            "particle_affine": wp.zeros(model.particle_count, dtype=wp.mat33, device=model.device),
+        }
         self._has_fluid = bool(np.any(model.particle_material.numpy() == 4))
+        self._slots: list[_ScratchSlot] = []
+        self._next_slot = 0
         self._first_outside = wp.zeros(1, dtype=int, device=model.device)
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
@@ -47,9 +106,43 @@ class MPMSolver(Solver):
     def new_state(self, model: MPMModel, *, requires_grad: bool = False) -> MPMState:
         return model.state(requires_grad=requires_grad)
 
-    def scratch_arrays(self) -> list[wp.array]:
-        return [self.grid_mass, self.grid_momentum, self.grid_v, self.grid_fluid_mass, self.grid_fluid_volume,
-                self.particle_F_new]
+    #: A taped step allocates its own scratch, so one tape may record several steps.
+    tape_spans_steps = True
+
+    def _scratch(self, model: MPMModel, extent: tuple[int, int, int]) -> _StepScratch:
+        """Grid arrays over the active box only, and per-particle scratch.
+
+        Without a tape, views into the persistent buffers are reused and only their used part is
+        cleared. Under a tape each step takes the next slot of a pool (with gradients), so one
+        tape can record many steps without any recorded kernel's input being overwritten; the
+        rollout hands the slots back with :meth:`release_step_scratch` after each backward
+        segment. Scenes without fluid get empty fluid grids.
+        """
+        shape = (model.num_worlds, *extent)
+        fluid_shape = shape if self._has_fluid else (model.num_worlds, 0, 0, 0)
+        if _taping():
+            if self._next_slot == len(self._slots):
+                self._slots.append(_ScratchSlot(model.device))
+            slot = self._slots[self._next_slot]
+            self._next_slot += 1
+            return slot.views(shape, fluid_shape, model.particle_count)
+        device = model.device
+
+        def grid(name, dtype, grid_shape):
+            view = wp.array(ptr=self._buffers[name].ptr, dtype=dtype, shape=grid_shape, device=device)
+            view._keepalive = self._buffers[name]  # a view does not own its memory
+            view.zero_()
+            return view
+
+        return _StepScratch(
+            grid("grid_mass", float, shape), grid("grid_momentum", wp.vec3, shape), grid("grid_v", wp.vec3, shape),
+            grid("grid_fluid_mass", float, fluid_shape), grid("grid_fluid_volume", float, fluid_shape),
+            self._buffers["particle_F_new"], self._buffers["particle_affine"],
+        )
+
+    def release_step_scratch(self) -> None:
+        """Make every taped step's scratch reusable (call once the tapes that used it are gone)."""
+        self._next_slot = 0
 
     def max_stable_dt(self, model: MPMModel) -> float:
         """Largest stable step [s]: the elastic-wave CFL limit and the explicit-viscosity limit."""
@@ -90,42 +183,48 @@ class MPMSolver(Solver):
                 outputs=[state_out.collider_position, state_out.collider_rotation],
                 device=device,
             )
-        self.grid_mass.zero_()
-        self.grid_momentum.zero_()
-        if self._has_fluid:
-            self.grid_fluid_mass.zero_()
-            self.grid_fluid_volume.zero_()
-        wp.launch(
-            kernels.particle_to_grid,
-            dim=model.particle_count,
-            inputs=[state_in.particle_x, state_in.particle_v, state_in.particle_F, state_in.particle_C,
-                    model.particle_world, model.particle_material, model.particle_mass, model.particle_volume,
-                    model.particle_young_modulus, model.particle_poisson_ratio, model.particle_yield_stress,
-                    model.particle_friction_angle, model.particle_viscosity, model.particle_bulk_modulus,
-                    origin, inv_dx, dt, res],
-            outputs=[self.particle_F_new, self.grid_mass, self.grid_momentum, self.grid_fluid_mass,
-                     self.grid_fluid_volume],
+        offset, extent = self._active_box(model, state_in)
+        scratch = self._scratch(model, extent)
+        launch_items(
+            kernels.particle_stress,
+            model.particle_count,
+            inputs=[state_in.particle_F, state_in.particle_C, model.particle_material, model.particle_mass,
+                    model.particle_volume, model.particle_young_modulus, model.particle_poisson_ratio,
+                    model.particle_yield_stress, model.particle_friction_angle, model.particle_viscosity,
+                    model.particle_bulk_modulus, inv_dx, dt],
+            outputs=[scratch.particle_F_new, scratch.particle_affine],
             device=device,
         )
-        offset, extent = self._active_box(model, state_in)
+        launch_items(
+            kernels.particle_to_grid,
+            model.particle_count,
+            inputs=[state_in.particle_x, state_in.particle_v, scratch.particle_affine, scratch.particle_F_new,
+                    model.particle_world, model.particle_material, model.particle_mass, origin, inv_dx, res,
+                    offset, int(self._has_fluid)],
+            outputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_fluid_mass, scratch.grid_fluid_volume],
+            device=device,
+            parallel_forward=False,  # atomic adds into the shared grid
+        )
         wp.launch(
             kernels.grid_update,
             dim=(model.num_worlds, *extent),
-            inputs=[self.grid_mass, self.grid_momentum, model.gravity, model.collider_shape, model.collider_size,
+            inputs=[scratch.grid_mass, scratch.grid_momentum, model.gravity, model.collider_shape, model.collider_size,
                     model.collider_friction, model.collider_mesh, state_out.collider_position,
                     state_out.collider_rotation, control.collider_velocity, control.collider_angular_velocity,
                     nc, model.contact_distance, origin, model.dx, dt, res, int(model.boundary), BOUNDARY_CELLS,
                     offset],
-            outputs=[self.grid_v],
+            outputs=[scratch.grid_v],
             device=device,
         )
-        wp.launch(
+        launch_items(
             kernels.grid_to_particle,
-            dim=model.particle_count,
-            inputs=[state_in.particle_x, model.particle_world, model.particle_material, self.particle_F_new,
-                    self.grid_v, self.grid_fluid_mass, self.grid_fluid_volume, origin, inv_dx, dt, res],
+            model.particle_count,
+            inputs=[state_in.particle_x, model.particle_world, model.particle_material, scratch.particle_F_new,
+                    scratch.grid_v, scratch.grid_fluid_mass, scratch.grid_fluid_volume, origin, inv_dx, dt, res,
+                    offset, int(self._has_fluid)],
             outputs=[state_out.particle_x, state_out.particle_v, state_out.particle_C, state_out.particle_F],
             device=device,
+            scattered_adjoints=(4, 5, 6),  # every particle reads the grid: its adjoint scatters there
         )
 
     def _active_box(self, model: MPMModel, state: MPMState) -> tuple[wp.vec3i, tuple[int, int, int]]:

@@ -168,44 +168,130 @@ def elastic_wave_speed(*, device: str | None = None) -> CheckResult:
                        "relative", "m/s", {"period_s": measured_period, "steps": steps})
 
 
+def _quarter_cylinder_lattice(axis_xy: tuple[float, float], floor: float, radius: float, height: float,
+                              spacing: float) -> np.ndarray:
+    """Cell-centred lattice points (``spacing`` apart) of the quadrant x, y >= ``axis_xy`` of an upright
+    cylinder of ``radius`` and ``height`` [m] standing on the plane z = ``floor``."""
+    g = (np.arange(int(math.ceil(radius / spacing))) + 0.5) * spacing
+    z = floor + (np.arange(max(int(round(height / spacing)), 1)) + 0.5) * spacing
+    X, Y, Z = np.meshgrid(g, g, z, indexing="ij")
+    inside = X**2 + Y**2 <= radius**2
+    return np.stack([X[inside] + axis_xy[0], Y[inside] + axis_xy[1], Z[inside]], axis=1)
+
+
+def _pile_surface(x: np.ndarray, axis_xy: tuple[float, float], floor: float, bin_width: float,
+                  sectors: int = 6, min_particles: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Free surface of a pile occupying the quadrant x, y >= ``axis_xy``.
+
+    The quadrant is cut into radial rings ``bin_width`` wide and ``sectors`` equal azimuthal sectors;
+    the surface height of a (ring, sector) cell is its highest particle above ``floor`` (cells with
+    fewer than ``min_particles`` particles count as empty). Returns the ring centres [m], the profile
+    h(r) [m] (median over sectors, so one stray particle cannot move it) and the per-sector heights.
+    """
+    dx_, dy_ = x[:, 0] - axis_xy[0], x[:, 1] - axis_xy[1]
+    ring = (np.hypot(dx_, dy_) / bin_width).astype(np.int64)
+    sector = np.clip((np.arctan2(dy_, dx_) / (0.5 * math.pi) * sectors).astype(np.int64), 0, sectors - 1)
+    top = np.full((ring.max() + 1, sectors), -np.inf)
+    count = np.zeros(top.shape)
+    np.maximum.at(top, (ring, sector), x[:, 2] - floor)
+    np.add.at(count, (ring, sector), 1.0)
+    top[count < min_particles] = np.nan
+    profile = np.full(top.shape[0], np.nan)
+    filled = np.isfinite(top).any(axis=1)
+    profile[filled] = np.nanmedian(top[filled], axis=1)
+    return (np.arange(top.shape[0]) + 0.5) * bin_width, profile, top
+
+
+def _flank_angle(r: np.ndarray, h: np.ndarray, low: float = 0.2, high: float = 0.8) -> tuple[float, np.ndarray]:
+    """Slope angle [deg] of the straight flank of a radial profile h(r), and the rings it used.
+
+    The flank is every ring outward of the crest (the outermost ring still at >= ``high`` of the
+    pile height) up to the toe (the outermost ring at >= ``low`` of it); a least-squares line
+    through all of them gives the slope. NaN when fewer than 4 rings qualify.
+    """
+    known = np.isfinite(h)
+    if not known.any():
+        return float("nan"), known
+    peak = np.max(h[known])
+    index = np.arange(len(h))
+    crest = index[known & (h >= high * peak)].max()
+    toe = index[known & (h >= low * peak)].max()
+    used = known & (index > crest) & (index <= toe)
+    if used.sum() < 4:
+        return float("nan"), used
+    return math.degrees(math.atan(-np.polyfit(r[used], h[used], 1)[0])), used
+
+
 @_timed
-def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float = 30.0) -> CheckResult:
-    """A cylinder of dry sand collapses into a cone on a rough floor: the cone's flank must lie
-    within 5 degrees of the friction angle."""
+def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float = 30.0,
+                         grid_res: int = 48) -> CheckResult:
+    """A squat column of dry sand collapses on a rough floor and comes to rest: the flank of the
+    pile must lie within 5 degrees of the friction angle.
+
+    Regime: height / radius = 0.5. Only the rim of such a column fails; it slumps and comes to rest
+    as a truncated cone around an undisturbed plateau, whose flank is the repose slope set by the
+    friction angle. Taller columns turn into a fast spreading flow that runs out further and leaves
+    a flatter deposit (with this solver and 30-degree sand: about 25 degrees at ratio 1 and 21 at
+    ratio 2), which is known granular physics but not the angle of repose.
+
+    Scene: the column is axisymmetric, so one quadrant is simulated; its two vertical cut planes are
+    slip domain walls, the mirror planes of the collapse. A 0.2 m domain on a ``grid_res`` = 48 grid
+    gives 4.2 mm cells (column 60 mm x 30 mm, 8 particles per cell, about 9 100 particles; the final
+    pile is about 6.5 cells tall). The floor is a no-slip plane (Coulomb friction 1000) placed just
+    above a grid-node layer, so the nodes the bottom particles weigh most on are held and the base
+    cannot slide: the flank is shaped by the sand's own friction. The run continues until the pile
+    has stopped, i.e. until its kinetic energy is below 1e-3 of its peak (checked every 10 ms, after
+    at least 0.1 s); a pile not at rest after 1 s fails the check.
+
+    Measurement: the free surface is the highest particle in each cell of (radial ring half a grid
+    cell wide) x (15-degree azimuthal sector); the median over the six sectors gives the profile
+    h(r), and a least-squares line through every ring of the flank, from the crest (the outermost
+    ring still at 80% of the pile height) to the toe (the outermost ring at 20% of it), gives the
+    slope angle. The angle of each sector alone is reported as well: their agreement shows the
+    mirror walls do not bias the flank.
+
+    Seen with this setup (settled piles): friction angle 20 -> 19.2, 30 -> 27.7, 40 -> 33.1 degrees;
+    30 degrees at 3.1 mm and 2.5 mm cells: 26.75 and 26.7, so the shortfall is not a resolution
+    effect. Pre-built cones as steep as the friction angle stand, so the shortfall (growing with
+    the angle, beyond 5 degrees at 40) comes from the momentum of the collapsing rim.
+    """
     phi = math.radians(friction_angle_deg)
     sand = preset("sand").with_(friction_angle=phi)
-    b = MPMBuilder(grid_res=48, boundary=Boundary.SEPARATE)
-    floor = BOUNDARY_CELLS * b.dx + 0.01
-    b.add_collider(collider_plane(position=(0.0, 0.0, floor), friction=2.0))
-    radius, height = 0.08, 0.12
-    b.add_cylinder((0.5, 0.5, floor + height / 2 + 0.002), radius, height / 2, sand)
+    b = MPMBuilder(grid_res=grid_res, domain_size=0.2, boundary=Boundary.SLIP)
+    dx = b.dx
+    axis = (BOUNDARY_CELLS * dx, BOUNDARY_CELLS * dx)
+    floor = (BOUNDARY_CELLS + 1.02) * dx
+    b.add_collider(collider_plane(position=(0.0, 0.0, floor), friction=1000.0))
+    radius, height = 0.06, 0.03
+    spacing = 0.5 * dx
+    b.add_particles(_quarter_cylinder_lattice(axis, floor, radius, height, spacing), sand, volume=spacing**3)
     model = b.finalize(device)
     solver = MPMSolver(model)
     dt = 0.9 * solver.max_stable_dt(model)
-    duration = 0.6
-    final = simulate(model, solver, model.state(), int(duration / dt), dt)
-    x = final.particle_x.numpy().astype(np.float64)
-    r = np.hypot(x[:, 0] - 0.5, x[:, 1] - 0.5)
-    z = x[:, 2] - floor
-    # free-surface height per radial ring, then a line through the flank (20%..80% of the peak)
-    edges = np.arange(0.0, r.max() + b.dx / 2, b.dx / 2)
-    centers, heights = [], []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        sel = (r >= lo) & (r < hi)
-        if sel.sum() >= 5:
-            centers.append(0.5 * (lo + hi))
-            heights.append(np.percentile(z[sel], 95))
-    centers, heights = np.array(centers), np.array(heights)
-    peak = heights.max()
-    flank = (heights > 0.2 * peak) & (heights < 0.8 * peak) & (centers > centers[np.argmax(heights)])
-    if flank.sum() < 3:
-        return CheckResult("sand column: slope angle", float("nan"), friction_angle_deg, float("inf"), 5.0,
-                           "absolute [deg]", "deg")
-    slope = -np.polyfit(centers[flank], heights[flank], 1)[0]
-    angle = math.degrees(math.atan(slope))
-    return CheckResult("sand column collapse: slope angle", angle, friction_angle_deg,
-                       abs(angle - friction_angle_deg), 5.0, "absolute [deg]", "deg",
-                       {"particles": model.particle_count, "peak_height_m": float(peak)})
+    mass = model.particle_mass.numpy().astype(np.float64)
+    chunk = max(1, int(round(0.01 / dt)))
+    state, t, ke, ke_peak = model.state(), 0.0, 0.0, 0.0
+    while True:
+        state = simulate(model, solver, state, chunk, dt)
+        t += chunk * dt
+        v = state.particle_v.numpy().astype(np.float64)
+        ke = 0.5 * float(np.sum(mass * np.sum(v * v, axis=1)))
+        ke_peak = max(ke_peak, ke)
+        if (t >= 0.1 and ke <= 1e-3 * ke_peak) or t >= 1.0:
+            break
+    settled = ke <= 1e-3 * ke_peak
+    max_speed = float(np.sqrt(np.max(np.sum(v * v, axis=1))))
+    x = state.particle_x.numpy().astype(np.float64)
+    r, h, per_sector = _pile_surface(x, axis, floor, 0.5 * dx)
+    angle, used = _flank_angle(r, h)
+    sector_angles = [_flank_angle(r, per_sector[:, k])[0] for k in range(per_sector.shape[1])]
+    error = abs(angle - friction_angle_deg) if settled and math.isfinite(angle) else float("inf")
+    return CheckResult("sand column collapse: slope angle", angle, friction_angle_deg, error, 5.0,
+                       "absolute [deg]", "deg",
+                       {"particles": model.particle_count, "cell_m": dx, "pile_height_m": float(np.nanmax(h)),
+                        "flank_rings": int(used.sum()), "sector_angles_deg": [round(a, 2) for a in sector_angles],
+                        "simulated_s": round(t, 3), "settled": settled, "final_kinetic_energy_J": ke,
+                        "peak_kinetic_energy_J": ke_peak, "final_max_speed_m_s": max_speed})
 
 
 @_timed
@@ -273,7 +359,17 @@ PHYSICS_CHECKS = {
 }
 
 
+def _check_names(only: list[str] | None, known) -> None:
+    from diffsim.errors import ConfigError
+
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown check name(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
+
+
 def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+    """Run the physics checks (all, or those named in ``only``) and return their results."""
+    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
     results: list[CheckResult] = []
     for name, fn in PHYSICS_CHECKS.items():
         if only and name not in only:
@@ -413,4 +509,6 @@ GRADIENT_CHECKS = {
 
 
 def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+    """Run the finite-difference gradient checks (all, or those named in ``only``)."""
+    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
     return [fn(device) for name, fn in GRADIENT_CHECKS.items() if not only or name in only]

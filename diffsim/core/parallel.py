@@ -1,0 +1,137 @@
+"""Multi-core CPU launches: a per-item kernel runs as chunks on a thread pool, forward and adjoint.
+
+Warp runs a CPU launch on one thread but releases the GIL while it runs, so chunks launched from
+several threads use several cores. Kernels take an ``offset`` as their last input and index
+``wp.tid() + offset``. On GPUs, and for small launches, this is a plain ``wp.launch``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import warp as wp
+
+from diffsim.core.protocol import accumulate
+
+#: Below this many items per chunk, thread hand-off costs more than it saves.
+MIN_ITEMS_PER_CHUNK = 1024
+
+_executor: ThreadPoolExecutor | None = None
+# One private gradient buffer per (shape, dtype, device, chunk slot), reused by every launch:
+# the backward pass runs one launch at a time, and scratch arrays come and go between steps.
+_private_grads: dict[tuple, wp.array] = {}
+
+
+def cpu_threads() -> int:
+    """Threads used for CPU launches: ``DIFFSIM_CPU_THREADS`` if set, else the core count (max 8)."""
+    value = os.environ.get("DIFFSIM_CPU_THREADS")
+    if value:
+        return max(1, int(value))
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None or _executor._max_workers < workers:
+        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffsim-cpu")
+    return _executor
+
+
+def _chunks(count: int, threads: int) -> list[tuple[int, int]]:
+    n = max(1, min(threads, count // MIN_ITEMS_PER_CHUNK))
+    bounds = [count * i // n for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+
+
+def _run(jobs):
+    if len(jobs) == 1:
+        jobs[0]()
+        return
+    futures = [_pool(len(jobs)).submit(job) for job in jobs]
+    for f in futures:
+        f.result()
+
+
+def _private_grad(array: wp.array, slot: int) -> wp.array:
+    grad = array.grad
+    key = (grad.shape, grad.dtype, str(grad.device), slot)
+    buffer = _private_grads.get(key)
+    if buffer is None:
+        buffer = wp.zeros_like(grad)
+        _private_grads[key] = buffer
+    else:
+        buffer.zero_()
+    return buffer
+
+
+def launch_items(
+    kernel,
+    count: int,
+    inputs: Sequence,
+    outputs: Sequence,
+    *,
+    device,
+    parallel_forward: bool = True,
+    scattered_adjoints: Sequence[int] = (),
+) -> None:
+    """Launch ``kernel`` over ``count`` items, split across CPU threads where that helps.
+
+    Args:
+        kernel: a kernel whose last input is an ``int`` offset added to ``wp.tid()``.
+        count: number of items (e.g. particles).
+        inputs: kernel inputs without the offset.
+        outputs: kernel outputs.
+        device: Warp device.
+        parallel_forward: split the forward launch; False for kernels that scatter (atomic adds
+            into shared arrays), whose adjoint may still be split.
+        scattered_adjoints: indices into ``inputs`` of arrays whose adjoint the backward pass
+            scatters into (e.g. a grid read by every particle): extra chunks accumulate those
+            into private buffers that are summed afterwards, since CPU atomics are plain adds.
+    """
+    device = wp.get_device(device)
+    chunks = _chunks(count, cpu_threads()) if device.is_cpu else [(0, count)]
+    if len(chunks) == 1:
+        wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device)
+        return
+    if parallel_forward:
+        _run([
+            (lambda s=start, n=size: wp.launch(kernel, dim=n, inputs=[*inputs, s], outputs=list(outputs),
+                                               device=device, record_tape=False))
+            for start, size in chunks
+        ])
+    else:
+        wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device, record_tape=False)
+    tape = _runtime().tape
+    if tape is None:
+        return
+    inputs, outputs = list(inputs), list(outputs)
+
+    def backward():
+        adj_inputs = [tape.get_adjoint(a) for a in inputs] + [None]
+        adj_outputs = [tape.get_adjoint(a) for a in outputs]
+        jobs, privates = [], []
+        for slot, (start, size) in enumerate(chunks):
+            adj_in = list(adj_inputs)
+            if slot > 0:
+                for index in scattered_adjoints:
+                    if adj_in[index] is not None:
+                        adj_in[index] = _private_grad(inputs[index], slot)
+                        privates.append((inputs[index].grad, adj_in[index]))
+            adj_in[-1] = 0
+            jobs.append(lambda s=start, n=size, a=adj_in: wp.launch(
+                kernel, dim=n, inputs=[*inputs, s], outputs=outputs, adj_inputs=a, adj_outputs=adj_outputs,
+                adjoint=True, device=device, record_tape=False))
+        _run(jobs)
+        for target, private in privates:
+            accumulate(target, private)
+
+    tape.record_func(backward, [a for a in [*inputs, *outputs] if isinstance(a, wp.array) and a.grad is not None])
+
+
+def _runtime():
+    # the active tape lives on Warp's runtime object (public API has no accessor in 1.19)
+    from warp._src.context import runtime
+
+    return runtime
