@@ -239,3 +239,45 @@ def test_multithreaded_cpu_launches_match_serial(monkeypatch):
     assert threaded[0] == serial[0]
     for a, b in zip(threaded[1:], serial[1:], strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("material", ["plasticine", "honey"])
+def test_hand_written_transfer_adjoints_equal_generated_ones(material):
+    """The hand-written P2G/G2P adjoints give Warp's generated gradients (fluid path included)."""
+
+    def gradients(hand):
+        model, _, state0, controls, frame_dt = V.contact_scene(preset(material), frames=3, substeps=3)
+        solver = MPMSolver(model, hand_adjoints=hand)
+        loss_x = LinearStateLoss(model, "particle_x", np.random.default_rng(0).standard_normal(
+            (model.particle_count, 3)))
+        loss_F = LinearStateLoss(model, "particle_F", np.random.default_rng(1).standard_normal(
+            (model.particle_count, 3, 3)))
+
+        def final_loss(m, s, loss):
+            loss_x(m, s, loss)
+            loss_F(m, s, loss)
+
+        rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=3, final_loss=final_loss)
+        rollout.forward()
+        rollout.backward()
+        return [state0.particle_x.grad.numpy().copy(), state0.particle_v.grad.numpy().copy(),
+                state0.particle_F.grad.numpy().copy(), state0.particle_C.grad.numpy().copy(),
+                model.particle_mass.grad.numpy().copy(), model.particle_young_modulus.grad.numpy().copy(),
+                controls[1].collider_velocity.grad.numpy().copy()]
+
+    generated, hand = gradients(False), gradients(True)
+    for name, a, b in zip(["x0", "v0", "F0", "C0", "mass", "E", "pusher"], hand, generated, strict=True):
+        scale = np.abs(b).max()
+        if material == "honey" and name == "E":
+            continue  # a fluid has no Young's modulus: both gradients are zero
+        assert scale > 0, name
+        if material == "honey" and name == "mass":
+            # Through the grid-averaged fluid volume a uniform change of all masses changes
+            # nothing, so per-particle mass gradients are differences of large, nearly cancelling
+            # terms and float32 rounding differs between the two codes by ~5e-5 of the largest
+            # entry. Compare what is well conditioned: coherent changes of the masses (both codes
+            # also agree equally with finite differences along these, checked separately).
+            for direction in (np.ones_like(b), np.sign(np.arange(b.size) - b.size / 2)):
+                assert a @ direction == pytest.approx(b @ direction, rel=1e-4, abs=1e-6 * float(scale)), name
+            continue
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=name)

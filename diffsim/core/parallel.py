@@ -75,6 +75,8 @@ def launch_items(
     device,
     parallel_forward: bool = True,
     scattered_adjoints: Sequence[int] = (),
+    adjoint_kernel=None,
+    adjoint_of: Sequence[int] = (),
 ) -> None:
     """Launch ``kernel`` over ``count`` items, split across CPU threads where that helps.
 
@@ -89,10 +91,14 @@ def launch_items(
         scattered_adjoints: indices into ``inputs`` of arrays whose adjoint the backward pass
             scatters into (e.g. a grid read by every particle): extra chunks accumulate those
             into private buffers that are summed afterwards, since CPU atomics are plain adds.
+        adjoint_kernel: a hand-written adjoint used instead of Warp's generated one. Its inputs
+            are the forward inputs (offset included), then the adjoints of every output, then the
+            adjoints of the inputs listed in ``adjoint_of``, in that order.
+        adjoint_of: indices into ``inputs`` whose adjoints ``adjoint_kernel`` accumulates.
     """
     device = wp.get_device(device)
     chunks = _chunks(count, cpu_threads()) if device.is_cpu else [(0, count)]
-    if len(chunks) == 1:
+    if len(chunks) == 1 and adjoint_kernel is None:
         wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device)
         return
     if parallel_forward:
@@ -120,9 +126,16 @@ def launch_items(
                         adj_in[index] = _private_grad(inputs[index], slot)
                         privates.append((inputs[index].grad, adj_in[index]))
             adj_in[-1] = 0
-            jobs.append(lambda s=start, n=size, a=adj_in: wp.launch(
-                kernel, dim=n, inputs=[*inputs, s], outputs=outputs, adj_inputs=a, adj_outputs=adj_outputs,
-                adjoint=True, device=device, record_tape=False))
+            if adjoint_kernel is not None:
+                # arrays without gradients get zero stand-ins, so the kernel can read and add freely
+                grads_out = [g if g is not None else wp.zeros_like(a) for g, a in zip(adj_outputs, outputs, strict=True)]
+                grads_in = [adj_in[i] if adj_in[i] is not None else wp.zeros_like(inputs[i]) for i in adjoint_of]
+                jobs.append(lambda s=start, n=size, g=grads_out + grads_in: wp.launch(
+                    adjoint_kernel, dim=n, inputs=[*inputs, s, *g], device=device, record_tape=False))
+            else:
+                jobs.append(lambda s=start, n=size, a=adj_in: wp.launch(
+                    kernel, dim=n, inputs=[*inputs, s], outputs=outputs, adj_inputs=a, adj_outputs=adj_outputs,
+                    adjoint=True, device=device, record_tape=False))
         _run(jobs)
         for target, private in privates:
             accumulate(target, private)

@@ -202,7 +202,8 @@ def _pile_surface(x: np.ndarray, axis_xy: tuple[float, float], floor: float, bin
     return (np.arange(top.shape[0]) + 0.5) * bin_width, profile, top
 
 
-def _flank_angle(r: np.ndarray, h: np.ndarray, low: float = 0.2, high: float = 0.8) -> tuple[float, np.ndarray]:
+def _flank_angle(r: np.ndarray, h: np.ndarray, low: float = 0.2,
+                 high: float = 0.8) -> tuple[float, np.ndarray]:
     """Slope angle [deg] of the straight flank of a radial profile h(r), and the rings it used.
 
     The flank is every ring outward of the crest (the outermost ring still at >= ``high`` of the
@@ -250,10 +251,11 @@ def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float
     slope angle. The angle of each sector alone is reported as well: their agreement shows the
     mirror walls do not bias the flank.
 
-    Seen with this setup (settled piles): friction angle 20 -> 19.2, 30 -> 27.7, 40 -> 33.1 degrees;
-    30 degrees at 3.1 mm and 2.5 mm cells: 26.75 and 26.7, so the shortfall is not a resolution
-    effect. Pre-built cones as steep as the friction angle stand, so the shortfall (growing with
-    the angle, beyond 5 degrees at 40) comes from the momentum of the collapsing rim.
+    Seen with this setup (settled piles): friction angle 20 -> 19.2, 30 -> 27.7, 40 -> 33.1 degrees.
+    With 3.1 mm cells: 18.9, 26.7, 32.7, and 30 degrees with 2.5 mm cells: 26.7, so the shortfall
+    is not a resolution effect; the full cylinder (no mirror walls) gives 26.9 at 30 degrees.
+    Pre-built cones as steep as the friction angle stand, so the shortfall, which grows with the
+    angle (beyond 5 degrees at 40), comes from the momentum of the collapsing rim.
     """
     phi = math.radians(friction_angle_deg)
     sand = preset("sand").with_(friction_angle=phi)
@@ -289,7 +291,8 @@ def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float
     return CheckResult("sand column collapse: slope angle", angle, friction_angle_deg, error, 5.0,
                        "absolute [deg]", "deg",
                        {"particles": model.particle_count, "cell_m": dx, "pile_height_m": float(np.nanmax(h)),
-                        "flank_rings": int(used.sum()), "sector_angles_deg": [round(a, 2) for a in sector_angles],
+                        "flank_rings": int(used.sum()),
+                        "sector_angles_deg": [round(a, 2) for a in sector_angles],
                         "simulated_s": round(t, 3), "settled": settled, "final_kinetic_energy_J": ke,
                         "peak_kinetic_energy_J": ke_peak, "final_max_speed_m_s": max_speed})
 
