@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mpm.add_argument("--substeps", type=_positive_int, default=19,
                            help="solver steps per frame (default: 19)")
     bench_mpm.add_argument("--frames", type=_positive_int, default=50, help="frames to time (default: 50)")
+    bench_mpm.add_argument("--repeats", type=_positive_int, default=3,
+                           help="timed runs after a warm-up; medians are reported (default: 3)")
     bench_mpm.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_mpm.set_defaults(handler=_run_bench_mpm)
     return parser
@@ -131,32 +133,12 @@ def _run_validate_mpm(args: argparse.Namespace, device: str) -> int:
     return 0 if all(r.passed for r in results) else EXIT_CHECKS_FAILED
 
 
-def _flatten(prefix: str, value, rows: list[tuple[str, str]]) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), item, rows)
-    elif isinstance(value, float):
-        rows.append((prefix, f"{value:.6g}"))
-    else:
-        rows.append((prefix, str(value)))
-
-
 def _run_bench_mpm(args: argparse.Namespace, device: str) -> int:
-    try:
-        from diffsim.mpm.benchmark import run_benchmark
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("diffsim.mpm.benchmark",):
-            raise
-        raise ConfigError("this diffsim has no MPM benchmark (diffsim.mpm.benchmark is missing).") from exc
+    from diffsim.mpm.benchmark import format_report, run_benchmark
+
     result = run_benchmark(particles=args.particles, grid_res=args.grid, dt=args.dt, substeps=args.substeps,
-                           frames=args.frames, device=device)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        rows: list[tuple[str, str]] = []
-        _flatten("", result, rows)
-        width = max((len(k) for k, _ in rows), default=0)
-        print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
+                           frames=args.frames, repeats=args.repeats, device=device)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 
 

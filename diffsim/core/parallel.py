@@ -66,6 +66,17 @@ def _private_grad(array: wp.array, slot: int) -> wp.array:
     return buffer
 
 
+def _private_output(array: wp.array, slot: int) -> wp.array:
+    key = ("output", array.shape, array.dtype, str(array.device), slot)
+    buffer = _private_grads.get(key)
+    if buffer is None:
+        buffer = wp.zeros(array.shape, dtype=array.dtype, device=array.device)
+        _private_grads[key] = buffer
+    else:
+        buffer.zero_()
+    return buffer
+
+
 def launch_items(
     kernel,
     count: int,
@@ -74,6 +85,7 @@ def launch_items(
     *,
     device,
     parallel_forward: bool = True,
+    scattered_outputs: bool = False,
     scattered_adjoints: Sequence[int] = (),
     adjoint_kernel=None,
     adjoint_of: Sequence[int] = (),
@@ -86,8 +98,12 @@ def launch_items(
         inputs: kernel inputs without the offset.
         outputs: kernel outputs.
         device: Warp device.
-        parallel_forward: split the forward launch; False for kernels that scatter (atomic adds
-            into shared arrays), whose adjoint may still be split.
+        parallel_forward: split the forward launch; False keeps it on one thread (its adjoint
+            may still be split).
+        scattered_outputs: the kernel adds into shared outputs (e.g. particles into a grid):
+            extra chunks scatter into private zeroed copies that are summed into the outputs.
+            The adjoint of that sum hands every chunk the outputs' own adjoints, so nothing
+            changes in the backward pass.
         scattered_adjoints: indices into ``inputs`` of arrays whose adjoint the backward pass
             scatters into (e.g. a grid read by every particle): extra chunks accumulate those
             into private buffers that are summed afterwards, since CPU atomics are plain adds.
@@ -102,11 +118,18 @@ def launch_items(
         wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device)
         return
     if parallel_forward:
+        chunk_outputs = [list(outputs)]
+        for slot in range(1, len(chunks)):
+            chunk_outputs.append([_private_output(a, slot) for a in outputs] if scattered_outputs else list(outputs))
         _run([
-            (lambda s=start, n=size: wp.launch(kernel, dim=n, inputs=[*inputs, s], outputs=list(outputs),
-                                               device=device, record_tape=False))
-            for start, size in chunks
+            (lambda s=start, n=size, o=chunk_outputs[slot]: wp.launch(
+                kernel, dim=n, inputs=[*inputs, s], outputs=o, device=device, record_tape=False))
+            for slot, (start, size) in enumerate(chunks)
         ])
+        if scattered_outputs:
+            for private in chunk_outputs[1:]:
+                for target, part in zip(outputs, private, strict=True):
+                    accumulate(target, part)
     else:
         wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device, record_tape=False)
     tape = _runtime().tape

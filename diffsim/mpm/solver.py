@@ -206,7 +206,7 @@ class MPMSolver(Solver):
                     offset, int(self._has_fluid)],
             outputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_fluid_mass, scratch.grid_fluid_volume],
             device=device,
-            parallel_forward=False,  # atomic adds into the shared grid
+            scattered_outputs=True,  # atomic adds into the shared grid
             adjoint_kernel=kernels.particle_to_grid_adjoint if self.hand_adjoints else None,
             adjoint_of=(0, 1, 2, 3, 6),
         )
@@ -242,9 +242,10 @@ class MPMSolver(Solver):
         """
         res = model.grid_res
         self._bounds.assign(np.array([res, res, res, -1, -1, -1], dtype=np.int32))
+        # integers only, nothing to differentiate: keep it off the tape
         wp.launch(kernels.stencil_bounds, dim=model.particle_count,
                   inputs=[state.particle_x, wp.vec3(*model.domain_origin), 1.0 / model.dx, res],
-                  outputs=[self._bounds], device=model.device)
+                  outputs=[self._bounds], device=model.device, record_tape=False)
         b = self._bounds.numpy()
         lo = np.maximum(b[:3], 0)
         hi = np.minimum(b[3:] + 3, res)  # the stencil spans base .. base + 2

@@ -1,0 +1,17 @@
+"""The README's Python example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def test_readme_python_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has no Python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    assert namespace["loss"] > 0
+    grad = namespace["controls"][10].collider_velocity.grad.numpy()
+    assert abs(grad[namespace["pusher"]]).sum() > 0  # the pusher's velocity moves the loss
