@@ -5,8 +5,8 @@ Rendering is a small orthographic point splatter in numpy, so it runs headless e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

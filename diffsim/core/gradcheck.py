@@ -6,8 +6,8 @@ compared with the analytic gradient that the tape produced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import warp as wp

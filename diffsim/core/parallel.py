@@ -8,8 +8,8 @@ several threads use several cores. Kernels take an ``offset`` as their last inpu
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import warp as wp
 
@@ -19,8 +19,9 @@ from diffsim.core.protocol import accumulate
 MIN_ITEMS_PER_CHUNK = 1024
 
 _executor: ThreadPoolExecutor | None = None
-# One private gradient buffer per (shape, dtype, device, chunk slot), reused by every launch:
-# the backward pass runs one launch at a time, and scratch arrays come and go between steps.
+# One private buffer per (role, argument index, shape, dtype, device, chunk slot), reused by every
+# launch: launches run one at a time, and scratch arrays come and go between steps. The argument
+# index matters: two outputs of one kernel may share shape and dtype.
 _private_grads: dict[tuple, wp.array] = {}
 
 
@@ -54,9 +55,9 @@ def _run(jobs):
         f.result()
 
 
-def _private_grad(array: wp.array, slot: int) -> wp.array:
+def _private_grad(array: wp.array, index: int, slot: int) -> wp.array:
     grad = array.grad
-    key = (grad.shape, grad.dtype, str(grad.device), slot)
+    key = ("gradient", index, grad.shape, grad.dtype, str(grad.device), slot)
     buffer = _private_grads.get(key)
     if buffer is None:
         buffer = wp.zeros_like(grad)
@@ -66,8 +67,8 @@ def _private_grad(array: wp.array, slot: int) -> wp.array:
     return buffer
 
 
-def _private_output(array: wp.array, slot: int) -> wp.array:
-    key = ("output", array.shape, array.dtype, str(array.device), slot)
+def _private_output(array: wp.array, index: int, slot: int) -> wp.array:
+    key = ("output", index, array.shape, array.dtype, str(array.device), slot)
     buffer = _private_grads.get(key)
     if buffer is None:
         buffer = wp.zeros(array.shape, dtype=array.dtype, device=array.device)
@@ -120,7 +121,8 @@ def launch_items(
     if parallel_forward:
         chunk_outputs = [list(outputs)]
         for slot in range(1, len(chunks)):
-            chunk_outputs.append([_private_output(a, slot) for a in outputs] if scattered_outputs else list(outputs))
+            chunk_outputs.append([_private_output(a, i, slot) for i, a in enumerate(outputs)]
+                                 if scattered_outputs else list(outputs))
         _run([
             (lambda s=start, n=size, o=chunk_outputs[slot]: wp.launch(
                 kernel, dim=n, inputs=[*inputs, s], outputs=o, device=device, record_tape=False))
@@ -146,12 +148,13 @@ def launch_items(
             if slot > 0:
                 for index in scattered_adjoints:
                     if adj_in[index] is not None:
-                        adj_in[index] = _private_grad(inputs[index], slot)
+                        adj_in[index] = _private_grad(inputs[index], index, slot)
                         privates.append((inputs[index].grad, adj_in[index]))
             adj_in[-1] = 0
             if adjoint_kernel is not None:
                 # arrays without gradients get zero stand-ins, so the kernel can read and add freely
-                grads_out = [g if g is not None else wp.zeros_like(a) for g, a in zip(adj_outputs, outputs, strict=True)]
+                grads_out = [g if g is not None else wp.zeros_like(a)
+                             for g, a in zip(adj_outputs, outputs, strict=True)]
                 grads_in = [adj_in[i] if adj_in[i] is not None else wp.zeros_like(inputs[i]) for i in adjoint_of]
                 jobs.append(lambda s=start, n=size, g=grads_out + grads_in: wp.launch(
                     adjoint_kernel, dim=n, inputs=[*inputs, s, *g], device=device, record_tape=False))

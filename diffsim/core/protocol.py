@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import warp as wp
@@ -137,7 +137,7 @@ class Solver(abc.ABC):
         """Largest step [s] the solver accepts for ``model`` (infinite when unconstrained)."""
         return float("inf")
 
-    def release_step_scratch(self) -> None:
+    def release_step_scratch(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
         """Called when the tapes that recorded steps are gone: their scratch may be reused."""
 
     def scratch_arrays(self) -> list[wp.array]:

@@ -8,8 +8,8 @@ memory is O(T/K + K) states plus the solver's scratch, whatever the horizon.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import warp as wp
 from tqdm.auto import tqdm

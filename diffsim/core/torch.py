@@ -6,7 +6,7 @@ Inputs are named arrays (``"model.<field>"``, ``"state0.<field>"``/``"state.<fie
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import warp as wp
@@ -31,10 +31,13 @@ def _targets(name: str, *, model: Model, state: State, controls: Sequence[Contro
 def _copy_in(tensor: torch.Tensor, arrays: list[wp.array]) -> None:
     values = tensor.detach()
     if len(arrays) > 1 and values.shape[0] != len(arrays):
-        raise ConfigError(f"expected a leading dimension of {len(arrays)} (one per frame), got {tuple(values.shape)}.")
+        raise ConfigError(
+            f"expected a leading dimension of {len(arrays)} (one per frame), got {tuple(values.shape)}."
+        )
     chunks = values if len(arrays) > 1 else [values]
     for chunk, arr in zip(chunks, arrays, strict=True):
-        src = wp.from_torch(chunk.to(dtype=torch.float32).contiguous().reshape(arr.shape + _inner(arr)), dtype=arr.dtype)
+        values32 = chunk.to(dtype=torch.float32).contiguous().reshape(arr.shape + _inner(arr))
+        src = wp.from_torch(values32, dtype=arr.dtype)
         wp.copy(arr, src.to(arr.device))
 
 

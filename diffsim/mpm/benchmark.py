@@ -4,7 +4,6 @@ floor pressed by a box, N particles on a G^3 grid, gradients over a checkpointed
 
 from __future__ import annotations
 
-
 import platform
 import resource
 import statistics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -321,7 +321,7 @@ def hydrostatic_pressure(*, device: str | None = None, bulk_modulus: float = 2.0
     model = b.finalize(device)
     solver = MPMSolver(model)
     dt = 0.9 * solver.max_stable_dt(model)
-    settle, average = 0.2, 0.1
+    settle, average = 0.3, 0.1
     steps_settle, steps_avg = int(settle / dt), int(average / dt)
     rho, K, gamma = water.density, water.bulk_modulus, 7.0
     bins = np.linspace(0, depth, 9)
