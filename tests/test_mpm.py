@@ -320,3 +320,33 @@ def test_mesh_collider_pushes_like_the_analytic_shape():
     assert push > 0.005  # the box really pushed the block
     # the analytic box blends its inside normal near edges, the mesh does not: allow a little
     assert np.abs(x_mesh - x_box).max() < 0.1 * push
+
+
+def test_collider_follows_a_pose_trajectory():
+    """Poses per frame (position + quaternion) become velocity controls that land on each pose."""
+    from diffsim.mpm import controls_from_poses
+
+    b = MPMBuilder(grid_res=16, domain_size=0.4)
+    b.add_box((0.2, 0.2, 0.1), (0.03, 0.03, 0.03), preset("dough"))
+    b.add_collider(collider_box((0.02, 0.02, 0.02), position=(0.1, 0.2, 0.25)))
+    model = b.finalize()
+    frames = 5
+    angles = np.linspace(0.0, np.radians(30.0), frames + 1)
+    positions = np.stack([np.linspace(0.1, 0.14, frames + 1), np.full(frames + 1, 0.2),
+                          np.full(frames + 1, 0.25)], axis=1)[:, None, :]
+    rotations = np.stack([np.zeros_like(angles), np.zeros_like(angles), np.sin(angles / 2), np.cos(angles / 2)],
+                         axis=1)[:, None, :]  # about z
+    solver = MPMSolver(model)
+    controls = controls_from_poses(model, positions, rotations, frame_dt=0.01)
+    rollout = Rollout(solver, model, model.state(), controls, frame_dt=0.01, substeps="auto")
+    poses = []
+    rollout.forward(on_frame=lambda f, s: poses.append((s.collider_position.numpy()[0].copy(),
+                                                        s.collider_rotation.numpy()[0].copy())))
+    for frame, (p, q) in enumerate(poses, start=1):
+        np.testing.assert_allclose(p, positions[frame, 0], atol=1e-6)
+        # compare components (q and -q are the same rotation); arccos of the dot product would be
+        # ill-conditioned here. A difference d means a rotation error of about 2 d radians.
+        target = rotations[frame, 0]
+        assert min(np.abs(q - target).max(), np.abs(q + target).max()) < 1e-6, (frame, q, target)
+    with pytest.raises(InvalidParameter, match="positions"):
+        controls_from_poses(model, positions[:, 0], rotations, frame_dt=0.01)

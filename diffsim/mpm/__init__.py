@@ -4,7 +4,17 @@ Build a scene with :class:`MPMBuilder`, step it with :class:`MPMSolver`, differe
 :class:`diffsim.core.Rollout`.
 """
 
-from diffsim.mpm.model import BOUNDARY_CELLS, Boundary, MPMBuilder, MPMControl, MPMModel, MPMState
+from diffsim.mpm.model import (
+    BOUNDARY_CELLS,
+    Boundary,
+    MPMBuilder,
+    MPMControl,
+    MPMModel,
+    MPMState,
+    controls_from_poses,
+)
 from diffsim.mpm.solver import MPMSolver
 
-__all__ = ["BOUNDARY_CELLS", "Boundary", "MPMBuilder", "MPMControl", "MPMModel", "MPMSolver", "MPMState"]
+__all__ = [
+    "BOUNDARY_CELLS", "Boundary", "MPMBuilder", "MPMControl", "MPMModel", "MPMSolver", "MPMState", "controls_from_poses",
+]

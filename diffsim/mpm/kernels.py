@@ -29,12 +29,22 @@ def integrate_colliders(
 ):
     i = wp.tid()
     position_out[i] = position_in[i] + velocity[i] * dt
-    q = rotation_in[i]
+    # exact rotation by a constant angular velocity: q' = (axis sin(a/2), cos(a/2)) q with
+    # a = |w| dt; written in |w|^2 (a Taylor series near 0) so that the gradient stays finite
+    # for colliders that do not turn
     w = angular_velocity[i]
-    # first-order quaternion integration; the normalisation keeps it a rotation
-    dq = wp.quat(w[0], w[1], w[2], 0.0) * q
-    q_new = wp.quat(q[0] + 0.5 * dt * dq[0], q[1] + 0.5 * dt * dq[1], q[2] + 0.5 * dt * dq[2], q[3] + 0.5 * dt * dq[3])
-    rotation_out[i] = wp.normalize(q_new)
+    half_sq = 0.25 * dt * dt * wp.dot(w, w)
+    c = float(0.0)
+    sinc = float(0.0)  # sin(a/2) / (a/2)
+    if half_sq < 1.0e-6:
+        c = 1.0 - 0.5 * half_sq + half_sq * half_sq / 24.0
+        sinc = 1.0 - half_sq / 6.0 + half_sq * half_sq / 120.0
+    else:
+        half = wp.sqrt(half_sq)
+        c = wp.cos(half)
+        sinc = wp.sin(half) / half
+    v = (0.5 * dt * sinc) * w
+    rotation_out[i] = wp.normalize(wp.quat(v[0], v[1], v[2], c) * rotation_in[i])
 
 
 @wp.func

@@ -392,3 +392,66 @@ class MPMBuilder:
             particle_material_index=mat_index,
             _meshes=meshes,
         )
+
+
+def controls_from_poses(
+    model: MPMModel,
+    positions: np.ndarray,
+    rotations: np.ndarray,
+    frame_dt: float,
+    *,
+    requires_grad: bool = False,
+) -> list[MPMControl]:
+    """Controls that carry every collider through a pose trajectory, one control per frame.
+
+    Colliders are driven by velocities (their poses live in the State), so a trajectory given as
+    poses becomes, per frame, the constant linear and angular velocity that moves each collider
+    from one pose to the next in ``frame_dt``.
+
+    Args:
+        model: the scene.
+        positions: collider positions [m], shape (frames + 1, num_worlds * num_colliders, 3); row 0
+            is the pose the state starts from.
+        rotations: orientations as quaternions (x, y, z, w), shape (frames + 1, num_worlds *
+            num_colliders, 4).
+        frame_dt: duration of one frame [s].
+        requires_grad: give the controls gradient buffers.
+    """
+    p = np.asarray(positions, dtype=np.float64)
+    q = np.asarray(rotations, dtype=np.float64)
+    slots = model.num_worlds * model.collider_count
+    if p.ndim != 3 or p.shape[1:] != (slots, 3) or p.shape[0] < 2:
+        raise InvalidParameter("positions", f"array of shape {p.shape}", f"(frames + 1, {slots}, 3) with frames >= 1")
+    if q.shape != (p.shape[0], slots, 4):
+        raise InvalidParameter("rotations", f"array of shape {q.shape}", f"({p.shape[0]}, {slots}, 4)")
+    if not (frame_dt > 0 and math.isfinite(frame_dt)):
+        raise InvalidParameter("frame_dt", frame_dt, "(0, inf) s")
+    norms = np.linalg.norm(q, axis=-1, keepdims=True)
+    if np.any(norms < 1e-12) or not np.all(np.isfinite(q)):
+        raise InvalidParameter("rotations", "a zero or non-finite quaternion", "non-zero finite quaternions")
+    q = q / norms
+    controls = []
+    for k in range(p.shape[0] - 1):
+        control = model.control(requires_grad=requires_grad)
+        control.collider_velocity.assign(((p[k + 1] - p[k]) / frame_dt).astype(np.float32))
+        control.collider_angular_velocity.assign((_rotation_vector(q[k], q[k + 1]) / frame_dt).astype(np.float32))
+        controls.append(control)
+    return controls
+
+
+def _rotation_vector(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
+    """World-frame rotation vector (axis * angle) taking orientation q0 to q1, per row (x, y, z, w)."""
+    x0, y0, z0, w0 = np.moveaxis(q0, -1, 0)
+    x1, y1, z1, w1 = np.moveaxis(q1, -1, 0)
+    # q1 * conj(q0): the rotation applied in world axes
+    w = w1 * w0 + x1 * x0 + y1 * y0 + z1 * z0
+    x = -w1 * x0 + x1 * w0 - y1 * z0 + z1 * y0
+    y = -w1 * y0 + y1 * w0 - z1 * x0 + x1 * z0
+    z = -w1 * z0 + z1 * w0 - x1 * y0 + y1 * x0
+    vec = np.stack([x, y, z], axis=-1)
+    sign = np.where(w < 0, -1.0, 1.0)[..., None]  # the shorter way round
+    vec, w = vec * sign, np.abs(w)
+    s = np.linalg.norm(vec, axis=-1)
+    angle = 2.0 * np.arctan2(s, w)
+    scale = np.where(s > 1e-12, angle / np.maximum(s, 1e-12), 2.0)
+    return vec * scale[..., None]
