@@ -6,7 +6,6 @@ Expected errors (diffsim.errors) print one line to stderr and exit with status 2
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -95,23 +94,13 @@ def _run_demo(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
-def _accepts(function, name: str) -> bool:
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _run_validate_mpm(args: argparse.Namespace, device: str) -> int:
     from diffsim.core.validation import format_table, to_json
     from diffsim.mpm import validation
 
     physics_names = list(validation.PHYSICS_CHECKS)
-    # Gradient checks live in the same module in newer versions; run them when they exist.
-    run_gradients = None if args.no_gradients else getattr(validation, "run_gradient_checks", None)
-    gradient_names = list(getattr(validation, "GRADIENT_CHECKS", {})) if run_gradients else []
-
-    physics_only = gradient_only = None
+    gradient_names = [] if args.no_gradients else list(validation.GRADIENT_CHECKS)
+    physics_only, gradient_only = physics_names, gradient_names
     if args.only:
         known = physics_names + gradient_names
         unknown = [n for n in args.only if n not in known]
@@ -122,13 +111,10 @@ def _run_validate_mpm(args: argparse.Namespace, device: str) -> int:
         gradient_only = [n for n in args.only if n in gradient_names]
 
     results = []
-    if physics_only is None or physics_only:
+    if physics_only:
         results += validation.run_physics_checks(device=device, only=physics_only)
-    if run_gradients is not None and (gradient_only is None or gradient_only):
-        if gradient_only is not None and _accepts(run_gradients, "only"):
-            results += run_gradients(device=device, only=gradient_only)
-        else:  # an older run_gradient_checks(device=) cannot select: it runs them all
-            results += run_gradients(device=device)
+    if gradient_only:
+        results += validation.run_gradient_checks(device=device, only=gradient_only)
     print(to_json(results) if args.json else format_table(results))
     return 0 if all(r.passed for r in results) else EXIT_CHECKS_FAILED
 

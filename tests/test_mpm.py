@@ -214,7 +214,7 @@ def test_rollout_gradient_flows_through_torch():
     loss.backward()
     assert velocity.grad is not None and torch.isfinite(velocity.grad).all()
     assert velocity.grad[:, 1].abs().sum() > 0  # the pusher moves the centre of mass
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())
 
 
 @pytest.mark.parametrize("material", ["plasticine", "honey"])

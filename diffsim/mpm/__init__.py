@@ -16,5 +16,6 @@ from diffsim.mpm.model import (
 from diffsim.mpm.solver import MPMSolver
 
 __all__ = [
-    "BOUNDARY_CELLS", "Boundary", "MPMBuilder", "MPMControl", "MPMModel", "MPMSolver", "MPMState", "controls_from_poses",
+    "BOUNDARY_CELLS", "Boundary", "MPMBuilder", "MPMControl", "MPMModel", "MPMSolver", "MPMState",
+    "controls_from_poses",
 ]
