@@ -350,3 +350,17 @@ def test_collider_follows_a_pose_trajectory():
         assert min(np.abs(q - target).max(), np.abs(q + target).max()) < 1e-6, (frame, q, target)
     with pytest.raises(InvalidParameter, match="positions"):
         controls_from_poses(model, positions[:, 0], rotations, frame_dt=0.01)
+
+
+def test_long_mpm_rollout_memory_is_bounded_by_checkpointing():
+    """600 MPM steps with checkpoints every 25: at most T/K + K states and K scratch slots live."""
+    model, solver, state0, controls, frame_dt = V.contact_scene(V._elastic(), frames=60, substeps=10, push_speed=0.1)
+    loss = CenterOfMassLoss(model, (0.25, 0.2, 0.1))
+    rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=10, checkpoint_every=25,
+                      final_loss=loss, check_every=100)
+    rollout.forward()
+    rollout.backward()
+    T, K = 600, 25
+    assert rollout.stats.states_allocated <= math.ceil(T / K) + K
+    assert len(solver._slots) <= K  # scratch of taped steps: one segment's worth, reused
+    assert np.all(np.isfinite(state0.particle_x.grad.numpy()))
