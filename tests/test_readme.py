@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -12,6 +13,6 @@ def test_readme_python_example_runs():
     assert blocks, "the README has no Python example"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
-    assert namespace["loss"] > 0
+    assert math.isfinite(namespace["loss"])
     grad = namespace["controls"][10].collider_velocity.grad.numpy()
     assert abs(grad[namespace["pusher"]]).sum() > 0  # the pusher's velocity moves the loss

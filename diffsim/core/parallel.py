@@ -19,10 +19,10 @@ from diffsim.core.protocol import accumulate
 MIN_ITEMS_PER_CHUNK = 1024
 
 _executor: ThreadPoolExecutor | None = None
-# One private buffer per (role, argument index, shape, dtype, device, chunk slot), reused by every
-# launch: launches run one at a time, and scratch arrays come and go between steps. The argument
-# index matters: two outputs of one kernel may share shape and dtype.
-_private_grads: dict[tuple, wp.array] = {}
+# Private buffers per (role, argument index, dtype, device, chunk slot), grown as needed and
+# viewed at the shape of the moment: launches run one at a time, and the shapes of compact grids
+# change from step to step. The argument index matters: two outputs may share shape and dtype.
+_private: dict[tuple, wp.array] = {}
 
 
 def cpu_threads() -> int:
@@ -55,27 +55,17 @@ def _run(jobs):
         f.result()
 
 
-def _private_grad(array: wp.array, index: int, slot: int) -> wp.array:
-    grad = array.grad
-    key = ("gradient", index, grad.shape, grad.dtype, str(grad.device), slot)
-    buffer = _private_grads.get(key)
-    if buffer is None:
-        buffer = wp.zeros_like(grad)
-        _private_grads[key] = buffer
-    else:
-        buffer.zero_()
-    return buffer
-
-
-def _private_output(array: wp.array, index: int, slot: int) -> wp.array:
-    key = ("output", index, array.shape, array.dtype, str(array.device), slot)
-    buffer = _private_grads.get(key)
-    if buffer is None:
-        buffer = wp.zeros(array.shape, dtype=array.dtype, device=array.device)
-        _private_grads[key] = buffer
-    else:
-        buffer.zero_()
-    return buffer
+def _private_buffer(role: str, index: int, like: wp.array, slot: int) -> wp.array:
+    """A zeroed array shaped like ``like``, private to (role, argument index, chunk slot)."""
+    key = (role, index, like.dtype, str(like.device), slot)
+    base = _private.get(key)
+    if base is None or base.shape[0] < like.size:
+        base = wp.zeros(max(like.size, 1), dtype=like.dtype, device=like.device)
+        _private[key] = base
+    view = wp.array(ptr=base.ptr, dtype=like.dtype, shape=like.shape, device=like.device)
+    view._keepalive = base  # a view does not own its memory
+    view.zero_()
+    return view
 
 
 def launch_items(
@@ -121,7 +111,7 @@ def launch_items(
     if parallel_forward:
         chunk_outputs = [list(outputs)]
         for slot in range(1, len(chunks)):
-            chunk_outputs.append([_private_output(a, i, slot) for i, a in enumerate(outputs)]
+            chunk_outputs.append([_private_buffer("output", i, a, slot) for i, a in enumerate(outputs)]
                                  if scattered_outputs else list(outputs))
         _run([
             (lambda s=start, n=size, o=chunk_outputs[slot]: wp.launch(
@@ -148,7 +138,7 @@ def launch_items(
             if slot > 0:
                 for index in scattered_adjoints:
                     if adj_in[index] is not None:
-                        adj_in[index] = _private_grad(inputs[index], index, slot)
+                        adj_in[index] = _private_buffer("gradient", index, inputs[index].grad, slot)
                         privates.append((inputs[index].grad, adj_in[index]))
             adj_in[-1] = 0
             if adjoint_kernel is not None:

@@ -120,8 +120,10 @@ class Control(ArrayBundle):
 class Solver(abc.ABC):
     """Advances a State by one step. Scratch buffers belong to the solver and are reused."""
 
-    #: True when a step recorded on a tape allocates its own scratch, so one tape may record
-    #: many consecutive steps (the rollout then re-simulates each segment once, under one tape).
+    #: True when a step recorded on a tape takes its own scratch, so one tape may record many
+    #: consecutive steps (the rollout then re-simulates each segment once, under one tape). Such
+    #: solvers hand out scratch under claims: ``begin_step_scratch()`` before taping,
+    #: ``end_step_scratch(claim)`` after, ``release_step_scratch(claim)`` once the tape is gone.
     #: False when steps share scratch: each step is then re-run under its own tape.
     tape_spans_steps: bool = False
 
@@ -137,8 +139,15 @@ class Solver(abc.ABC):
         """Largest step [s] the solver accepts for ``model`` (infinite when unconstrained)."""
         return float("inf")
 
-    def release_step_scratch(self) -> None:  # noqa: B027 -- optional hook, a no-op by default
-        """Called when the tapes that recorded steps are gone: their scratch may be reused."""
+    def begin_step_scratch(self):
+        """Start a claim on the scratch of the taped steps that follow; returns its token."""
+        return None
+
+    def end_step_scratch(self, claim) -> None:  # noqa: B027 -- optional hook, a no-op by default
+        """Stop adding scratch to ``claim``."""
+
+    def release_step_scratch(self, claim) -> None:  # noqa: B027 -- optional hook, a no-op by default
+        """The tapes that used ``claim``'s scratch are gone: it may be reused."""
 
     def scratch_arrays(self) -> list[wp.array]:
         """Arrays reused across steps; their gradients are cleared before each local backward."""

@@ -1,8 +1,9 @@
 """Checkpointed rollouts: forward simulation and reverse-mode gradients over long horizons.
 
 Forward keeps a State only every ``checkpoint_every`` solver steps; backward re-simulates each
-segment from its checkpoint and back-propagates one step at a time under a fresh local tape, so
-memory is O(T/K + K) states plus the solver's scratch, whatever the horizon.
+segment from its checkpoint under a local tape (one per segment when the solver's taped steps
+own their scratch, else one per step, newest first), so memory is O(T/K + K) states plus K
+steps' scratch, whatever the horizon.
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ class Rollout:
         Args:
             on_frame: called as ``on_frame(frame, state)`` after each frame, e.g. to record video.
         """
+        self._forward_done = False
+        self._final_state = None
+        # parameters may have changed since construction (e.g. fitted E): check dt again
+        validate = getattr(self.solver, "validate_dt", None)
+        if validate is not None:
+            validate(self.model, self.dt)
         self.loss.zero_()
         state = self.state0
         bar = tqdm(total=self.num_steps, desc="forward", disable=not self.progress, leave=False)
@@ -222,15 +229,17 @@ class Rollout:
             self._step_loss.grad.zero_()
             if span:
                 # One tape over the segment: possible when each taped step has its own scratch.
+                claim = self.solver.begin_step_scratch()
                 tape = wp.Tape()
                 with tape:
                     for t in range(start, end):
                         self.solver.step(self.model, states[t - start], states[t - start + 1],
                                          self._control(t), self.dt)
                         self._add_losses(t + 1, states[t - start + 1], self._step_loss)
+                self.solver.end_step_scratch(claim)
                 tape.backward(loss=self._step_loss)
                 del tape
-                self.solver.release_step_scratch()
+                self.solver.release_step_scratch(claim)
                 self.stats.backward_steps_run += end - start
                 bar.update(end - start)
             else:
@@ -250,7 +259,6 @@ class Rollout:
                         self._add_losses(t + 1, state_out, self._step_loss)
                     tape.backward(loss=self._step_loss)
                     del tape
-                    self.solver.release_step_scratch()
                     self.stats.backward_steps_run += 1
                     bar.update(1)
             carried = states[0]

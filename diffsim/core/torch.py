@@ -6,6 +6,8 @@ Inputs are named arrays (``"model.<field>"``, ``"state0.<field>"``/``"state.<fie
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -105,15 +107,27 @@ def rollout_loss(rollout: Rollout, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 class _StepFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, solver, model, state_in, control, dt, names, outputs, *tensors):
+    def forward(ctx, solver, model, state_in, control, dt, names, outputs, taping, *tensors):
+        # The step reads private copies of the state and of any model arrays fed from torch: a
+        # later step on the same State must not change what this tape reads in its backward.
+        state_in = state_in.clone(requires_grad=True)
+        replaced = {n.partition(".")[2]: wp.clone(model.array(n.partition(".")[2]), requires_grad=True)
+                    for n in names if n.startswith("model.")}
+        if replaced:
+            model = dataclasses.replace(model, **replaced)
         for tensor, name in zip(tensors, names, strict=True):
             _copy_in(tensor, _targets(name, model=model, state=state_in, controls=[control]))
         state_out = solver.new_state(model, requires_grad=True)
-        # scratch of taped steps is handed back only when no step still awaits its backward
-        solver._torch_pending_steps = getattr(solver, "_torch_pending_steps", 0) + 1
+        if not taping:
+            solver.step(model, state_in, state_out, control, dt)
+            return tuple(wp.to_torch(state_out.array(o)).clone() for o in outputs)
+        claim = solver.begin_step_scratch()
         tape = wp.Tape()
         with tape:
             solver.step(model, state_in, state_out, control, dt)
+        solver.end_step_scratch(claim)
+        # the step's scratch goes back when its backward has run or its graph is dropped
+        weakref.finalize(tape, solver.release_step_scratch, claim)
         ctx.tape, ctx.state_out, ctx.names = tape, state_out, names
         ctx.model, ctx.state_in, ctx.control, ctx.solver = model, state_in, control, solver
         ctx.outputs = outputs
@@ -138,10 +152,8 @@ class _StepFunction(torch.autograd.Function):
         ctx.tape.backward()
         grads = [_grad_out(arrays, t) for arrays, t in zip(targets, tensors, strict=True)]
         ctx.tape.reset()
-        ctx.solver._torch_pending_steps -= 1
-        if ctx.solver._torch_pending_steps == 0:
-            ctx.solver.release_step_scratch()
-        return (None, None, None, None, None, None, None, *grads)
+        ctx.tape = None  # drops the tape: its finalizer hands the step's scratch back
+        return (None, None, None, None, None, None, None, None, *grads)
 
 
 def step(
@@ -159,4 +171,7 @@ def step(
     the returned tensors are the named ``outputs`` fields of the new state.
     """
     names = tuple(inputs)
-    return _StepFunction.apply(solver, model, state_in, control, dt, names, tuple(outputs), *inputs.values())
+    # decided here: inside Function.forward torch always reports grad mode as off
+    taping = torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
+    return _StepFunction.apply(solver, model, state_in, control, dt, names, tuple(outputs), taping,
+                               *inputs.values())

@@ -452,8 +452,15 @@ def particle_to_grid_adjoint(
     adj_particle_mass[p] = adj_particle_mass[p] + adj_mass
     if is_fluid:
         F = particle_F_new[p]
-        # d det(F) / dF = det(F) F^-T
-        adj_particle_F_new[p] = adj_particle_F_new[p] + adj_J * fluid_J * wp.transpose(wp.inverse(F))
+        # d det(F) / dF is the cofactor matrix (det(F) F^-T, but finite for singular F too)
+        r0 = wp.vec3(F[0, 0], F[0, 1], F[0, 2])
+        r1 = wp.vec3(F[1, 0], F[1, 1], F[1, 2])
+        r2 = wp.vec3(F[2, 0], F[2, 1], F[2, 2])
+        c0 = wp.cross(r1, r2)
+        c1 = wp.cross(r2, r0)
+        c2 = wp.cross(r0, r1)
+        cofactor = wp.mat33(c0[0], c0[1], c0[2], c1[0], c1[1], c1[2], c2[0], c2[1], c2[2])
+        adj_particle_F_new[p] = adj_particle_F_new[p] + adj_J * cofactor
 
 
 @wp.kernel(enable_backward=False)
@@ -514,7 +521,8 @@ def grid_to_particle_adjoint(
                     fm = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                     fv = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
                     J += wx[i] * wy[j] * wz[k] * fv / wp.max(fm, 1.0e-30)
-        adj_J = (adj_F_out[0, 0] + adj_F_out[1, 1] + adj_F_out[2, 2]) / (3.0 * wp.pow(wp.cbrt(J), 2.0))
+        root = wp.cbrt(wp.max(J, 1.0e-12))
+        adj_J = (adj_F_out[0, 0] + adj_F_out[1, 1] + adj_F_out[2, 2]) / (3.0 * root * root)
     else:
         adj_particle_F_new[p] = adj_particle_F_new[p] + adj_F_out
     adj_x = adj_x_out

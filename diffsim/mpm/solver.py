@@ -72,8 +72,9 @@ def _taping() -> bool:
 class MPMSolver(Solver):
     """Explicit MLS-MPM (Hu et al. 2018) with APIC transfers.
 
-    The grid is scratch owned by the solver (one per world) and reused by every step, so the
-    checkpointed :class:`~diffsim.core.Rollout` is the way to differentiate several steps.
+    Grids cover only the box of nodes the particles reach. Untaped steps reuse the solver's
+    buffers; a taped step takes its own scratch slot, so one tape may record several steps (the
+    checkpointed :class:`~diffsim.core.Rollout` records one segment per tape this way).
 
     Args:
         model: the scene; the solver sizes its grid for it.
@@ -99,8 +100,9 @@ class MPMSolver(Solver):
             "particle_affine": wp.zeros(model.particle_count, dtype=wp.mat33, device=model.device),
         }
         self._has_fluid = bool(np.any(model.particle_material.numpy() == 4))
-        self._slots: list[_ScratchSlot] = []
-        self._next_slot = 0
+        self._free_slots: list[_ScratchSlot] = []
+        self._claims: list[list] = []
+        self._slots_taken = 0  # scratch slots handed out to taped steps, ever (for tests)
         self._first_outside = wp.zeros(1, dtype=int, device=model.device)
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
@@ -124,10 +126,11 @@ class MPMSolver(Solver):
         shape = (model.num_worlds, *extent)
         fluid_shape = shape if self._has_fluid else (model.num_worlds, 0, 0, 0)
         if _taping():
-            if self._next_slot == len(self._slots):
-                self._slots.append(_ScratchSlot(model.device))
-            slot = self._slots[self._next_slot]
-            self._next_slot += 1
+            slot = self._free_slots.pop() if self._free_slots else _ScratchSlot(model.device)
+            self._slots_taken += 1
+            if self._claims:
+                self._claims[-1].append(slot)  # handed back when that claim is released
+            # a slot taken outside any claim is never reused: safe, at the cost of memory
             return slot.views(shape, fluid_shape, model.particle_count)
         device = model.device
 
@@ -143,9 +146,22 @@ class MPMSolver(Solver):
             self._buffers["particle_F_new"], self._buffers["particle_affine"],
         )
 
-    def release_step_scratch(self) -> None:
-        """Make every taped step's scratch reusable (call once the tapes that used it are gone)."""
-        self._next_slot = 0
+    def begin_step_scratch(self) -> list:
+        """Start collecting the scratch slots that taped steps take; returns the claim token."""
+        claim: list = []
+        self._claims.append(claim)
+        return claim
+
+    def end_step_scratch(self, claim: list) -> None:
+        """Stop collecting into ``claim`` (its slots stay taken until released)."""
+        if claim in self._claims:
+            self._claims.remove(claim)
+
+    def release_step_scratch(self, claim: list) -> None:
+        """Hand back the slots of ``claim``: call once the tapes that recorded those steps are gone."""
+        self.end_step_scratch(claim)
+        self._free_slots.extend(claim)
+        claim.clear()
 
     def max_stable_dt(self, model: MPMModel) -> float:
         """Largest stable step [s]: the elastic-wave CFL limit and the explicit-viscosity limit."""
