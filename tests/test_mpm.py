@@ -435,3 +435,15 @@ def test_multithreaded_launches_keep_gradients_and_bounded_buffers(monkeypatch):
     np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=1e-4 * np.abs(grads[1]).max())
     # (role, argument, dtype, device, chunk slot): independent of how many grid shapes occurred
     assert len(parallel._private) <= 2 * (4 + 3) * 2
+
+
+def test_scratch_claims_are_told_apart_by_identity():
+    """Ending one (empty) claim must not end another that happens to compare equal."""
+    model, solver, state0, controls, frame_dt = V.contact_scene(preset("dough"), frames=1, substeps=1)
+    outer, inner = solver.begin_step_scratch(), solver.begin_step_scratch()
+    solver.end_step_scratch(inner)
+    with wp.Tape():
+        solver.step(model, state0, model.state(requires_grad=True), controls[0], frame_dt)
+    assert len(outer) == 1 and len(inner) == 0
+    solver.release_step_scratch(outer)
+    assert len(solver._free_slots) == 1

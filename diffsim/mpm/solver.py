@@ -154,8 +154,8 @@ class MPMSolver(Solver):
 
     def end_step_scratch(self, claim: list) -> None:
         """Stop collecting into ``claim`` (its slots stay taken until released)."""
-        if claim in self._claims:
-            self._claims.remove(claim)
+        # by identity: claims are lists, and two empty ones compare equal
+        self._claims = [c for c in self._claims if c is not claim]
 
     def release_step_scratch(self, claim: list) -> None:
         """Hand back the slots of ``claim``: call once the tapes that recorded those steps are gone."""
