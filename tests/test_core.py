@@ -160,3 +160,15 @@ def test_divergence_is_reported_with_step_and_array():
     rollout = Rollout(solver, model, state0, controls, frame_dt=0.1, check_every=1)
     with pytest.raises(SimulationDiverged, match=r"holds a non-finite value .* after step \d+"):
         rollout.forward()
+
+
+def test_non_finite_controls_are_refused_by_name():
+    model, solver, state0, controls = make_toy(n=2, frames=3)
+    controls[1].force.assign(np.array([[0, np.nan, 0], [0, 0, 0]], dtype=np.float32))
+    rollout = Rollout(solver, model, state0, controls, frame_dt=0.01)
+    with pytest.raises(InvalidParameter, match=r"controls\[1\]\.force"):
+        rollout.forward()
+    forces = torch.zeros((3, 2, 3))
+    forces[2, 0, 0] = float("inf")
+    with pytest.raises(InvalidParameter, match="controls.force"):
+        rollout_loss(rollout, {"controls.force": forces})

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import warp as wp
 from tqdm.auto import tqdm
 
@@ -166,6 +167,7 @@ class Rollout:
         validate = getattr(self.solver, "validate_dt", None)
         if validate is not None:
             validate(self.model, self.dt)
+        self._check_controls()
         self.loss.zero_()
         state = self.state0
         bar = tqdm(total=self.num_steps, desc="forward", disable=not self.progress, leave=False)
@@ -188,6 +190,16 @@ class Rollout:
         self._final_state = state
         self._forward_done = True
         return float(self.loss.numpy()[0])
+
+    def _check_controls(self) -> None:
+        """Refuse non-finite controls up front: otherwise they surface steps later as a
+        'diverged' simulation that points at the wrong culprit."""
+        for frame, control in enumerate(self.controls):
+            for name, arr in control.arrays():
+                values = arr.numpy()
+                if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+                    raise InvalidParameter(f"controls[{frame}].{name}", "an array with NaN or inf entries",
+                                           "finite values")
 
     @property
     def final_state(self) -> State:

@@ -15,7 +15,7 @@ import warp as wp
 
 from diffsim.core.protocol import Control, Model, Solver, State
 from diffsim.core.rollout import Rollout
-from diffsim.errors import ConfigError
+from diffsim.errors import ConfigError, InvalidParameter
 
 
 def _targets(name: str, *, model: Model, state: State, controls: Sequence[Control]) -> list[wp.array]:
@@ -30,8 +30,10 @@ def _targets(name: str, *, model: Model, state: State, controls: Sequence[Contro
     raise ConfigError(f"input name {name!r} must start with model., state0., controls. or control.")
 
 
-def _copy_in(tensor: torch.Tensor, arrays: list[wp.array]) -> None:
+def _copy_in(tensor: torch.Tensor, arrays: list[wp.array], name: str = "input") -> None:
     values = tensor.detach()
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise InvalidParameter(name, "a tensor with NaN or inf entries", "finite values")
     if len(arrays) > 1 and values.shape[0] != len(arrays):
         raise ConfigError(
             f"expected a leading dimension of {len(arrays)} (one per frame), got {tuple(values.shape)}."
@@ -66,8 +68,8 @@ class _RolloutFunction(torch.autograd.Function):
         targets = [
             _targets(n, model=rollout.model, state=rollout.state0, controls=rollout.controls) for n in names
         ]
-        for tensor, arrays in zip(tensors, targets, strict=True):
-            _copy_in(tensor, arrays)
+        for tensor, arrays, name in zip(tensors, targets, names, strict=True):
+            _copy_in(tensor, arrays, name)
         loss = rollout.forward()
         ctx.rollout = rollout
         ctx.targets = targets
@@ -116,7 +118,7 @@ class _StepFunction(torch.autograd.Function):
         if replaced:
             model = dataclasses.replace(model, **replaced)
         for tensor, name in zip(tensors, names, strict=True):
-            _copy_in(tensor, _targets(name, model=model, state=state_in, controls=[control]))
+            _copy_in(tensor, _targets(name, model=model, state=state_in, controls=[control]), name)
         state_out = solver.new_state(model, requires_grad=True)
         if not taping:
             solver.step(model, state_in, state_out, control, dt)
