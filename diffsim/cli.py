@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from diffsim.core.device import init_warp
 from diffsim.errors import ConfigError, DiffsimError
 
 #: Exit status of a run whose checks failed, and of a command that could not run at all.
@@ -130,21 +131,12 @@ def _run_bench_mpm(args: argparse.Namespace, device: str) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 
-def _quiet_warp() -> None:
-    """Keep Warp's start-up banner and module-load lines off stdout, which may carry JSON."""
-    import warp as wp
-
-    # Warp 1.19 replaced config.quiet with config.log_level; setting quiet alone does nothing.
-    if hasattr(wp, "LOG_WARNING"):
-        wp.config.log_level = max(wp.config.log_level, wp.LOG_WARNING)
-    wp.config.quiet = True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``diffsim`` command; returns the exit status (0 ok, 1 checks failed, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_warp()
+    # Warp's banner and module-load lines must stay off stdout, which may carry JSON
+    init_warp()
     try:
         from diffsim.core.device import resolve_device
 

@@ -14,8 +14,6 @@ from diffsim.core.torch import rollout_loss
 from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
 from tests.toy_solver import ToySolver, make_toy
 
-wp.config.quiet = True
-
 
 @wp.kernel
 def _sum_dot(x: wp.array(dtype=wp.vec3), w: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):

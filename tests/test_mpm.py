@@ -17,9 +17,6 @@ from diffsim.mpm import Boundary, MPMBuilder, MPMSolver
 from diffsim.mpm import validation as V
 from diffsim.mpm.losses import CenterOfMassLoss, LinearStateLoss
 
-wp.config.quiet = True
-
-
 # -- physics -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["free_fall", "momentum", "wave_speed", "hydrostatic"])

@@ -17,8 +17,6 @@ from diffsim.core import Rollout
 from diffsim.errors import ConfigError
 from tests.toy_solver import make_toy
 
-wp.config.quiet = True
-
 FRAMES = 8
 
 

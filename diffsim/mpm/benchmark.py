@@ -12,6 +12,7 @@ import time
 import numpy as np
 import warp as wp
 
+from diffsim.core.device import init_warp
 from diffsim.core.rollout import Rollout
 from diffsim.geometry import collider_box, collider_plane
 from diffsim.materials import preset
@@ -117,7 +118,7 @@ if __name__ == "__main__":  # pragma: no cover
     import json
     import sys
 
-    wp.config.quiet = True
+    init_warp()
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
     print(json.dumps(run_benchmark(particles=n, frames=int(sys.argv[2]) if len(sys.argv) > 2 else 50), indent=2))
 

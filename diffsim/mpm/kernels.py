@@ -64,6 +64,54 @@ def bspline_weights(fx: float):
     return wp.vec3(0.5 * (1.5 - fx) * (1.5 - fx), 0.75 - (fx - 1.0) * (fx - 1.0), 0.5 * (fx - 0.5) * (fx - 0.5))
 
 
+@wp.func
+def bspline_slopes(fx: float):
+    """d/dfx of :func:`bspline_weights`."""
+    return wp.vec3(fx - 1.5, -2.0 * (fx - 1.0), fx - 0.5)
+
+
+@wp.struct
+class Stencil:
+    """A particle's 3x3x3 quadratic B-spline stencil."""
+
+    local: wp.vec3i  #: lower corner in the grid arrays (which cover only the active box)
+    fx: wp.vec3  #: particle position relative to the stencil's lower corner [cells]
+    wx: wp.vec3  #: weights of the three nodes along x
+    wy: wp.vec3
+    wz: wp.vec3
+    sx: wp.vec3  #: d weight / d fx of the three nodes along x
+    sy: wp.vec3
+    sz: wp.vec3
+
+
+@wp.func
+def particle_stencil(x: wp.vec3, origin: wp.vec3, inv_dx: float, grid_res: int, grid_offset: wp.vec3i):
+    base = stencil_base(x, origin, inv_dx, grid_res)
+    st = Stencil()
+    st.local = base - grid_offset
+    st.fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
+    st.wx = bspline_weights(st.fx[0])
+    st.wy = bspline_weights(st.fx[1])
+    st.wz = bspline_weights(st.fx[2])
+    st.sx = bspline_slopes(st.fx[0])
+    st.sy = bspline_slopes(st.fx[1])
+    st.sz = bspline_slopes(st.fx[2])
+    return st
+
+
+@wp.func
+def stencil_weight(st: Stencil, i: int, j: int, k: int):
+    return st.wx[i] * st.wy[j] * st.wz[k]
+
+
+@wp.func
+def stencil_weight_gradient(st: Stencil, i: int, j: int, k: int, inv_dx: float):
+    """d weight / d x [1/m]."""
+    return inv_dx * wp.vec3(
+        st.sx[i] * st.wy[j] * st.wz[k], st.wx[i] * st.sy[j] * st.wz[k], st.wx[i] * st.wy[j] * st.sz[k]
+    )
+
+
 @wp.kernel
 def particle_stress(
     particle_F: wp.array(dtype=wp.mat33),
@@ -132,16 +180,13 @@ def particle_to_grid(
     if is_fluid:
         fluid_J = wp.determinant(particle_F_new[p])
     dx = 1.0 / inv_dx
-    base = stencil_base(x, origin, inv_dx, grid_res)
-    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
-    local = base - grid_offset  # the grid arrays cover the active box only
-    wx = bspline_weights(fx[0])
-    wy = bspline_weights(fx[1])
-    wz = bspline_weights(fx[2])
+    st = particle_stencil(x, origin, inv_dx, grid_res, grid_offset)
+    local = st.local  # the grid arrays cover the active box only
+    fx = st.fx
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                weight = wx[i] * wy[j] * wz[k]
+                weight = stencil_weight(st, i, j, k)
                 dpos = (wp.vec3(float(i), float(j), float(k)) - fx) * dx
                 wp.atomic_add(grid_mass, world, local[0] + i, local[1] + j, local[2] + k, weight * mass)
                 wp.atomic_add(
@@ -298,20 +343,17 @@ def grid_to_particle(
     p = wp.tid() + offset
     x = particle_x[p]
     world = particle_world[p]
-    base = stencil_base(x, origin, inv_dx, grid_res)
-    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
-    wx = bspline_weights(fx[0])
-    wy = bspline_weights(fx[1])
-    wz = bspline_weights(fx[2])
+    st = particle_stencil(x, origin, inv_dx, grid_res, grid_offset)
+    local = st.local  # the grid arrays cover the active box only
+    fx = st.fx
     is_fluid = has_fluid != 0 and particle_material[p] == 4
-    local = base - grid_offset
     v = wp.vec3(0.0)
     C = wp.mat33(0.0)
     J = float(0.0)
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                weight = wx[i] * wy[j] * wz[k]
+                weight = stencil_weight(st, i, j, k)
                 dpos = wp.vec3(float(i), float(j), float(k)) - fx  # in cells
                 g = grid_v[world, local[0] + i, local[1] + j, local[2] + k]
                 v += weight * g
@@ -370,12 +412,6 @@ def particles_outside(
 # these compute the same gradients (tests compare them with the generated ones) in one sweep.
 
 
-@wp.func
-def bspline_slopes(fx: float):
-    """d/dfx of :func:`bspline_weights`."""
-    return wp.vec3(fx - 1.5, -2.0 * (fx - 1.0), fx - 0.5)
-
-
 @wp.kernel(enable_backward=False)
 def particle_to_grid_adjoint(
     particle_x: wp.array(dtype=wp.vec3),
@@ -412,15 +448,9 @@ def particle_to_grid_adjoint(
     if is_fluid:
         fluid_J = wp.determinant(particle_F_new[p])
     dx = 1.0 / inv_dx
-    base = stencil_base(x, origin, inv_dx, grid_res)
-    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
-    local = base - grid_offset
-    wx = bspline_weights(fx[0])
-    wy = bspline_weights(fx[1])
-    wz = bspline_weights(fx[2])
-    sx = bspline_slopes(fx[0])
-    sy = bspline_slopes(fx[1])
-    sz = bspline_slopes(fx[2])
+    st = particle_stencil(x, origin, inv_dx, grid_res, grid_offset)
+    local = st.local  # the grid arrays cover the active box only
+    fx = st.fx
     adj_x = wp.vec3(0.0)
     adj_v = wp.vec3(0.0)
     adj_affine = wp.mat33(0.0)
@@ -429,8 +459,8 @@ def particle_to_grid_adjoint(
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                weight = wx[i] * wy[j] * wz[k]
-                grad_weight = inv_dx * wp.vec3(sx[i] * wy[j] * wz[k], wx[i] * sy[j] * wz[k], wx[i] * wy[j] * sz[k])
+                weight = stencil_weight(st, i, j, k)
+                grad_weight = stencil_weight_gradient(st, i, j, k, inv_dx)
                 dpos = (wp.vec3(float(i), float(j), float(k)) - fx) * dx
                 gm = adj_grid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                 gp = adj_grid_momentum[world, local[0] + i, local[1] + j, local[2] + k]
@@ -502,15 +532,9 @@ def grid_to_particle_adjoint(
     adj_particle_v_out[p] = wp.vec3(0.0)
     adj_particle_C_out[p] = wp.mat33(0.0)
     adj_particle_F_out[p] = wp.mat33(0.0)
-    base = stencil_base(x, origin, inv_dx, grid_res)
-    fx = (x - origin) * inv_dx - wp.vec3(float(base[0]), float(base[1]), float(base[2]))
-    local = base - grid_offset
-    wx = bspline_weights(fx[0])
-    wy = bspline_weights(fx[1])
-    wz = bspline_weights(fx[2])
-    sx = bspline_slopes(fx[0])
-    sy = bspline_slopes(fx[1])
-    sz = bspline_slopes(fx[2])
+    st = particle_stencil(x, origin, inv_dx, grid_res, grid_offset)
+    local = st.local  # the grid arrays cover the active box only
+    fx = st.fx
     adj_J = float(0.0)
     if is_fluid:
         # forward: J = sum w fv/fm, F_out = cbrt(J) I
@@ -520,7 +544,7 @@ def grid_to_particle_adjoint(
                 for k in range(3):
                     fm = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                     fv = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
-                    J += wx[i] * wy[j] * wz[k] * fv / wp.max(fm, 1.0e-30)
+                    J += stencil_weight(st, i, j, k) * fv / wp.max(fm, 1.0e-30)
         root = wp.cbrt(wp.max(J, 1.0e-12))
         adj_J = (adj_F_out[0, 0] + adj_F_out[1, 1] + adj_F_out[2, 2]) / (3.0 * root * root)
     else:
@@ -530,8 +554,8 @@ def grid_to_particle_adjoint(
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                weight = wx[i] * wy[j] * wz[k]
-                grad_weight = inv_dx * wp.vec3(sx[i] * wy[j] * wz[k], wx[i] * sy[j] * wz[k], wx[i] * wy[j] * sz[k])
+                weight = stencil_weight(st, i, j, k)
+                grad_weight = stencil_weight_gradient(st, i, j, k, inv_dx)
                 dpos = wp.vec3(float(i), float(j), float(k)) - fx  # in cells
                 g = grid_v[world, local[0] + i, local[1] + j, local[2] + k]
                 C_dpos = adj_C * dpos
