@@ -1,4 +1,4 @@
-"""The ``diffsim`` command line: ``demo``, ``validate`` and ``bench`` subcommands.
+"""The ``diffsim`` command line: ``demo``, ``validate``, ``bench`` and ``calibrate`` subcommands.
 
 Expected errors (diffsim.errors) print one line to stderr and exit with status 2, never a traceback.
 """
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Differentiable soft-matter simulation on Warp.")
     parser.add_argument("--device", default=None,
                         help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,validate,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,validate,bench,calibrate}")
 
     demo = commands.add_parser("demo", parents=[device_flag],
                                help="optimise a pusher trajectory through the MPM solver; "
@@ -61,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo)
 
     validate = commands.add_parser("validate", help="physics and gradient checks against closed forms")
-    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm}")
-    validate_mpm = validate_solvers.add_parser("mpm", parents=[device_flag], help="checks of the MPM solver")
-    validate_mpm.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    validate_mpm.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
-    validate_mpm.add_argument("--no-gradients", action="store_true",
-                              help="skip the finite-difference gradient checks")
-    validate_mpm.set_defaults(handler=_run_validate_mpm)
+    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm,rod}")
+    for solver, about in (("mpm", "checks of the MPM solver"), ("rod", "checks of the discrete elastic rod solver")):
+        sub = validate_solvers.add_parser(solver, parents=[device_flag], help=about)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        sub.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
+        sub.add_argument("--no-gradients", action="store_true", help="skip the finite-difference gradient checks")
+        sub.set_defaults(handler=_run_validate)
 
     bench = commands.add_parser("bench", help="speed and memory figures")
-    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm}")
+    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm,rod}")
     bench_mpm = bench_solvers.add_parser("mpm", parents=[device_flag], help="time MPM steps")
     bench_mpm.add_argument("--particles", type=_positive_int, required=True, help="number of particles")
     bench_mpm.add_argument("--grid", type=_positive_int, required=True, help="grid cells per axis")
@@ -82,6 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="timed runs after a warm-up; medians are reported (default: 3)")
     bench_mpm.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_mpm.set_defaults(handler=_run_bench_mpm)
+    bench_rod = bench_solvers.add_parser("rod", parents=[device_flag],
+                                         help="time cable replays at batch 1 and batch N, forward and backward")
+    bench_rod.add_argument("--frames", type=_positive_int, default=100, help="100 Hz frames to time (default: 100)")
+    bench_rod.add_argument("--batch", type=_positive_int, default=56, help="rods in the batched run (default: 56)")
+    bench_rod.add_argument("--markers", type=_positive_int, default=13, help="markers per cable (default: 13)")
+    bench_rod.add_argument("--repeats", type=_positive_int, default=5,
+                           help="timed runs after a warm-up; medians are reported (default: 5)")
+    bench_rod.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    bench_rod.set_defaults(handler=_run_bench_rod)
+
+    calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
+    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod}")
+    calibrate_rod = calibrate_targets.add_parser(
+        "rod", parents=[device_flag], help="fit a cable's rod parameters to motion-capture recordings")
+    calibrate_rod.add_argument("--train", required=True,
+                               help="train recordings: a .npz file, or a folder of DEFORM pickles")
+    calibrate_rod.add_argument("--eval", required=True, dest="eval_path", help="held-out recordings (same formats)")
+    calibrate_rod.add_argument("--out", required=True, help="output folder")
+    calibrate_rod.add_argument("--iterations", type=_positive_int, default=None,
+                               help="Adam iterations, all on --train-frames (default: 20 on 150 frames, "
+                                    "then 25 on all frames)")
+    calibrate_rod.add_argument("--train-frames", type=_positive_int, default=None,
+                               help="frames of each train recording the fit rolls out (default: all)")
+    calibrate_rod.add_argument("--subdivisions", type=_positive_int, default=1, help="rod edges per marker gap")
+    calibrate_rod.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
+    calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    calibrate_rod.set_defaults(handler=_run_calibrate_rod)
     return parser
 
 
@@ -95,10 +122,12 @@ def _run_demo(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
-def _run_validate_mpm(args: argparse.Namespace, device: str) -> int:
-    from diffsim.core.validation import format_table, to_json
-    from diffsim.mpm import validation
+def _run_validate(args: argparse.Namespace, device: str) -> int:
+    import importlib
 
+    from diffsim.core.validation import format_table, to_json
+
+    validation = importlib.import_module(f"diffsim.{args.solver}.validation")
     physics_names = list(validation.PHYSICS_CHECKS)
     gradient_names = [] if args.no_gradients else list(validation.GRADIENT_CHECKS)
     physics_only, gradient_only = physics_names, gradient_names
@@ -129,6 +158,32 @@ def _run_bench_mpm(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
+def _run_bench_rod(args: argparse.Namespace, device: str) -> int:
+    from diffsim.rod.benchmark import format_report, run_benchmark
+
+    result = run_benchmark(frames=args.frames, batch=args.batch, repeats=args.repeats, markers=args.markers,
+                           device=device)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
+    return 0
+
+
+def _run_calibrate_rod(args: argparse.Namespace, device: str) -> int:
+    import dataclasses
+
+    from diffsim.calibrate.fit import FitOptions
+    from diffsim.calibrate.run import calibrate_rod
+
+    options = FitOptions(subdivisions=args.subdivisions)
+    if args.iterations is not None or args.train_frames is not None:
+        default_steps = sum(steps for steps, _ in options.schedule)
+        schedule = ((args.iterations if args.iterations is not None else default_steps, args.train_frames),)
+        options = dataclasses.replace(options, schedule=schedule)
+    calibrate_rod(args.train, args.eval_path, args.out, options=options, device=device,
+                  progress=not args.no_progress, resume=not args.restart,
+                  log=lambda line: print(line, flush=True))
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffsim: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("diffsim: interrupted (a demo resumes from its checkpoint when run again)", file=sys.stderr)
+        print("diffsim: interrupted (a demo or calibration resumes from its checkpoint when run again)",
+              file=sys.stderr)
         return 130
 
 

@@ -16,3 +16,13 @@ def test_readme_python_example_runs():
     assert math.isfinite(namespace["loss"])
     grad = namespace["controls"][10].collider_velocity.grad.numpy()
     assert abs(grad[namespace["pusher"]]).sum() > 0  # the pusher's velocity moves the loss
+
+
+def test_readme_rod_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2, "the README has no rod example"
+    namespace: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    assert math.isfinite(namespace["loss"]) and namespace["loss"] > 0.05  # the free end was lifted
+    assert abs(namespace["model"].edge_bend_stiffness.grad.numpy()).sum() > 0

@@ -6,6 +6,7 @@ colliders with the ``collider_*`` factories and initial particle sets with the `
 """
 
 from diffsim.geometry.mesh import TriangleMesh
+from diffsim.geometry.motion import integrate_colliders, rotation_vector
 from diffsim.geometry.sampling import (
     particle_volume,
     sample_box,
@@ -48,10 +49,12 @@ __all__ = [
     "collider_mesh",
     "collider_plane",
     "collider_sphere",
+    "integrate_colliders",
     "local_to_world_point",
     "local_to_world_vector",
     "mesh_query",
     "particle_volume",
+    "rotation_vector",
     "sample_box",
     "sample_cylinder",
     "sample_mesh",

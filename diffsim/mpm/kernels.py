@@ -1,5 +1,5 @@
-"""Warp kernels of one MLS-MPM step: collider motion, particle-to-grid transfer with stress,
-grid update with gravity, colliders and walls, and grid-to-particle transfer (APIC).
+"""Warp kernels of one MLS-MPM step: particle-to-grid transfer with stress, grid update with
+gravity, colliders and walls, and grid-to-particle transfer (APIC).
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import warp as wp
 
 from diffsim.geometry import shape_query
+from diffsim.geometry.motion import integrate_colliders  # noqa: F401 -- part of the step
 from diffsim.materials import MaterialParams, constitutive_update
 
 wp.set_module_options({"default_grid_stride": False})
@@ -15,36 +16,6 @@ wp.set_module_options({"default_grid_stride": False})
 #: adjoint of a loop with a run-time trip count does not replay the loop's forward sweep, so a
 #: velocity carried through such a loop gets a wrong gradient.
 MAX_COLLIDERS = 8
-
-
-@wp.kernel
-def integrate_colliders(
-    position_in: wp.array(dtype=wp.vec3),
-    rotation_in: wp.array(dtype=wp.quat),
-    velocity: wp.array(dtype=wp.vec3),
-    angular_velocity: wp.array(dtype=wp.vec3),
-    dt: float,
-    position_out: wp.array(dtype=wp.vec3),
-    rotation_out: wp.array(dtype=wp.quat),
-):
-    i = wp.tid()
-    position_out[i] = position_in[i] + velocity[i] * dt
-    # exact rotation by a constant angular velocity: q' = (axis sin(a/2), cos(a/2)) q with
-    # a = |w| dt; written in |w|^2 (a Taylor series near 0) so that the gradient stays finite
-    # for colliders that do not turn
-    w = angular_velocity[i]
-    half_sq = 0.25 * dt * dt * wp.dot(w, w)
-    c = float(0.0)
-    sinc = float(0.0)  # sin(a/2) / (a/2)
-    if half_sq < 1.0e-6:
-        c = 1.0 - 0.5 * half_sq + half_sq * half_sq / 24.0
-        sinc = 1.0 - half_sq / 6.0 + half_sq * half_sq / 120.0
-    else:
-        half = wp.sqrt(half_sq)
-        c = wp.cos(half)
-        sinc = wp.sin(half) / half
-    v = (0.5 * dt * sinc) * w
-    rotation_out[i] = wp.normalize(wp.quat(v[0], v[1], v[2], c) * rotation_in[i])
 
 
 @wp.func

@@ -15,6 +15,7 @@ from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.geometry import Collider, TriangleMesh, sampling
+from diffsim.geometry.motion import rotation_vector
 from diffsim.materials import Material
 
 
@@ -434,24 +435,6 @@ def controls_from_poses(
     for k in range(p.shape[0] - 1):
         control = model.control(requires_grad=requires_grad)
         control.collider_velocity.assign(((p[k + 1] - p[k]) / frame_dt).astype(np.float32))
-        control.collider_angular_velocity.assign((_rotation_vector(q[k], q[k + 1]) / frame_dt).astype(np.float32))
+        control.collider_angular_velocity.assign((rotation_vector(q[k], q[k + 1]) / frame_dt).astype(np.float32))
         controls.append(control)
     return controls
-
-
-def _rotation_vector(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
-    """World-frame rotation vector (axis * angle) taking orientation q0 to q1, per row (x, y, z, w)."""
-    x0, y0, z0, w0 = np.moveaxis(q0, -1, 0)
-    x1, y1, z1, w1 = np.moveaxis(q1, -1, 0)
-    # q1 * conj(q0): the rotation applied in world axes
-    w = w1 * w0 + x1 * x0 + y1 * y0 + z1 * z0
-    x = -w1 * x0 + x1 * w0 - y1 * z0 + z1 * y0
-    y = -w1 * y0 + y1 * w0 - z1 * x0 + x1 * z0
-    z = -w1 * z0 + z1 * w0 - x1 * y0 + y1 * x0
-    vec = np.stack([x, y, z], axis=-1)
-    sign = np.where(w < 0, -1.0, 1.0)[..., None]  # the shorter way round
-    vec, w = vec * sign, np.abs(w)
-    s = np.linalg.norm(vec, axis=-1)
-    angle = 2.0 * np.arctan2(s, w)
-    scale = np.where(s > 1e-12, angle / np.maximum(s, 1e-12), 2.0)
-    return vec * scale[..., None]

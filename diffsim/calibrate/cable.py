@@ -1,0 +1,258 @@
+"""Cable recordings as rod simulations: a rod per recording initialised from its first frame, its
+gripper-held end markers replayed as driven vertices, and the rollout read back at the markers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from diffsim.calibrate.recordings import CableRecordings
+from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.rod import RodBuilder, RodModel, RodSolver, controls_from_driven_positions
+
+
+@dataclass
+class CableParameters:
+    """Physical parameters of one cable, shared by all its recordings.
+
+    The motion depends on stiffness, drag and mass only through their ratios, so the linear density
+    is fixed and the others are fitted relative to it. The defaults are a typical light cable (the
+    neighbourhood where fits on the DEFORM cables end), a starting point for fitting.
+    """
+
+    bend_stiffness: float = 3e-3  #: E I [N m^2]
+    twist_stiffness: float = 6e-3  #: G J [N m^2]
+    bend_damping: float = 5e-5  #: internal damping of the bending rate [N m^2 s]
+    linear_damping: float = 0.1  #: mass-proportional damping rate [1/s]
+    air_drag: float = 0.005  #: quadratic drag per length [kg/m^2]
+    mass_per_length: float = 0.1  #: linear density [kg/m]
+    contact_radius: float = 0.006  #: cable radius for contact with the floor [m]
+    floor_friction: float = 0.5  #: Coulomb friction with the floor [-]
+    floor_height: float = 0.0  #: height of the floor [m]
+    #: rest material curvature at each rod vertex, shape (vertices, 2) [rad per vertex]; None: straight
+    rest_curvature: list | None = field(default=None, repr=False)
+    #: factor on ``bend_stiffness`` per rod edge (cables stiffen near connectors); None: uniform
+    bend_profile: list | None = field(default=None, repr=False)
+
+    def validate(self) -> None:
+        for name in ("bend_stiffness", "twist_stiffness", "mass_per_length"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidParameter(name, value, "(0, inf)")
+        for name in ("bend_damping", "linear_damping", "air_drag", "contact_radius", "floor_friction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidParameter(name, value, "[0, inf)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CableParameters:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown cable parameter(s) {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+
+    @classmethod
+    def load(cls, path) -> CableParameters:
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+@dataclass
+class CableLayout:
+    """Where the markers of each recording sit in a batched rod model."""
+
+    marker_vertex: np.ndarray  #: (recordings, markers) global vertex index of each marker
+    driven_source: np.ndarray  #: (driven vertices, 2) marker pair each driven vertex lies between
+    driven_weight: np.ndarray  #: (driven vertices,) interpolation weight towards the second marker
+    driven_recording: np.ndarray  #: (driven vertices,) recording of each driven vertex
+    subdivisions: int
+
+
+def rod_points(markers: np.ndarray, subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rod vertices along a marker polyline, ``subdivisions`` edges per marker gap; returns the
+    points and, per point, (marker index, weight towards the next marker)."""
+    points, source = [], []
+    for k in range(len(markers) - 1):
+        for s in range(subdivisions):
+            w = s / subdivisions
+            points.append((1 - w) * markers[k] + w * markers[k + 1])
+            source.append((k, w))
+    points.append(markers[-1])
+    source.append((len(markers) - 2, 1.0))
+    return np.array(points), np.array(source)
+
+
+def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
+                      device: str | None = None, requires_grad: bool = False,
+                      clamp_twist: bool = True, initial_velocity: str = "ends") -> tuple[RodModel, CableLayout]:
+    """One rod per recording, in one model: vertices through the first frame's markers (each gap
+    split in ``subdivisions``), the two gripper-held end segments (markers 0-1 and M-2 to M-1)
+    driven, rest lengths from the median marker spacing over the recording.
+
+    ``initial_velocity``: "ends" starts the interior moving with the velocity of the two grippers
+    over the first frame, blended along the cable (recordings start mid-motion, and the ends are
+    inputs at every frame); "rest" starts it still.
+    """
+    if initial_velocity not in ("ends", "rest"):
+        raise InvalidParameter("initial_velocity", initial_velocity, "'ends' or 'rest'")
+    params.validate()
+    if not isinstance(subdivisions, int) or subdivisions < 1:
+        raise InvalidParameter("subdivisions", subdivisions, "positive integers")
+    M = recordings.num_markers
+    builder = RodBuilder()
+    spacing = np.linalg.norm(np.diff(recordings.positions, axis=2), axis=-1)  # (N, T, M-1)
+    rest_gap = np.median(spacing, axis=1)  # the cable does not stretch: take the typical gap
+    curvature = None if params.rest_curvature is None else np.asarray(params.rest_curvature, dtype=np.float64)
+    marker_vertex, driven_source, driven_weight, driven_recording = [], [], [], []
+    offset = 0
+    for r in range(recordings.num_recordings):
+        first = recordings.positions[r, 0].astype(np.float64)
+        points, source = rod_points(first, subdivisions)
+        # rest shape: the first frame's polyline with each marker gap at its median length
+        rest = [first[0]]
+        for k in range(M - 1):
+            gap = first[k + 1] - first[k]
+            direction = gap / np.linalg.norm(gap)
+            rest.append(rest[-1] + direction * rest_gap[r, k])
+        rest_points, _ = rod_points(np.array(rest), subdivisions)
+        n = len(points)
+        if curvature is not None and curvature.shape != (n, 2):
+            raise InvalidParameter("rest_curvature", f"an array of shape {curvature.shape}", f"({n}, 2) for this cable")
+        velocities = np.zeros_like(points)
+        if initial_velocity == "ends":
+            step = (recordings.positions[r, 1] - recordings.positions[r, 0]).astype(np.float64) * recordings.fps
+            left, right = step[:2].mean(axis=0), step[-2:].mean(axis=0)
+            arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+            u = (arc / arc[-1])[:, None]
+            velocities = (1.0 - u) * left + u * right
+        bend = params.bend_stiffness
+        if params.bend_profile is not None:
+            profile = np.asarray(params.bend_profile, dtype=np.float64)
+            if profile.shape != (n - 1,) or not np.all(np.isfinite(profile) & (profile > 0)):
+                raise InvalidParameter("bend_profile", f"an array of shape {profile.shape}",
+                                       f"{n - 1} positive factors (one per rod edge)")
+            bend = params.bend_stiffness * profile
+        driven = [i for i in range(n) if source[i][0] == 0 or source[i][0] >= M - 2]
+        driven = sorted(set(driven) | {subdivisions, n - 1 - subdivisions})
+        builder.add_rod(
+            points, rest_points=rest_points,
+            rest_curvature=curvature if curvature is not None else np.zeros((n, 2)),
+            mass_per_length=params.mass_per_length, bend_stiffness=bend,
+            twist_stiffness=params.twist_stiffness, bend_damping=params.bend_damping,
+            linear_damping=params.linear_damping, air_drag=params.air_drag,
+            contact_radius=params.contact_radius, driven_vertices=driven, velocities=velocities,
+            clamp_twist=("first", "last") if clamp_twist else (),
+        )
+        marker_vertex.append(offset + np.arange(M) * subdivisions)
+        for i in driven:
+            k, w = source[i]
+            driven_source.append((k, k + 1))
+            driven_weight.append(w)
+            driven_recording.append(r)
+        offset += n
+    builder.add_ground(height=params.floor_height, friction=params.floor_friction)
+    model = builder.finalize(device, requires_grad=requires_grad)
+    layout = CableLayout(np.array(marker_vertex), np.array(driven_source, dtype=np.int64), np.array(driven_weight),
+                         np.array(driven_recording), subdivisions)
+    return model, layout
+
+
+def replay_controls(model: RodModel, layout: CableLayout, recordings: CableRecordings, *, frames: int | None = None,
+                    requires_grad: bool = False):
+    """Controls that move the driven vertices with the recorded end markers, frame by frame."""
+    T = recordings.num_frames if frames is None else frames + 1
+    pos = recordings.positions[:, :T].astype(np.float64)  # (N, T, M, 3)
+    a = pos[layout.driven_recording, :, layout.driven_source[:, 0]]  # (D, T, 3)
+    b = pos[layout.driven_recording, :, layout.driven_source[:, 1]]
+    w = layout.driven_weight[:, None, None]
+    driven = ((1 - w) * a + w * b).transpose(1, 0, 2)  # (T, D, 3)
+    return controls_from_driven_positions(model, driven, 1.0 / recordings.fps, requires_grad=requires_grad)
+
+
+def simulate_recordings(recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
+                        device: str | None = None, substeps: int | str = "auto",
+                        solver_options: dict | None = None) -> np.ndarray:
+    """Roll every recording out from its first frame with its ends replayed; returns the simulated
+    marker positions, shape (recordings, frames, markers, 3) [m] (frame 0 = the recording's)."""
+    from diffsim.core.rollout import Rollout
+
+    model, layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device)
+    solver = RodSolver(model, **(solver_options or {}))
+    controls = replay_controls(model, layout, recordings)
+    out = np.empty_like(recordings.positions)
+    out[:, 0] = recordings.positions[:, 0]
+    idx = layout.marker_vertex
+
+    def record(frame, state):
+        out[:, frame + 1] = state.vertex_x.numpy()[idx]
+
+    rollout = Rollout(solver, model, model.state(), controls, frame_dt=1.0 / recordings.fps, substeps=substeps,
+                      checkpoint_every=10**9)
+    rollout.forward(on_frame=record)
+    return out
+
+
+def synthetic_recordings(num_recordings: int = 4, *, frames: int = 100, markers: int = 13, length: float = 1.0,
+                         params: CableParameters | None = None, fps: float = 100.0, seed: int = 0,
+                         device: str | None = None) -> CableRecordings:
+    """Recordings made by the simulator itself: a cable hangs between two grippers that move on
+    smooth random paths; the markers are the rod's vertices (end segments short, as on real
+    grippers). For tests and benchmarks that must not depend on real data."""
+    if not isinstance(num_recordings, int) or num_recordings < 1:
+        raise InvalidParameter("num_recordings", num_recordings, "positive integers")
+    if not isinstance(markers, int) or markers < 5:
+        raise InvalidParameter("markers", markers, "integers >= 5")
+    params = params or CableParameters()
+    rng = np.random.default_rng(seed)
+    # arc-length positions: 3 cm end segments held by the grippers, even spacing in between
+    end = 0.03 * length
+    s = np.concatenate([[0.0], np.linspace(end, length - end, markers - 2), [length]])
+    positions = np.empty((num_recordings, frames + 1, markers, 3), dtype=np.float32)
+    first = []
+    for _ in range(num_recordings):
+        span = length * rng.uniform(0.55, 0.75)
+        u = s / length
+        # a U-shaped start of the right length: a sagging arc between two raised ends
+        depth = length * 0.3
+        pts = np.stack([u * span, 0.02 * np.sin(np.pi * u) * rng.standard_normal(),
+                        0.45 - depth * np.sin(np.pi * u)], axis=1)
+        scale = length / np.linalg.norm(np.diff(pts, axis=0), axis=1).sum()
+        pts[:, 2] = 0.45 - depth * scale**2 * np.sin(np.pi * u)
+        first.append(pts)
+    t = np.arange(frames + 1) / fps
+    still = np.repeat(np.array(first, dtype=np.float32)[:, None], frames + 1, axis=1)
+    # the rod is built from the still cable, so its rest lengths are the first frame's gaps
+    model, layout = build_cable_batch(CableRecordings(still, fps=fps), params, device=device)
+    moving = still.copy()
+    # move the two grippers a few centimetres on smooth paths that start at rest (as the cable does)
+    for r in range(num_recordings):
+        for side in (0, 1):
+            amp = rng.uniform(0.02, 0.08, size=3) * rng.choice([-1.0, 1.0], size=3)
+            freq = rng.uniform(0.3, 1.2, size=3)
+            shift = amp * (1.0 - np.cos(2 * np.pi * freq * t[:, None]))
+            held = [0, 1] if side == 0 else [markers - 2, markers - 1]
+            moving[r][:, held] += shift[:, None].astype(np.float32)
+    solver = RodSolver(model)
+    controls = replay_controls(model, layout, CableRecordings(moving, fps=fps))
+    from diffsim.core.rollout import Rollout
+
+    positions[:, 0] = moving[:, 0]
+
+    def record(frame, state):
+        positions[:, frame + 1] = state.vertex_x.numpy()[layout.marker_vertex]
+
+    Rollout(solver, model, model.state(), controls, frame_dt=1.0 / fps, substeps="auto",
+            checkpoint_every=10**9).forward(on_frame=record)
+    return CableRecordings(positions, fps=fps, ids=np.arange(num_recordings), name="synthetic")

@@ -1,0 +1,79 @@
+"""Cable calibration on recordings made by the simulator: rod initialisation and replay, recovery of
+a known bending stiffness, and the ``diffsim calibrate rod`` command end to end (with resume)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from diffsim.calibrate import evaluate, save_recordings
+from diffsim.calibrate.cable import CableParameters, build_cable_batch, simulate_recordings, synthetic_recordings
+from diffsim.calibrate.fit import FitOptions, fit_cable
+from diffsim.cli import main
+from diffsim.errors import InvalidParameter
+
+TRUTH = CableParameters(bend_stiffness=4e-3, linear_damping=0.5, air_drag=0.05, bend_damping=1e-5)
+
+
+@pytest.fixture(scope="module")
+def recordings():
+    return synthetic_recordings(4, frames=60, params=TRUTH, seed=1)
+
+
+def test_rod_starts_on_the_first_frame_with_ends_driven(recordings):
+    model, layout = build_cable_batch(recordings, TRUTH, subdivisions=2)
+    x = model.initial_x
+    np.testing.assert_allclose(x[layout.marker_vertex], recordings.positions[:, 0], atol=1e-6)
+    driven = model.vertex_driven.numpy().astype(bool)
+    # per rod: the vertices from marker 0 to marker 1 and from marker M-2 to M-1
+    assert driven.sum() == recordings.num_recordings * 2 * (2 + 1)
+    with pytest.raises(InvalidParameter, match="subdivisions"):
+        build_cable_batch(recordings, TRUTH, subdivisions=0)
+
+
+def test_replay_with_the_true_parameters_reproduces_the_recording(recordings):
+    predicted = simulate_recordings(recordings, TRUTH)
+    scores = evaluate(predicted, recordings)
+    assert scores["interior_mean_m"] < 2e-3
+    # the ends are inputs: replayed exactly
+    ends = list(recordings.end_markers)
+    np.testing.assert_allclose(predicted[:, :, ends], recordings.positions[:, :, ends], atol=2e-5)
+
+
+def test_fit_recovers_the_bending_stiffness(recordings):
+    start = CableParameters(bend_stiffness=3 * TRUTH.bend_stiffness, linear_damping=0.5, air_drag=0.05,
+                            bend_damping=1e-5)
+    options = FitOptions(schedule=((25, None),), learning_rate=0.1, fit_curvature=False, fit_bend_profile=False)
+    result = fit_cable(recordings, start, options=options, progress=False)
+    assert result.history[-1]["loss_m"] < 0.5 * result.history[0]["loss_m"]
+    assert abs(np.log(result.parameters.bend_stiffness / TRUTH.bend_stiffness)) < np.log(1.3)
+
+
+def test_calibrate_command_writes_results_and_resumes(recordings, tmp_path, capsys):
+    train = save_recordings(tmp_path / "train.npz", recordings.subset([0, 1, 2]))
+    held_out = save_recordings(tmp_path / "eval.npz", recordings.subset([3]))
+    out = tmp_path / "fit"
+    args = ["calibrate", "rod", "--train", str(train), "--eval", str(held_out), "--out", str(out),
+            "--iterations", "2", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("train", "eval"):
+        assert {"l1_all", "interior_mean_m"} <= set(metrics[split])
+        assert metrics[split]["l1_all"] < metrics[split]["frozen_interior_l1_all"]
+    params = CableParameters.load(out / "params.json")
+    assert params.bend_stiffness > 0
+    for name in ("overlay_eval.png", "overlay_train.png", "error_per_frame.png", "loss.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "eval: l1_all" in capsys.readouterr().out
+    # a second run finds the finished fit state and does not iterate again
+    state = json.loads((out / "fit_state.json").read_text())
+    assert len(state["history"]) == 2
+    assert main(args) == 0
+    assert len(json.loads((out / "fit_state.json").read_text())["history"]) == 2
+
+
+def test_calibrate_command_names_a_missing_file(tmp_path, capsys):
+    code = main(["calibrate", "rod", "--train", str(tmp_path / "none.npz"), "--eval", str(tmp_path / "none.npz"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    assert "none.npz" in capsys.readouterr().err
