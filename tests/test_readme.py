@@ -24,5 +24,5 @@ def test_readme_rod_example_runs():
     assert len(blocks) >= 2, "the README has no rod example"
     namespace: dict = {}
     exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
-    assert math.isfinite(namespace["loss"]) and namespace["loss"] > 0.05  # the free end was lifted
+    assert math.isfinite(namespace["loss"]) and namespace["loss"] < 0  # the free end sags under gravity
     assert abs(namespace["model"].edge_bend_stiffness.grad.numpy()).sum() > 0

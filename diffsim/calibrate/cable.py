@@ -219,18 +219,20 @@ def synthetic_recordings(num_recordings: int = 4, *, frames: int = 100, markers:
     # arc-length positions: 3 cm end segments held by the grippers, even spacing in between
     end = 0.03 * length
     s = np.concatenate([[0.0], np.linspace(end, length - end, markers - 2), [length]])
-    positions = np.empty((num_recordings, frames + 1, markers, 3), dtype=np.float32)
     first = []
     for _ in range(num_recordings):
+        # a sagging arc between two raised ends, sampled at the markers' arc lengths
         span = length * rng.uniform(0.55, 0.75)
-        u = s / length
-        # a U-shaped start of the right length: a sagging arc between two raised ends
-        depth = length * 0.3
-        pts = np.stack([u * span, 0.02 * np.sin(np.pi * u) * rng.standard_normal(),
-                        0.45 - depth * np.sin(np.pi * u)], axis=1)
-        scale = length / np.linalg.norm(np.diff(pts, axis=0), axis=1).sum()
-        pts[:, 2] = 0.45 - depth * scale**2 * np.sin(np.pi * u)
-        first.append(pts)
+        u = np.linspace(0.0, 1.0, 2001)
+        depth = length * rng.uniform(0.2, 0.35)
+        curve = np.stack([u * span, 0.02 * rng.standard_normal() * np.sin(np.pi * u),
+                          0.45 - depth * np.sin(np.pi * u)], axis=1)
+        arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))])
+        curve *= length / arc[-1]  # scale the arc to the cable's length
+        arc *= length / arc[-1]
+        curve[:, 2] += 0.45 - curve[0, 2]
+        first.append(np.stack([np.interp(s, arc, curve[:, k]) for k in range(3)], axis=1))
+    positions = np.empty((num_recordings, frames + 1, markers, 3), dtype=np.float32)
     t = np.arange(frames + 1) / fps
     still = np.repeat(np.array(first, dtype=np.float32)[:, None], frames + 1, axis=1)
     # the rod is built from the still cable, so its rest lengths are the first frame's gaps

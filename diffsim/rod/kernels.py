@@ -346,6 +346,7 @@ def project_edges(
     collider_rotation: wp.array(dtype=wp.quat),
     num_colliders: int,
     contact_smoothing: float,
+    relaxation: float,
     parity: int,
     contact: int,
     x_out: wp.array(dtype=wp.vec3),
@@ -382,7 +383,7 @@ def project_edges(
         le = wp.length(e)
         stretch = le - edge_rest_length[a - r]
         # when the edge is too long its start moves along +e and its end along -e
-        p = p + (sign * stretch * w_self / (w_self + w_other)) * (e / le)
+        p = p + (relaxation * sign * stretch * w_self / (w_self + w_other)) * (e / le)
     if contact != 0:
         radius = rod_contact_radius[r]
         for c in range(wp.static(MAX_COLLIDERS)):

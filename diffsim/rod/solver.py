@@ -37,13 +37,15 @@ class RodSolver(Solver):
         stability: fraction of the explicit stability limit that ``max_stable_dt`` allows.
         contact_smoothing: width [m] over which contact and the stick-slip transition are
             rounded, so that gradients through contact are smooth (0 gives hard contact).
+        relaxation: over-relaxation of the length projection, in (0, 2): 1.5 leaves a hanging
+            cable stretched about 4x less than plain Gauss-Seidel (1.0) for the same sweeps.
     """
 
     #: A taped step takes its own scratch, so one tape may record several steps.
     tape_spans_steps = True
 
     def __init__(self, model: RodModel, *, inextensible: bool = True, projection_iterations: int = 4,
-                 stability: float = 0.5, contact_smoothing: float = 2e-4):
+                 stability: float = 0.5, contact_smoothing: float = 2e-4, relaxation: float = 1.5):
         if not isinstance(projection_iterations, int) or projection_iterations < 1:
             raise InvalidParameter("projection_iterations", projection_iterations, "positive integers")
         if not (0 < stability <= 1):
@@ -52,6 +54,9 @@ class RodSolver(Solver):
             raise InvalidParameter("contact_smoothing", contact_smoothing, "[0, inf) m")
         # a zero width would divide by zero in the rounded ramp: use a width far below float32 noise
         self.contact_smoothing = max(float(contact_smoothing), 1e-9)
+        if not (0 < relaxation < 2):
+            raise InvalidParameter("relaxation", relaxation, "(0, 2)")
+        self.relaxation = float(relaxation)
         self.inextensible = bool(inextensible)
         self.projection_iterations = projection_iterations
         self.stability = float(stability)
@@ -141,7 +146,7 @@ class RodSolver(Solver):
             self._launch("colliders", integrate_colliders, model.num_worlds * nc,
                          [state_in.collider_position, state_in.collider_rotation, control.collider_velocity,
                           control.collider_angular_velocity, dt],
-                         [state_out.collider_position, state_out.collider_rotation], device)
+                         [state_out.collider_position, state_out.collider_rotation], device, state_in)
         s = self._scratch.take()
         self._solve_twist(model, state_in, s)
         topology = [model.vertex_rod, model.rod_vertex_start, model.rod_vertex_count]
@@ -152,7 +157,7 @@ class RodSolver(Solver):
                       model.edge_rest_length, model.edge_bend_stiffness, model.edge_bend_damping,
                       model.edge_stretch_stiffness, model.rod_linear_damping, model.rod_air_drag, model.gravity,
                       control.vertex_velocity, 0 if self.inextensible else 1, dt],
-                     [s.x_predicted], device)
+                     [s.x_predicted], device, state_in)
         x = s.x_predicted
         collider_pose = [state_in.collider_position, state_out.collider_position,
                          state_in.collider_rotation, state_out.collider_rotation]
@@ -163,17 +168,18 @@ class RodSolver(Solver):
                          [x, state_in.vertex_x, *topology, model.vertex_mass, model.vertex_driven,
                           model.edge_rest_length, model.rod_contact_radius, model.rod_world,
                           model.collider_shape, model.collider_size, model.collider_friction,
-                          model.collider_mesh, *collider_pose, nc, self.contact_smoothing, parity,
+                          model.collider_mesh, *collider_pose, nc, self.contact_smoothing, self.relaxation, parity,
                           1 if (k == self._passes - 1 and nc) else 0],
-                         [out], device)
+                         [out], device, state_in)
             x = out
         self._launch("finish_step", kernels.finish_step, V,
                      [state_in.vertex_x, x, state_in.edge_d1, s.edge_theta, state_in.edge_theta,
                       control.edge_twist_rate, *topology, model.rod_twist_clamp, dt],
-                     [state_out.vertex_x, state_out.vertex_v, state_out.edge_d1, state_out.edge_theta], device)
+                     [state_out.vertex_x, state_out.vertex_v, state_out.edge_d1, state_out.edge_theta], device,
+                     state_in)
 
-    def _launch(self, site, kernel, dim, inputs, outputs, device) -> None:
-        self._launches.launch(site, kernel, dim, inputs, outputs, device)
+    def _launch(self, site, kernel, dim, inputs, outputs, device, variant=None) -> None:
+        self._launches.launch(site, kernel, dim, inputs, outputs, device, variant=variant)
 
     def _solve_twist(self, model: RodModel, state: RodState, s) -> None:
         """Reference twists, per-rod twist sums and the quasi-static material angles into scratch ``s``."""
@@ -184,12 +190,12 @@ class RodSolver(Solver):
         self._launch("twist_sums", kernels.twist_sums, model.vertex_count,
                      [state.vertex_x, state.edge_d1, *topology, model.edge_rest_length,
                       model.edge_twist_stiffness, model.vertex_rest_twist],
-                     [s.vertex_reference_twist, s.rod_twist_sum, s.rod_twist_compliance], model.device)
+                     [s.vertex_reference_twist, s.rod_twist_sum, s.rod_twist_compliance], model.device, state)
         self._launch("material_angles", kernels.material_angles, model.vertex_count,
                      [*topology, model.rod_twist_clamp, s.rod_twist_sum, s.rod_twist_compliance,
                       model.edge_rest_length, model.edge_twist_stiffness, model.vertex_rest_twist,
                       s.vertex_reference_twist, state.edge_theta],
-                     [s.edge_theta], model.device)
+                     [s.edge_theta], model.device, state)
 
     def energy(self, model: RodModel, state: RodState) -> np.ndarray:
         """Energy [J] of each rod by part, shape (num_rods, 5): kinetic, gravity (zero at z = 0),

@@ -287,14 +287,16 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool = True
                        seconds=time.perf_counter() - start)
 
 
+# eps per quantity (relative to the values probed): the smallest step whose finite difference has
+# converged on this scene (checked by sweeping eps); below it float32 round-off dominates.
 GRADIENT_CHECKS = {
-    "bend_stiffness": lambda d: _gradient_check("bend stiffness", "model.edge_bend_stiffness", eps=0.02, device=d),
-    "twist_stiffness": lambda d: _gradient_check("twist stiffness", "model.edge_twist_stiffness", eps=0.02,
+    "bend_stiffness": lambda d: _gradient_check("bend stiffness", "model.edge_bend_stiffness", eps=0.05, device=d),
+    "twist_stiffness": lambda d: _gradient_check("twist stiffness", "model.edge_twist_stiffness", eps=0.1,
                                                  device=d),
     "damping": lambda d: _gradient_check("linear damping", "model.rod_linear_damping", eps=0.2, device=d,
                                          directions=1),
     "air_drag": lambda d: _gradient_check("air drag", "model.rod_air_drag", eps=0.05, device=d, directions=1),
-    "rest_curvature": lambda d: _gradient_check("rest curvature", "model.vertex_rest_curvature", eps=0.02,
+    "rest_curvature": lambda d: _gradient_check("rest curvature", "model.vertex_rest_curvature", eps=0.05,
                                                 device=d),
     "rest_length": lambda d: _gradient_check("rest length", "model.edge_rest_length", eps=0.002, device=d),
     "driven_end": lambda d: _gradient_check("driven-end velocity (frame 3)", "control3.vertex_velocity", eps=0.02,
