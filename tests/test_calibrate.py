@@ -32,7 +32,8 @@ def test_rod_starts_on_the_first_frame_with_ends_driven(recordings):
 
 
 def test_replay_with_the_true_parameters_reproduces_the_recording(recordings):
-    predicted = simulate_recordings(recordings, TRUTH)
+    # the recordings come from a cable that does not stretch (16 length sweeps): replay it alike
+    predicted = simulate_recordings(recordings, TRUTH, solver_options={"projection_iterations": 16})
     scores = evaluate(predicted, recordings)
     assert scores["interior_mean_m"] < 2e-3
     # the ends are inputs: replayed exactly
