@@ -219,3 +219,18 @@ def test_collider_pushes_rod_aside():
     assert state.vertex_x.numpy()[n // 2, 2] < 0.1 - 0.02  # the middle was pushed down
     assert math.isfinite(gap)
     wp.synchronize()
+
+
+def test_validate_and_bench_commands(capsys):
+    import json
+
+    from diffsim.cli import main
+
+    assert main(["validate", "rod", "--only", "uniform_twist", "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["checks"][0]["name"].startswith("twisted rod")
+    assert main(["bench", "rod", "--frames", "3", "--batch", "3", "--repeats", "1", "--json", "--device", "cpu"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    for key in ("frame_ms_batch1", "frame_ms_batch1_forward_backward", "batch3_speedup"):
+        assert bench[key] > 0
+    assert main(["validate", "rod", "--only", "no_such_check"]) == 2
