@@ -5,7 +5,10 @@ A check compares one measured quantity with a closed-form value under a stated t
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 
@@ -51,3 +54,31 @@ def format_table(results: list[CheckResult]) -> str:
 def to_json(results: list[CheckResult]) -> str:
     return json.dumps({"checks": [r.to_dict() for r in results],
                        "passed": all(r.passed for r in results)}, indent=2)
+
+
+def simulate(model, solver, state, steps: int, dt: float, *, control=None,
+             on_step: Callable | None = None):
+    """Advance ``state`` by ``steps`` solver steps under one Control (default ``model.control()``:
+    everything kinematic held still); returns the final state. ``state`` itself is not written."""
+    a, b = state, model.state()
+    control = control if control is not None else model.control()
+    for i in range(steps):
+        solver.step(model, a, b, control, dt)
+        a, b = b, a
+        if on_step is not None:
+            on_step(i, a)
+    solver.check_finite(model, a, steps)
+    return a
+
+
+def timed(fn):
+    """Decorate a check so that its result(s) record the seconds it took."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        for r in result if isinstance(result, list) else [result]:
+            r.seconds = time.perf_counter() - start
+        return result
+
+    return wrapper

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult
+from diffsim.core.validation import CheckResult, simulate, timed
 from diffsim.geometry import collider_plane
 from diffsim.materials import Material, MaterialModel, preset
 from diffsim.mpm.model import BOUNDARY_CELLS, Boundary, MPMBuilder, MPMModel, MPMState
@@ -21,37 +20,7 @@ from diffsim.mpm.solver import MPMSolver
 GRAVITY = 9.81
 
 
-def simulate(model: MPMModel, solver: MPMSolver, state: MPMState, steps: int, dt: float,
-             *, on_step: Callable[[int, MPMState], None] | None = None) -> MPMState:
-    """Advance ``state`` by ``steps`` solver steps with colliders at rest; returns the final state."""
-    a, b = state, model.state()
-    control = model.control()
-    for i in range(steps):
-        solver.step(model, a, b, control, dt)
-        a, b = b, a
-        if on_step is not None:
-            on_step(i, a)
-    solver.check_finite(model, a, steps)
-    return a
-
-
-def _timed(fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        if isinstance(result, list):
-            for r in result:
-                r.seconds = time.perf_counter() - start
-        else:
-            result.seconds = time.perf_counter() - start
-        return result
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-@_timed
+@timed
 def free_fall(*, device: str | None = None) -> CheckResult:
     """An elastic block falls for 0.2 s: its drop must be g t^2 / 2 within 1%."""
     b = MPMBuilder(grid_res=32, boundary=Boundary.SEPARATE)
@@ -85,7 +54,7 @@ def apic_angular_momentum(model: MPMModel, state: MPMState) -> np.ndarray:
     return orbital.sum(0) + (model.dx**2 / 4.0) * (m[:, None] * axial).sum(0)
 
 
-@_timed
+@timed
 def momentum_conservation(*, device: str | None = None, steps: int = 1000) -> list[CheckResult]:
     """A spinning, drifting two-material elastic body without gravity or walls: linear and angular
     momentum must drift by less than 1e-4 (relative) over 1,000 steps."""
@@ -122,7 +91,7 @@ def momentum_conservation(*, device: str | None = None, steps: int = 1000) -> li
     ]
 
 
-@_timed
+@timed
 def elastic_wave_speed(*, device: str | None = None) -> CheckResult:
     """The first longitudinal mode of a free bar (nu = 0) has period 2L/c with c = sqrt(E/rho).
 
@@ -223,7 +192,7 @@ def _flank_angle(r: np.ndarray, h: np.ndarray, low: float = 0.2,
     return math.degrees(math.atan(-np.polyfit(r[used], h[used], 1)[0])), used
 
 
-@_timed
+@timed
 def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float = 30.0,
                          grid_res: int = 48) -> CheckResult:
     """A squat column of dry sand collapses on a rough floor and comes to rest: the flank of the
@@ -297,7 +266,7 @@ def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float
                         "peak_kinetic_energy_J": ke_peak, "final_max_speed_m_s": max_speed})
 
 
-@_timed
+@timed
 def hydrostatic_pressure(*, device: str | None = None, bulk_modulus: float = 2.0e5,
                          grid_res: int = 24) -> CheckResult:
     """Water at rest in a box: after settling, pressure grows as rho g depth (within 10% of the

@@ -11,38 +11,12 @@ import time
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult
+from diffsim.core.validation import CheckResult, simulate, timed
 from diffsim.errors import ConfigError
 from diffsim.rod.model import RodBuilder, RodModel, RodState, controls_from_driven_positions
 from diffsim.rod.solver import RodSolver
 
 GRAVITY = 9.81
-
-
-def simulate(model: RodModel, solver: RodSolver, state: RodState, steps: int, dt: float, *, control=None,
-             on_step=None) -> RodState:
-    """Advance ``state`` by ``steps`` steps under one Control (default: everything held still)."""
-    a, b = state, model.state()
-    control = control if control is not None else model.control()
-    for i in range(steps):
-        solver.step(model, a, b, control, dt)
-        a, b = b, a
-        if on_step is not None:
-            on_step(i, a)
-    solver.check_finite(model, a, steps)
-    return a
-
-
-def _timed(fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        result.seconds = time.perf_counter() - start
-        return result
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def material_frames(model: RodModel, state: RodState, theta: np.ndarray) -> np.ndarray:
@@ -61,7 +35,7 @@ def material_frames(model: RodModel, state: RodState, theta: np.ndarray) -> np.n
     return np.concatenate(out)
 
 
-@_timed
+@timed
 def cantilever(*, device: str | None = None) -> CheckResult:
     """A horizontal rod clamped at one end sags under its weight: tip deflection q L^4 / (8 E I).
 
@@ -100,7 +74,7 @@ def catenary_sag(span: float, length: float) -> float:
     return a * (math.cosh(span / (2.0 * a)) - 1.0)
 
 
-@_timed
+@timed
 def catenary(*, device: str | None = None) -> CheckResult:
     """A flexible cable hung between two fixed points: mid-span sag equals the catenary's."""
     length, span, vertices, rho = 1.0, 0.8, 41, 0.1
@@ -133,7 +107,7 @@ def catenary(*, device: str | None = None) -> CheckResult:
                        "m", details={"vertices": vertices, "stretch": stretch})
 
 
-@_timed
+@timed
 def uniform_twist(*, device: str | None = None, angle: float = math.pi) -> CheckResult:
     """Both end edges of a straight rod clamped, one turned by ``angle`` [rad] over 0.5 s: the twist
     between neighbouring material frames, measured geometrically, is the same at every vertex."""
@@ -170,7 +144,7 @@ def uniform_twist(*, device: str | None = None, angle: float = math.pi) -> Check
                        "relative (max per vertex)", "rad", details={"twist_per_vertex": twists.tolist()})
 
 
-@_timed
+@timed
 def energy_conservation(*, device: str | None = None, duration: float = 10.0,
                         inextensible: bool = False) -> CheckResult:
     """A rod pinned at one end swings and flexes under gravity without damping or contact: total
