@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
             vector = np.array(saved["vector"])
             adam.load(saved["adam"])
             history = saved["history"]
+        else:
+            warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
+                          f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
     state0 = model.state(requires_grad=True)
     start = time.perf_counter()
     bar = tqdm(total=total, initial=len(history), desc="fit", disable=not progress)
