@@ -29,6 +29,12 @@ def test_rod_starts_on_the_first_frame_with_ends_driven(recordings):
     assert driven.sum() == recordings.num_recordings * 2 * (2 + 1)
     with pytest.raises(InvalidParameter, match="subdivisions"):
         build_cable_batch(recordings, TRUTH, subdivisions=0)
+    with pytest.raises(InvalidParameter, match="initial_velocity"):
+        build_cable_batch(recordings, TRUTH, initial_velocity="guess")
+    # "recorded" starts every marker with its velocity over the first frame
+    model, layout = build_cable_batch(recordings, TRUTH, subdivisions=2, initial_velocity="recorded")
+    step = (recordings.positions[:, 1] - recordings.positions[:, 0]) * recordings.fps
+    np.testing.assert_allclose(model.initial_v[layout.marker_vertex], step, atol=1e-4)
 
 
 def test_replay_with_the_true_parameters_reproduces_the_recording(recordings):

@@ -103,10 +103,12 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
 
     ``initial_velocity``: "ends" starts the interior moving with the velocity of the two grippers
     over the first frame, blended along the cable (recordings start mid-motion, and the ends are
-    inputs at every frame); "rest" starts it still.
+    inputs at every frame); "rest" starts it still; "recorded" takes every marker's velocity over
+    the first frame of the recording. "recorded" reads frame 1 of the interior markers, which the
+    data set's metrics do not give a model: use it to study, not to score.
     """
-    if initial_velocity not in ("ends", "rest"):
-        raise InvalidParameter("initial_velocity", initial_velocity, "'ends' or 'rest'")
+    if initial_velocity not in ("ends", "rest", "recorded"):
+        raise InvalidParameter("initial_velocity", initial_velocity, "'ends', 'rest' or 'recorded'")
     params.validate()
     if not isinstance(subdivisions, int) or subdivisions < 1:
         raise InvalidParameter("subdivisions", subdivisions, "positive integers")
@@ -131,12 +133,15 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
         if curvature is not None and curvature.shape != (n, 2):
             raise InvalidParameter("rest_curvature", f"an array of shape {curvature.shape}", f"({n}, 2) for this cable")
         velocities = np.zeros_like(points)
+        step = (recordings.positions[r, 1] - recordings.positions[r, 0]).astype(np.float64) * recordings.fps
         if initial_velocity == "ends":
-            step = (recordings.positions[r, 1] - recordings.positions[r, 0]).astype(np.float64) * recordings.fps
             left, right = step[:2].mean(axis=0), step[-2:].mean(axis=0)
             arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
             u = (arc / arc[-1])[:, None]
             velocities = (1.0 - u) * left + u * right
+        elif initial_velocity == "recorded":
+            k, w = source[:, 0].astype(int), source[:, 1:2]
+            velocities = (1.0 - w) * step[k] + w * step[k + 1]
         bend = params.bend_stiffness
         if params.bend_profile is not None:
             profile = np.asarray(params.bend_profile, dtype=np.float64)
@@ -183,12 +188,13 @@ def replay_controls(model: RodModel, layout: CableLayout, recordings: CableRecor
 
 def simulate_recordings(recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
                         device: str | None = None, substeps: int | str = "auto",
-                        solver_options: dict | None = None) -> np.ndarray:
+                        solver_options: dict | None = None, initial_velocity: str = "ends") -> np.ndarray:
     """Roll every recording out from its first frame with its ends replayed; returns the simulated
     marker positions, shape (recordings, frames, markers, 3) [m] (frame 0 = the recording's)."""
     from diffsim.core.rollout import Rollout
 
-    model, layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device)
+    model, layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
+                                      initial_velocity=initial_velocity)
     solver = RodSolver(model, **(solver_options or {}))
     controls = replay_controls(model, layout, recordings)
     out = np.empty_like(recordings.positions)
