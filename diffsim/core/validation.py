@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class CheckResult:
@@ -82,3 +84,41 @@ def timed(fn):
         return result
 
     return wrapper
+
+
+def rollout_input(model, state0, controls, target: str):
+    """The array a target name denotes: ``model.<field>``, ``state0.<field>`` or ``control<k>.<field>``."""
+    scope, _, field_name = target.partition(".")
+    if scope == "model":
+        return model.array(field_name)
+    if scope == "state0":
+        return state0.array(field_name)
+    return controls[int(scope.removeprefix("control"))].array(field_name)
+
+
+def rollout_gradient_check(name: str, rollout, array, bundles, *, eps: float, relative: bool = False,
+                           directions: int = 2, explicit=None, mask=None, tolerance: float = 0.02,
+                           details: dict | None = None) -> CheckResult:
+    """Tape gradient of ``rollout``'s loss w.r.t. ``array`` against central finite differences.
+
+    ``bundles`` (model, state0, controls) get their gradients cleared first. ``explicit``
+    directions, when given, replace ``directions`` random ones; the reported error is the largest
+    relative error over the probed directions, infinite when the tape's gradient is not finite.
+    """
+    from diffsim.core.gradcheck import check_grad
+
+    start = time.perf_counter()
+    for bundle in bundles:
+        bundle.zero_grad()
+    rollout.forward()
+    rollout.backward()
+    analytic = array.grad.numpy().copy()
+    result = check_grad(rollout.forward, array, analytic, name=name, eps=eps, relative_eps=relative,
+                        num_directions=0 if explicit else directions, directions=explicit, mask=mask, seed=3)
+    finite = bool(np.all(np.isfinite(analytic)))
+    worst = int(np.argmax(result.relative_errors))  # report the direction that decides pass/fail
+    return CheckResult(f"gradient: {name}", float(result.analytic[worst]), float(result.finite_difference[worst]),
+                       result.max_relative_error if finite else float("inf"), tolerance, "relative",
+                       details={"fd": result.finite_difference.tolist(), "tape": result.analytic.tolist(),
+                                **(details or {})},
+                       seconds=time.perf_counter() - start)

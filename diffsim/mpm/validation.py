@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult, simulate, timed
+from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, simulate, timed
 from diffsim.geometry import collider_plane
 from diffsim.materials import Material, MaterialModel, preset
 from diffsim.mpm.model import BOUNDARY_CELLS, Boundary, MPMBuilder, MPMModel, MPMState
@@ -394,7 +394,6 @@ def _gradient_check(name: str, material: Material, target: str, *, eps: float, r
     ``target`` is ``model.<field>``, ``state0.<field>`` or ``control<frame>.<field>``; the loss is a
     fixed random linear functional of the final positions and velocities.
     """
-    from diffsim.core.gradcheck import check_grad
     from diffsim.core.rollout import Rollout
     from diffsim.mpm.losses import LinearStateLoss
 
@@ -410,22 +409,11 @@ def _gradient_check(name: str, material: Material, target: str, *, eps: float, r
 
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=5, checkpoint_every=7,
                       final_loss=final_loss)
-    scope, _, field_name = target.partition(".")
-    if scope == "model":
-        array = model.array(field_name)
-    elif scope == "state0":
-        array = state0.array(field_name)
-    else:
-        array = controls[int(scope.removeprefix("control"))].array(field_name)
+    array = rollout_input(model, state0, controls, target)
     mask = None
     if target.startswith("control") or target == "state0.collider_position":
         mask = np.zeros((array.shape[0], 3), dtype=bool)
         mask[1] = True  # the pusher
-    for bundle in (model, state0, *controls):
-        bundle.zero_grad()
-    rollout.forward()
-    rollout.backward()
-    analytic = array.grad.numpy().copy()
     # Per-particle material parameters are probed by relative changes of the whole body and of
     # its left half against its right half: coherent changes whose effect stands well above the
     # float32 noise of the loss, while the split still tests that each particle gets its own share.
@@ -441,15 +429,11 @@ def _gradient_check(name: str, material: Material, target: str, *, eps: float, r
         values = array.numpy().astype(np.float64)
         left = np.sign(state0.particle_x.numpy()[:, 0] - state0.particle_x.numpy()[:, 0].mean())
         explicit = [values, values * left]
-    result = check_grad(rollout.forward, array, analytic, name=name, eps=eps, relative_eps=relative,
-                        num_directions=0 if explicit else directions, directions=explicit, mask=mask, seed=3)
-    finite = bool(np.all(np.isfinite(analytic)))
-    worst = int(np.argmax(result.relative_errors))  # report the direction that decides pass/fail
-    return CheckResult(f"gradient: {name}", float(result.analytic[worst]), float(result.finite_difference[worst]),
-                       result.max_relative_error if finite else float("inf"), tolerance, "relative",
-                       details={"fd": result.finite_difference.tolist(), "tape": result.analytic.tolist(),
-                                "particles": model.particle_count},
-                       seconds=time.perf_counter() - start)
+    result = rollout_gradient_check(name, rollout, array, (model, state0, *controls), eps=eps, relative=relative,
+                                    directions=directions, explicit=explicit, mask=mask, tolerance=tolerance,
+                                    details={"particles": model.particle_count})
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def _elastic() -> Material:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult, simulate, timed
+from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, simulate, timed
 from diffsim.errors import ConfigError
 from diffsim.rod.model import RodBuilder, RodModel, RodState, controls_from_driven_positions
 from diffsim.rod.solver import RodSolver
@@ -219,7 +219,6 @@ def gripper_scene(*, device: str | None = None, frames: int = 20, vertices: int 
 def _gradient_check(name: str, target: str, *, eps: float, relative: bool = True, device: str | None = None,
                     tolerance: float = 0.02, directions: int = 2, mask_driven: bool = False,
                     proportional: bool = False) -> CheckResult:
-    from diffsim.core.gradcheck import check_grad
     from diffsim.core.rollout import Rollout
     from diffsim.rod.losses import VertexLinearLoss
 
@@ -235,37 +234,22 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool = True
 
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps="auto", checkpoint_every=7,
                       frame_loss=frame_loss)
-    scope, _, field_name = target.partition(".")
-    if scope == "model":
-        array = model.array(field_name)
-    elif scope == "state0":
-        array = state0.array(field_name)
-    else:
-        array = controls[int(scope.removeprefix("control"))].array(field_name)
+    array = rollout_input(model, state0, controls, target)
     mask = None
     if mask_driven:
         driven = model.vertex_driven.numpy().astype(bool)
         mask = np.repeat(driven[:, None], 3, axis=1)
-    for bundle in (model, state0, *controls):
-        bundle.zero_grad()
-    rollout.forward()
-    rollout.backward()
-    analytic = array.grad.numpy().copy()
     explicit = None
     if proportional:
         # Parameters that are positive scales (stiffness, rest length, curvature) are probed by
         # random relative changes of every entry: value * N(0, 1), entry by entry.
         values = array.numpy().astype(np.float64)
         explicit = [values * np.random.default_rng(seed).standard_normal(values.shape) for seed in (1, 2)]
-    result = check_grad(rollout.forward, array, analytic, name=name, eps=eps, relative_eps=relative,
-                        num_directions=0 if explicit else directions, directions=explicit, mask=mask, seed=3)
-    finite = bool(np.all(np.isfinite(analytic)))
-    worst = int(np.argmax(result.relative_errors))
-    return CheckResult(f"gradient: {name}", float(result.analytic[worst]), float(result.finite_difference[worst]),
-                       result.max_relative_error if finite else float("inf"), tolerance, "relative",
-                       details={"fd": result.finite_difference.tolist(), "tape": result.analytic.tolist(),
-                                "substeps": rollout.substeps},
-                       seconds=time.perf_counter() - start)
+    result = rollout_gradient_check(name, rollout, array, (model, state0, *controls), eps=eps, relative=relative,
+                                    directions=directions, explicit=explicit, mask=mask, tolerance=tolerance,
+                                    details={"substeps": rollout.substeps})
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 # eps per quantity: the largest step whose finite difference has converged on this scene (checked
