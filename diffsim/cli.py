@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo)
 
     validate = commands.add_parser("validate", help="physics and gradient checks against closed forms")
-    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm,rod}")
-    for solver, about in (("mpm", "checks of the MPM solver"), ("rod", "checks of the discrete elastic rod solver")):
+    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile}")
+    for solver, about in (("mpm", "checks of the MPM solver"), ("rod", "checks of the discrete elastic rod solver"),
+                          ("tactile", "checks of the FEM tactile sensor")):
         sub = validate_solvers.add_parser(solver, parents=[device_flag], help=about)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=_run_validate)
 
     bench = commands.add_parser("bench", help="speed and memory figures")
-    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm,rod}")
+    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile}")
     bench_mpm = bench_solvers.add_parser("mpm", parents=[device_flag], help="time MPM steps")
     bench_mpm.add_argument("--particles", type=_positive_int, required=True, help="number of particles")
     bench_mpm.add_argument("--grid", type=_positive_int, required=True, help="grid cells per axis")
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="timed runs after a warm-up; medians are reported (default: 5)")
     bench_rod.add_argument("--json", action="store_true", help="print JSON instead of a report")
     bench_rod.set_defaults(handler=_run_bench_rod)
+    bench_tactile = bench_solvers.add_parser("tactile", parents=[device_flag],
+                                             help="time FEM sensor substeps with contact, forward and backward")
+    bench_tactile.add_argument("--steps", type=_positive_int, default=200, help="substeps per run (default: 200)")
+    bench_tactile.add_argument("--repeats", type=_positive_int, default=5,
+                               help="timed runs after a warm-up; medians are reported (default: 5)")
+    bench_tactile.add_argument("--json", action="store_true", help="print JSON instead of a report")
+    bench_tactile.set_defaults(handler=_run_bench_tactile)
 
     calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
     calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod}")
@@ -127,7 +135,9 @@ def _run_validate(args: argparse.Namespace, device: str) -> int:
 
     from diffsim.core.validation import format_table, to_json
 
-    validation = importlib.import_module(f"diffsim.{args.solver}.validation")
+    # the tactile sensor's checks live with the FEM solver it is built on
+    package = {"tactile": "fem"}.get(args.solver, args.solver)
+    validation = importlib.import_module(f"diffsim.{package}.validation")
     physics_names = list(validation.PHYSICS_CHECKS)
     gradient_names = [] if args.no_gradients else list(validation.GRADIENT_CHECKS)
     physics_only, gradient_only = physics_names, gradient_names
@@ -163,6 +173,14 @@ def _run_bench_rod(args: argparse.Namespace, device: str) -> int:
 
     result = run_benchmark(frames=args.frames, batch=args.batch, repeats=args.repeats, markers=args.markers,
                            device=device)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
+    return 0
+
+
+def _run_bench_tactile(args: argparse.Namespace, device: str) -> int:
+    from diffsim.fem.benchmark import format_report, run_benchmark
+
+    result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device)
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 

@@ -26,3 +26,14 @@ def test_readme_rod_example_runs():
     exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
     assert math.isfinite(namespace["loss"]) and namespace["loss"] < 0  # the free end sags under gravity
     assert abs(namespace["model"].edge_bend_stiffness.grad.numpy()).sum() > 0
+
+
+def test_readme_tactile_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3, "the README has no tactile example"
+    namespace: dict = {}
+    exec(compile(blocks[2], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    reading = namespace["reading"]
+    assert reading["force"][0, 2] < 0  # the ball pushes into the sensor
+    assert reading["marker_displacement"].shape == (1, 7, 9, 2)

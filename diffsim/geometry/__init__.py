@@ -1,5 +1,5 @@
 """Collision geometry: signed-distance colliders (analytic primitives and triangle meshes) for solvers,
-and samplers that fill shapes with particles.
+samplers that fill shapes with particles, and tetrahedral meshes for FEM bodies.
 
 Solver kernels call :func:`shape_query` (local frame) or :func:`shape_query_world`; Python code builds
 colliders with the ``collider_*`` factories and initial particle sets with the ``sample_*`` functions.
@@ -34,6 +34,14 @@ from diffsim.geometry.shapes import (
     shape_query_world,
     world_to_local,
 )
+from diffsim.geometry.tetmesh import (
+    TetMesh,
+    load_tet_mesh,
+    save_tet_mesh,
+    tet_mesh_dome,
+    tet_mesh_grid,
+    tet_mesh_pad,
+)
 
 __all__ = [
     "MESH_MAX_DISTANCE",
@@ -41,6 +49,7 @@ __all__ = [
     "Collider",
     "ShapeType",
     "SurfaceQuery",
+    "TetMesh",
     "TriangleMesh",
     "closest_point_on_triangle",
     "collider_box",
@@ -61,5 +70,10 @@ __all__ = [
     "sample_sphere",
     "shape_query",
     "shape_query_world",
+    "tet_mesh_dome",
+    "tet_mesh_grid",
+    "tet_mesh_pad",
+    "load_tet_mesh",
+    "save_tet_mesh",
     "world_to_local",
 ]
