@@ -74,3 +74,23 @@ class ScratchPool:
         self.end_claim(claim)
         self._free.extend(claim)
         claim.clear()
+
+
+class PooledScratchSolver:
+    """Mixin for a :class:`~diffsim.core.Solver` whose per-step scratch is a :class:`ScratchPool` in
+    ``self._scratch``: taped steps own their scratch, so one tape may record many steps."""
+
+    tape_spans_steps = True
+
+    def begin_step_scratch(self):
+        return self._scratch.begin_claim()
+
+    def end_step_scratch(self, claim) -> None:
+        self._scratch.end_claim(claim)
+
+    def release_step_scratch(self, claim) -> None:
+        self._scratch.release(claim)
+
+    @property
+    def scratch_sets_created(self) -> int:
+        return self._scratch.sets_created

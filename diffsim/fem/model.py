@@ -155,6 +155,13 @@ def _non_negative(name: str, value: float, unit: str) -> float:
     return value
 
 
+def _finite_point(position) -> np.ndarray:
+    p = np.asarray(position, dtype=np.float64).reshape(-1)
+    if p.size != 3 or not np.all(np.isfinite(p)):
+        raise InvalidParameter("position", p.tolist(), "three finite numbers [m]")
+    return p
+
+
 def _unit_quaternion(rotation) -> np.ndarray:
     q = np.asarray(rotation, dtype=np.float64).reshape(-1)
     if q.size != 4 or not np.all(np.isfinite(q)) or np.linalg.norm(q) < 1e-12:
@@ -267,7 +274,7 @@ class FEMBuilder:
             contact_stiffness = 30.0 * float(E.max()) / float(mesh.min_altitude().min())
         self.bodies.append(_Body(
             mesh=mesh,
-            position=np.asarray([float(p) for p in position], dtype=np.float64),
+            position=_finite_point(position),
             rotation=_unit_quaternion(rotation),
             material=FEMMaterial(material),
             young_modulus=E,

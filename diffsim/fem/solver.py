@@ -11,14 +11,14 @@ import warp as wp
 
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
-from diffsim.core.scratch import ScratchPool
+from diffsim.core.scratch import PooledScratchSolver, ScratchPool
 from diffsim.errors import InvalidParameter, UnstableTimeStep
 from diffsim.fem import kernels
 from diffsim.fem.model import FEMControl, FEMModel, FEMState
 from diffsim.geometry import integrate_colliders
 
 
-class FEMSolver(Solver):
+class FEMSolver(PooledScratchSolver, Solver):
     """Linear tetrahedra stepped with symplectic Euler.
 
     Each step: body (backing) and collider poses advance by the Control's velocities; every tet
@@ -34,9 +34,6 @@ class FEMSolver(Solver):
         friction_velocity: slip speed [m/s] below which friction is viscous (proportional to the
             slip) rather than at the Coulomb limit.
     """
-
-    #: A taped step takes its own scratch, so one tape may record several steps.
-    tape_spans_steps = True
 
     def __init__(self, model: FEMModel, *, stability: float = 0.5, contact_smoothing: float = 1e-6,
                  friction_velocity: float = 1e-3):
@@ -56,15 +53,6 @@ class FEMSolver(Solver):
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: FEMModel, *, requires_grad: bool = False) -> FEMState:
         return model.state(requires_grad=requires_grad)
-
-    def begin_step_scratch(self):
-        return self._scratch.begin_claim()
-
-    def end_step_scratch(self, claim) -> None:
-        self._scratch.end_claim(claim)
-
-    def release_step_scratch(self, claim) -> None:
-        self._scratch.release(claim)
 
     def max_stable_dt(self, model: FEMModel) -> float:
         """Largest stable step [s]: the fastest elastic wave across the thinnest tet (with its

@@ -11,14 +11,14 @@ import warp as wp
 
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
-from diffsim.core.scratch import ScratchPool
+from diffsim.core.scratch import PooledScratchSolver, ScratchPool
 from diffsim.errors import InvalidParameter, UnstableTimeStep
 from diffsim.geometry import integrate_colliders
 from diffsim.rod import kernels
 from diffsim.rod.model import RodControl, RodModel, RodState
 
 
-class RodSolver(Solver):
+class RodSolver(PooledScratchSolver, Solver):
     """Discrete elastic rods (Bergou et al. 2008/2010) stepped with symplectic Euler.
 
     Each step: reference twist from the time-transported reference frames; material angles solved
@@ -41,9 +41,6 @@ class RodSolver(Solver):
             cable stretched about 4x less than plain Gauss-Seidel (1.0) for the same sweeps, but
             diverged on recordings whose driven ends jump (capture glitches), so 1.0 is the default.
     """
-
-    #: A taped step takes its own scratch, so one tape may record several steps.
-    tape_spans_steps = True
 
     def __init__(self, model: RodModel, *, inextensible: bool = True, projection_iterations: int = 4,
                  stability: float = 0.5, contact_smoothing: float = 2e-4, relaxation: float = 1.0):
@@ -80,19 +77,6 @@ class RodSolver(Solver):
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: RodModel, *, requires_grad: bool = False) -> RodState:
         return model.state(requires_grad=requires_grad)
-
-    def begin_step_scratch(self):
-        return self._scratch.begin_claim()
-
-    def end_step_scratch(self, claim) -> None:
-        self._scratch.end_claim(claim)
-
-    def release_step_scratch(self, claim) -> None:
-        self._scratch.release(claim)
-
-    @property
-    def scratch_sets_created(self) -> int:
-        return self._scratch.sets_created
 
     def max_stable_dt(self, model: RodModel) -> float:
         """Largest stable step [s]: the fastest bending mode of the shortest, lightest edge
