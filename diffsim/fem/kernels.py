@@ -166,11 +166,12 @@ def node_contacts(
     collider_count: int,
     smoothing: float,
     friction_velocity: float,
+    coupled_force: wp.array(dtype=wp.vec3),
     contact_force_out: wp.array(dtype=wp.vec3),
 ):
     i = wp.tid()
     area = node_contact_area[i]
-    total = wp.vec3()
+    total = coupled_force[i]  # contact forces of other solvers (diffsim.coupling), else zero
     if area > 0.0:
         body = node_body[i]
         world = body_world[body]

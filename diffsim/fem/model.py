@@ -138,7 +138,7 @@ class FEMControl(Control):
     body_angular_velocity: wp.array  #: vec3, angular velocity of each body's frame [rad/s]
     collider_velocity: wp.array  #: vec3, (world, collider) linear velocity [m/s]
     collider_angular_velocity: wp.array  #: vec3, (world, collider) angular velocity [rad/s]
-    node_external_force: wp.array  #: vec3, extra force on each node [N] (e.g. from coupling)
+    node_external_force: wp.array  #: vec3, extra (non-contact) force on each node [N]
 
 
 def _positive(name: str, value: float, unit: str) -> float:

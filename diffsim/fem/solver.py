@@ -49,6 +49,7 @@ class FEMSolver(PooledScratchSolver, Solver):
         self._scratch = ScratchPool(model.device, {"elastic_force": (wp.vec3, model.node_count)})
         self._launches = LaunchCache()
         self._max_dt: dict[int, float] = {}
+        self._zero_force: wp.array | None = None
 
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: FEMModel, *, requires_grad: bool = False) -> FEMState:
@@ -87,7 +88,10 @@ class FEMSolver(PooledScratchSolver, Solver):
         if dt > limit * (1 + 1e-6):
             raise UnstableTimeStep(dt, limit, "explicit elastic waves and contact springs of the smallest tet")
 
-    def step(self, model: FEMModel, state_in: FEMState, state_out: FEMState, control: FEMControl, dt: float) -> None:
+    def step(self, model: FEMModel, state_in: FEMState, state_out: FEMState, control: FEMControl, dt: float, *,
+             coupled_contact_force: wp.array | None = None) -> None:
+        """One step; ``coupled_contact_force`` [N per node] adds contact forces computed by a
+        coupled solver, which then count as contact in the State (and in sensor readings)."""
         limit = self._max_dt.get(id(model))
         if limit is None or dt > limit * (1 + 1e-6):
             self.validate_dt(model, dt)
@@ -114,13 +118,19 @@ class FEMSolver(PooledScratchSolver, Solver):
                       model.body_contact_stiffness, model.collider_shape, model.collider_size,
                       model.collider_friction, model.collider_mesh, state_in.collider_position,
                       state_in.collider_rotation, control.collider_velocity, control.collider_angular_velocity, nc,
-                      self.contact_smoothing, self.friction_velocity],
+                      self.contact_smoothing, self.friction_velocity,
+                      coupled_contact_force if coupled_contact_force is not None else self._no_force(model)],
                      [state_out.node_contact_force], device, state_in)
         self._launch("integrate", kernels.integrate_nodes, model.node_count,
                      [state_in.node_x, state_in.node_v, model.node_body, model.node_mass, model.node_fixed,
                       model.node_rest_local, model.body_damping, state_out.body_position, state_out.body_rotation,
                       s.elastic_force, state_out.node_contact_force, control.node_external_force, model.gravity, dt],
                      [state_out.node_x, state_out.node_v], device, state_in)
+
+    def _no_force(self, model: FEMModel) -> wp.array:
+        if self._zero_force is None or self._zero_force.shape[0] != model.node_count:
+            self._zero_force = wp.zeros(model.node_count, dtype=wp.vec3, device=model.device)
+        return self._zero_force
 
     def _launch(self, site, kernel, dim, inputs, outputs, device, variant=None) -> None:
         self._launches.launch(site, kernel, dim, inputs, outputs, device, variant=variant)

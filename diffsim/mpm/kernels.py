@@ -246,6 +246,7 @@ def wall_condition(v: wp.vec3, index: int, axis: int, grid_res: int, boundary: i
 def grid_update(
     grid_mass: wp.array4d(dtype=float),
     grid_momentum: wp.array4d(dtype=wp.vec3),
+    grid_force: wp.array4d(dtype=wp.vec3),
     gravity: wp.array(dtype=wp.vec3),
     collider_shape: wp.array(dtype=int),
     collider_size: wp.array(dtype=wp.vec3),
@@ -275,7 +276,8 @@ def grid_update(
     if m <= 0.0:
         grid_v[world, ii, jj, kk] = wp.vec3(0.0)
         return
-    v = grid_momentum[world, ii, jj, kk] / m + dt * gravity[0]
+    # grid_force: forces of other solvers coupled to this one on the node [N] (zero when none)
+    v = (grid_momentum[world, ii, jj, kk] + dt * grid_force[world, ii, jj, kk]) / m + dt * gravity[0]
     x = origin + wp.vec3(float(i), float(j), float(k)) * dx
 
     for c in range(wp.static(MAX_COLLIDERS)):

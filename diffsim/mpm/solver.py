@@ -5,6 +5,7 @@ per-particle materials, kinematic colliders and domain walls, for many worlds in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ class _StepScratch:
 
     grid_mass: wp.array
     grid_momentum: wp.array
+    grid_force: wp.array
     grid_v: wp.array
     grid_fluid_mass: wp.array
     grid_fluid_volume: wp.array
@@ -33,7 +35,7 @@ class _StepScratch:
 class _ScratchSlot:
     """Growable flat buffers (values and gradients) from which one taped step's scratch is viewed."""
 
-    _FIELDS = (("grid_mass", float), ("grid_momentum", wp.vec3), ("grid_v", wp.vec3),
+    _FIELDS = (("grid_mass", float), ("grid_momentum", wp.vec3), ("grid_force", wp.vec3), ("grid_v", wp.vec3),
                ("grid_fluid_mass", float), ("grid_fluid_volume", float),
                ("particle_F_new", wp.mat33), ("particle_affine", wp.mat33))
 
@@ -59,8 +61,25 @@ class _ScratchSlot:
         return view
 
     def views(self, shape, fluid_shape, particles) -> _StepScratch:
-        shapes = (shape, shape, shape, fluid_shape, fluid_shape, (particles,), (particles,))
+        shapes = (shape, shape, shape, shape, fluid_shape, fluid_shape, (particles,), (particles,))
         return _StepScratch(*(self._view(n, t, sh) for (n, t), sh in zip(self._FIELDS, shapes, strict=True)))
+
+
+@dataclass
+class GridView:
+    """The grid of one step as a grid-force hook sees it: arrays over the active box of nodes
+    (world, i, j, k), the box's first global node index ``offset`` and its ``extent``, the
+    domain ``origin`` [m], the node spacing ``dx`` [m] and the nodes per axis ``grid_res``.
+    Hooks add forces [N] into ``force`` (atomically) and must not write ``mass`` or ``momentum``."""
+
+    mass: wp.array
+    momentum: wp.array
+    force: wp.array
+    offset: wp.vec3i
+    extent: tuple[int, int, int]
+    origin: wp.vec3
+    dx: float
+    grid_res: int
 
 
 def _taping() -> bool:
@@ -75,6 +94,10 @@ class MPMSolver(Solver):
     Grids cover only the box of nodes the particles reach. Untaped steps reuse the solver's
     buffers; a taped step takes its own scratch slot, so one tape may record several steps (the
     checkpointed :class:`~diffsim.core.Rollout` records one segment per tape this way).
+
+    ``grid_force_hooks`` are called after particle-to-grid transfer with (model, state_in,
+    :class:`GridView`, dt): the entry point of forces from coupled solvers (see
+    :mod:`diffsim.coupling`).
 
     Args:
         model: the scene; the solver sizes its grid for it.
@@ -93,6 +116,7 @@ class MPMSolver(Solver):
         self._buffers = {
             "grid_mass": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
             "grid_momentum": wp.zeros(self._grid_capacity, dtype=wp.vec3, device=model.device),
+            "grid_force": wp.zeros(self._grid_capacity, dtype=wp.vec3, device=model.device),
             "grid_v": wp.zeros(self._grid_capacity, dtype=wp.vec3, device=model.device),
             "grid_fluid_mass": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
             "grid_fluid_volume": wp.zeros(self._grid_capacity, dtype=float, device=model.device),
@@ -106,6 +130,7 @@ class MPMSolver(Solver):
         self._first_outside = wp.zeros(1, dtype=int, device=model.device)
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
+        self.grid_force_hooks: list[Callable[[MPMModel, MPMState, GridView, float], None]] = []
 
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: MPMModel, *, requires_grad: bool = False) -> MPMState:
@@ -141,7 +166,8 @@ class MPMSolver(Solver):
             return view
 
         return _StepScratch(
-            grid("grid_mass", float, shape), grid("grid_momentum", wp.vec3, shape), grid("grid_v", wp.vec3, shape),
+            grid("grid_mass", float, shape), grid("grid_momentum", wp.vec3, shape),
+            grid("grid_force", wp.vec3, shape), grid("grid_v", wp.vec3, shape),
             grid("grid_fluid_mass", float, fluid_shape), grid("grid_fluid_volume", float, fluid_shape),
             self._buffers["particle_F_new"], self._buffers["particle_affine"],
         )
@@ -226,11 +252,16 @@ class MPMSolver(Solver):
             adjoint_kernel=kernels.particle_to_grid_adjoint if self.hand_adjoints else None,
             adjoint_of=(0, 1, 2, 3, 6),
         )
+        if self.grid_force_hooks:
+            grid = GridView(scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, offset, extent, origin,
+                            model.dx, res)
+            for hook in self.grid_force_hooks:
+                hook(model, state_in, grid, dt)
         wp.launch(
             kernels.grid_update,
             dim=(model.num_worlds, *extent),
-            inputs=[scratch.grid_mass, scratch.grid_momentum, model.gravity, model.collider_shape, model.collider_size,
-                    model.collider_friction, model.collider_mesh, state_out.collider_position,
+            inputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity, model.collider_shape,
+                    model.collider_size, model.collider_friction, model.collider_mesh, state_out.collider_position,
                     state_out.collider_rotation, control.collider_velocity, control.collider_angular_velocity,
                     nc, model.contact_distance, origin, model.dx, dt, res, int(model.boundary), BOUNDARY_CELLS,
                     offset],

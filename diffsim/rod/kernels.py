@@ -249,6 +249,7 @@ def integrate_vertices(
     rod_air_drag: wp.array(dtype=float),
     gravity: wp.array(dtype=wp.vec3),
     driven_velocity: wp.array(dtype=wp.vec3),
+    external_force: wp.array(dtype=wp.vec3),
     elastic_stretch: int,
     dt: float,
     x_out: wp.array(dtype=wp.vec3),
@@ -271,7 +272,7 @@ def integrate_vertices(
         around += 0.5 * edge_rest_length[v - 1 - r]
     if local < count - 1:
         around += 0.5 * edge_rest_length[v - r]
-    force = mass * gravity[0] - rod_linear_damping[r] * mass * speed
+    force = mass * gravity[0] - rod_linear_damping[r] * mass * speed + external_force[v]
     force = force - rod_air_drag[r] * around * wp.length(speed) * speed
     if elastic_stretch != 0:
         if local > 0:

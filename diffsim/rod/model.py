@@ -116,6 +116,7 @@ class RodModel(Model):
         return RodControl(
             vertex_velocity=wp.zeros(self.vertex_count, dtype=wp.vec3, **kw),
             edge_twist_rate=wp.zeros(self.edge_count, dtype=float, **kw),
+            vertex_external_force=wp.zeros(self.vertex_count, dtype=wp.vec3, **kw),
             collider_velocity=wp.zeros(slots, dtype=wp.vec3, **kw),
             collider_angular_velocity=wp.zeros(slots, dtype=wp.vec3, **kw),
         )
@@ -135,12 +136,14 @@ class RodState(State):
 
 @dataclass
 class RodControl(Control):
-    """Inputs of one step: driven-vertex velocities, clamped-end twist rates, collider motion."""
+    """Inputs of one step: driven-vertex velocities, clamped-end twist rates, collider motion,
+    external vertex forces."""
 
     vertex_velocity: wp.array  #: vec3, velocity of each driven vertex [m/s] (others ignored)
     edge_twist_rate: wp.array  #: float, rate of each clamped end edge's material angle [rad/s]
     collider_velocity: wp.array  #: vec3, (world, collider) linear velocity [m/s]
     collider_angular_velocity: wp.array  #: vec3, (world, collider) angular velocity [rad/s]
+    vertex_external_force: wp.array  #: vec3, extra force on each free vertex [N] (e.g. from coupling)
 
 
 def _per_edge(name: str, value, edges: int, *, allow_zero: bool = False) -> np.ndarray:

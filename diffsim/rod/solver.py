@@ -141,7 +141,7 @@ class RodSolver(PooledScratchSolver, Solver):
                       model.vertex_mass, model.vertex_driven, model.vertex_rest_curvature,
                       model.edge_rest_length, model.edge_bend_stiffness, model.edge_bend_damping,
                       model.edge_stretch_stiffness, model.rod_linear_damping, model.rod_air_drag, model.gravity,
-                      control.vertex_velocity, 0 if self.inextensible else 1, dt],
+                      control.vertex_velocity, control.vertex_external_force, 0 if self.inextensible else 1, dt],
                      [s.x_predicted], device, state_in)
         x = s.x_predicted
         collider_pose = [state_in.collider_position, state_out.collider_position,

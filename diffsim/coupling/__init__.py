@@ -1,0 +1,14 @@
+"""Contact between solvers: the FEM sensor surface in two-way contact with MPM material (forces on
+grid nodes) and with rods (forces on edge vertices), stepped together as one coupled solver.
+"""
+
+from diffsim.coupling.solver import (
+    BundleGroup,
+    CoupledControl,
+    CoupledModel,
+    CoupledSolver,
+    CoupledState,
+    CouplingModel,
+)
+
+__all__ = ["BundleGroup", "CoupledControl", "CoupledModel", "CoupledSolver", "CoupledState", "CouplingModel"]
