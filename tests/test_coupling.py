@@ -60,3 +60,14 @@ def test_batched_coupled_worlds_equal_single_world():
 def test_gradients_through_two_way_contact(name):
     (result,) = validation.run_gradient_checks(device="cpu", only=[name])
     assert result.passed, result
+
+
+def test_grouped_model_swaps_arrays_by_part():
+    model, _ = material_on_sensor(device="cpu")
+    import warp as wp
+
+    stiffer = wp.clone(model.fem.tet_young_modulus)
+    swapped = model.with_arrays({"fem.tet_young_modulus": stiffer})
+    assert swapped.fem.tet_young_modulus is stiffer
+    assert swapped.mpm is model.mpm and model.fem.tet_young_modulus is not stiffer
+    assert isinstance(swapped, CoupledModel) and swapped.clone().coupling.material_friction is not None

@@ -37,3 +37,13 @@ def test_readme_tactile_example_runs():
     reading = namespace["reading"]
     assert reading["force"][0, 2] < 0  # the ball pushes into the sensor
     assert reading["marker_displacement"].shape == (1, 7, 9, 2)
+
+
+def test_readme_coupled_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4, "the README has no coupled example"
+    namespace: dict = {}
+    exec(compile(blocks[3], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    support, weight = namespace["support"], namespace["weight"]
+    assert abs(sum(support[-len(support) // 2:]) / (len(support) - len(support) // 2) / weight - 1.0) < 0.02

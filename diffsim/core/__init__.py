@@ -4,10 +4,10 @@ finite-difference gradient checks and device selection (the torch bridge is ``di
 
 from diffsim.core.device import init_warp, resolve_device
 from diffsim.core.gradcheck import GradCheckResult, check_grad
-from diffsim.core.protocol import ArrayBundle, Control, Model, Solver, State
+from diffsim.core.protocol import ArrayBundle, BundleGroup, Control, Model, Solver, State
 from diffsim.core.rollout import FinalLoss, FrameLoss, Rollout, RolloutStats
 
 __all__ = [
-    "ArrayBundle", "Control", "FinalLoss", "FrameLoss", "GradCheckResult", "Model", "Rollout",
+    "ArrayBundle", "BundleGroup", "Control", "FinalLoss", "FrameLoss", "GradCheckResult", "Model", "Rollout",
     "RolloutStats", "Solver", "State", "check_grad", "init_warp", "resolve_device",
 ]

@@ -45,6 +45,10 @@ class ArrayBundle:
             changes[name] = wp.clone(arr, requires_grad=grad)
         return dataclasses.replace(self, **changes)
 
+    def with_arrays(self, arrays: dict[str, wp.array]):
+        """A shallow copy whose arrays named in ``arrays`` are replaced (the others are shared)."""
+        return dataclasses.replace(self, **arrays)
+
     def assign(self, other) -> None:
         """Copy the values of every array of ``other`` into this bundle's arrays.
 
@@ -103,6 +107,44 @@ def accumulate(dst: wp.array, src: wp.array) -> None:
         flat_dst = wp.array(ptr=dst.ptr, dtype=float, shape=(n,), device=dst.device)
         flat_src = wp.array(ptr=src.ptr, dtype=float, shape=(n,), device=src.device)
         wp.launch(_add_flat, dim=n, inputs=[flat_dst, flat_src], device=dst.device, record_tape=False)
+
+
+class BundleGroup(ArrayBundle):
+    """Named bundles seen as one, for scenes of several solvers: array ``"fem.node_x"`` is
+    ``group.fem.node_x``. Copying, zeroing gradients and checkpointing then work unchanged."""
+
+    def __init__(self, **parts):
+        object.__setattr__(self, "parts", {name: part for name, part in parts.items() if part is not None})
+
+    def __getattr__(self, name):
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(f"{type(self).__name__} has no part or attribute {name!r}; parts: {', '.join(parts)}.")
+
+    def arrays(self):
+        for part_name, part in self.parts.items():
+            for name, arr in part.arrays():
+                yield f"{part_name}.{name}", arr
+
+    def array(self, name: str) -> wp.array:
+        part, _, field_name = name.partition(".")
+        if part not in self.parts:
+            raise KeyError(f"{type(self).__name__} has no part {part!r}; it has: {', '.join(self.parts)}.")
+        return self.parts[part].array(field_name)
+
+    def clone(self, *, requires_grad: bool | None = None):
+        return type(self)(**{name: part.clone(requires_grad=requires_grad) for name, part in self.parts.items()})
+
+    def with_arrays(self, arrays: dict[str, wp.array]):
+        by_part: dict[str, dict] = {}
+        for name, arr in arrays.items():
+            part, _, field_name = name.partition(".")
+            if part not in self.parts:
+                raise KeyError(f"{type(self).__name__} has no part {part!r}; it has: {', '.join(self.parts)}.")
+            by_part.setdefault(part, {})[field_name] = arr
+        return type(self)(**{name: part.with_arrays(by_part[name]) if name in by_part else part
+                             for name, part in self.parts.items()})
 
 
 class Model(ArrayBundle):

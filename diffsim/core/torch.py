@@ -6,7 +6,6 @@ Inputs are named arrays (``"model.<field>"``, ``"state0.<field>"``/``"state.<fie
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Sequence
 
@@ -116,7 +115,7 @@ class _StepFunction(torch.autograd.Function):
         replaced = {n.partition(".")[2]: wp.clone(model.array(n.partition(".")[2]), requires_grad=True)
                     for n in names if n.startswith("model.")}
         if replaced:
-            model = dataclasses.replace(model, **replaced)
+            model = model.with_arrays(replaced)
         for tensor, name in zip(tensors, names, strict=True):
             _copy_in(tensor, _targets(name, model=model, state=state_in, controls=[control]), name)
         state_out = solver.new_state(model, requires_grad=True)

@@ -2,8 +2,8 @@
 grid nodes) and with rods (forces on edge vertices), stepped together as one coupled solver.
 """
 
+from diffsim.core.protocol import BundleGroup
 from diffsim.coupling.solver import (
-    BundleGroup,
     CoupledControl,
     CoupledModel,
     CoupledSolver,

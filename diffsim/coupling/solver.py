@@ -5,47 +5,18 @@ one step of each solver, with the contact forces between them exchanged first.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import warp as wp
 
-from diffsim.core.protocol import ArrayBundle, Control, Model, Solver, State
+from diffsim.core.protocol import BundleGroup, Control, Model, Solver, State
 from diffsim.core.scratch import PooledScratchSolver, ScratchPool
 from diffsim.coupling import kernels
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.fem.model import FEMModel
 from diffsim.fem.solver import FEMSolver
-
-
-class BundleGroup(ArrayBundle):
-    """Named bundles seen as one: array ``"fem.node_x"`` is ``group.fem.node_x``. Copying,
-    zeroing gradients and checkpointing then work unchanged for coupled scenes."""
-
-    def __init__(self, **parts):
-        object.__setattr__(self, "parts", {name: part for name, part in parts.items() if part is not None})
-
-    def __getattr__(self, name):
-        parts = self.__dict__.get("parts", {})
-        if name in parts:
-            return parts[name]
-        raise AttributeError(f"{type(self).__name__} has no part or attribute {name!r}; parts: {', '.join(parts)}.")
-
-    def arrays(self):
-        for part_name, part in self.parts.items():
-            for name, arr in part.arrays():
-                yield f"{part_name}.{name}", arr
-
-    def array(self, name: str) -> wp.array:
-        part, _, field_name = name.partition(".")
-        if part not in self.parts:
-            raise KeyError(f"{type(self).__name__} has no part {part!r}; it has: {', '.join(self.parts)}.")
-        return self.parts[part].array(field_name)
-
-    def clone(self, *, requires_grad: bool | None = None):
-        return type(self)(**{name: part.clone(requires_grad=requires_grad) for name, part in self.parts.items()})
 
 
 class CoupledState(BundleGroup, State):
@@ -93,10 +64,6 @@ class CoupledModel(BundleGroup, Model):
                                            requires_grad=requires_grad),
                 rod_friction=wp.array([rod_friction], dtype=float, device=fem.device, requires_grad=requires_grad))
         super().__init__(fem=fem, mpm=mpm, rod=rod, coupling=coupling)
-
-    def clone(self, *, requires_grad: bool | None = None):
-        parts = {name: part.clone(requires_grad=requires_grad) for name, part in self.parts.items()}
-        return CoupledModel(**parts)
 
     @property
     def device(self) -> str:
@@ -270,7 +237,7 @@ class CoupledSolver(PooledScratchSolver, Solver):
             wp.launch(kernels.add_vec3, dim=rod_model.vertex_count,
                       inputs=[control.rod.vertex_external_force, s.rod_coupling_force], outputs=[s.rod_total_force],
                       device=device)
-            rod_control = dataclasses.replace(control.rod, vertex_external_force=s.rod_total_force)
+            rod_control = control.rod.with_arrays({"vertex_external_force": s.rod_total_force})
             self.rod.step(rod_model, rod_in, state_out.rod, rod_control, dt)
         self.fem.step(fem_model, fem_in, state_out.fem, control.fem, dt, coupled_contact_force=s.fem_coupling_force)
 
@@ -337,4 +304,4 @@ def _vertex_points(rod) -> _Points:
                    float(radius.max()))
 
 
-__all__ = ["BundleGroup", "CoupledControl", "CoupledModel", "CoupledSolver", "CoupledState", "CouplingModel"]
+__all__ = ["CoupledControl", "CoupledModel", "CoupledSolver", "CoupledState", "CouplingModel"]
