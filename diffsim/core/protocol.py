@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import numpy as np
 import warp as wp
 
-from diffsim.errors import SimulationDiverged
+from diffsim.errors import InvalidParameter, SimulationDiverged, UnstableTimeStep
 
 
 class ArrayBundle:
@@ -180,6 +181,19 @@ class Solver(abc.ABC):
     def max_stable_dt(self, model: Model) -> float:
         """Largest step [s] the solver accepts for ``model`` (infinite when unconstrained)."""
         return float("inf")
+
+    def stability_limit(self, model: Model) -> str:
+        """What sets :meth:`max_stable_dt`, in words, for error messages."""
+        return "the solver's explicit stability limit"
+
+    def validate_dt(self, model: Model, dt: float) -> None:
+        """Raise :class:`InvalidParameter` for a step that is not a positive number and
+        :class:`UnstableTimeStep` for one above :meth:`max_stable_dt`."""
+        if not (dt > 0 and math.isfinite(dt)):
+            raise InvalidParameter("dt", dt, "(0, inf) seconds")
+        limit = self.max_stable_dt(model)
+        if dt > limit * (1 + 1e-6):
+            raise UnstableTimeStep(dt, limit, self.stability_limit(model))
 
     def begin_step_scratch(self):
         """Start a claim on the scratch of the taped steps that follow; returns its token."""

@@ -12,7 +12,7 @@ import warp as wp
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
 from diffsim.core.scratch import PooledScratchSolver, ScratchPool
-from diffsim.errors import InvalidParameter, UnstableTimeStep
+from diffsim.errors import InvalidParameter
 from diffsim.fem import kernels
 from diffsim.fem.model import FEMControl, FEMModel, FEMState
 from diffsim.geometry import integrate_colliders
@@ -80,13 +80,8 @@ class FEMSolver(PooledScratchSolver, Solver):
         self._max_dt[id(model)] = limit
         return limit
 
-    def validate_dt(self, model: FEMModel, dt: float) -> None:
-        """Raise :class:`UnstableTimeStep` when ``dt`` exceeds :meth:`max_stable_dt`."""
-        if not (dt > 0 and math.isfinite(dt)):
-            raise InvalidParameter("dt", dt, "(0, inf) seconds")
-        limit = self.max_stable_dt(model)
-        if dt > limit * (1 + 1e-6):
-            raise UnstableTimeStep(dt, limit, "explicit elastic waves and contact springs of the smallest tet")
+    def stability_limit(self, model: FEMModel) -> str:
+        return "explicit elastic waves and contact springs of the smallest tet"
 
     def step(self, model: FEMModel, state_in: FEMState, state_out: FEMState, control: FEMControl, dt: float, *,
              coupled_contact_force: wp.array | None = None) -> None:

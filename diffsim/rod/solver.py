@@ -12,7 +12,7 @@ import warp as wp
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
 from diffsim.core.scratch import PooledScratchSolver, ScratchPool
-from diffsim.errors import InvalidParameter, UnstableTimeStep
+from diffsim.errors import InvalidParameter
 from diffsim.geometry import integrate_colliders
 from diffsim.rod import kernels
 from diffsim.rod.model import RodControl, RodModel, RodState
@@ -112,13 +112,8 @@ class RodSolver(PooledScratchSolver, Solver):
         self._max_dt[id(model)] = limit
         return limit
 
-    def validate_dt(self, model: RodModel, dt: float) -> None:
-        """Raise :class:`UnstableTimeStep` when ``dt`` exceeds :meth:`max_stable_dt`."""
-        if not (dt > 0 and math.isfinite(dt)):
-            raise InvalidParameter("dt", dt, "(0, inf) seconds")
-        limit = self.max_stable_dt(model)
-        if dt > limit * (1 + 1e-6):
-            raise UnstableTimeStep(dt, limit, "explicit bending (and stretching) of the stiffest, shortest edge")
+    def stability_limit(self, model: RodModel) -> str:
+        return "explicit bending (and stretching) of the stiffest, shortest edge"
 
     def step(self, model: RodModel, state_in: RodState, state_out: RodState, control: RodControl, dt: float) -> None:
         limit = self._max_dt.get(id(model))
