@@ -219,6 +219,36 @@ def test_sensor_outputs_are_consistent():
     np.testing.assert_allclose(rest["rgb"][0], np.broadcast_to(flat, rest["rgb"][0].shape), atol=1e-6)
 
 
+def _collider(kind, z):
+    from diffsim.geometry import TriangleMesh, collider_box, collider_capsule, collider_cylinder, collider_mesh
+
+    rot_x = (np.sqrt(0.5), 0.0, 0.0, np.sqrt(0.5))  # lay capsules and cylinders on their side
+    return {
+        "sphere": lambda: collider_sphere(0.004, position=(0, 0, z + 0.004)),
+        "box": lambda: collider_box((0.003, 0.003, 0.003), position=(0, 0, z + 0.003)),
+        "capsule": lambda: collider_capsule(0.003, 0.004, position=(0, 0, z + 0.003), rotation=rot_x),
+        "cylinder": lambda: collider_cylinder(0.003, 0.004, position=(0, 0, z + 0.003), rotation=rot_x),
+        "mesh": lambda: collider_mesh(TriangleMesh.icosphere(0.004, 2), position=(0, 0, z + 0.004)),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["sphere", "box", "capsule", "cylinder", "mesh"])
+def test_every_collider_shape_presses_the_sensor(kind):
+    """Each rigid shape driven down into the pad by its Control: a finite push into the sensor."""
+    mesh = tet_mesh_pad((0.02, 0.02, 0.004), (12, 12, 2))
+    builder = FEMBuilder(gravity=(0.0, 0.0, 0.0))
+    builder.add_body(mesh, young_modulus=1e5, poisson_ratio=0.4, damping=300.0, fixed_nodes=mesh.vertices[:, 2] == 0)
+    builder.add_collider(_collider(kind, 0.004 + 1e-4))
+    model = builder.finalize("cpu")
+    solver = FEMSolver(model)
+    dt = solver.max_stable_dt(model)
+    control = model.control()
+    control.collider_velocity.assign(np.array([[0.0, 0.0, -0.05]], dtype=np.float32))  # 0.4 mm deep at the end
+    state = validation.simulate(model, solver, model.state(), int(0.01 / dt), dt, control=control)
+    force = TactileSensor(model, 0, image_shape=(4, 4)).read(model, state).numpy()["force"][0]
+    assert np.all(np.isfinite(force)) and force[2] < -1e-3
+
+
 def test_projection_stays_finite_on_the_optical_axis():
     model, state, sensor = _pressed_sensor(frames=50)
     reading = sensor.read(model, state).numpy()

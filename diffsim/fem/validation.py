@@ -256,6 +256,12 @@ def _weighted_vec3(values: wp.array(dtype=wp.vec3), weights: wp.array(dtype=wp.v
 
 
 @wp.kernel
+def _weighted_float(values: wp.array(dtype=float), weights: wp.array(dtype=float), loss: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(loss, 0, values[i] * weights[i])
+
+
+@wp.kernel
 def _weighted_vec2(values: wp.array(dtype=wp.vec2), weights: wp.array(dtype=wp.vec2), loss: wp.array(dtype=float)):
     i = wp.tid()
     wp.atomic_add(loss, 0, wp.dot(values[i], weights[i]))
@@ -298,15 +304,23 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool, devic
                          device=model.device)
     w_uv = wp.array(rng.standard_normal((markers, 2)).astype(np.float32) * 0.1, dtype=wp.vec2, device=model.device)
     w_force = wp.array(rng.standard_normal((1, 3)).astype(np.float32) * 10.0, dtype=wp.vec3, device=model.device)
+    w_torque = wp.array(rng.standard_normal((1, 3)).astype(np.float32) * 1e3, dtype=wp.vec3, device=model.device)
+    pixels = sensor.image_shape[0] * sensor.image_shape[1]
+    w_pressure = wp.array(rng.standard_normal(pixels).astype(np.float32) * 1e-4, dtype=float, device=model.device)
+    w_rgb = wp.array(rng.standard_normal((pixels, 3)).astype(np.float32) * 10.0, dtype=wp.vec3, device=model.device)
 
     def frame_loss(m: FEMModel, s, frame, loss):
+        # every sensor output enters the loss, so each one's gradient is checked
         if frame % 3 == 2 or frame == len(controls) - 1:
             reading = sensor.read(m, s)
-            wp.launch(_weighted_vec3, dim=markers, inputs=[reading.marker_position, w_markers], outputs=[loss],
-                      device=m.device)
+            for values, weights in ((reading.marker_position, w_markers), (reading.force, w_force),
+                                    (reading.torque, w_torque), (reading.rgb, w_rgb)):
+                wp.launch(_weighted_vec3, dim=values.shape[0], inputs=[values, weights], outputs=[loss],
+                          device=m.device)
             wp.launch(_weighted_vec2, dim=markers, inputs=[reading.marker_displacement, w_uv], outputs=[loss],
                       device=m.device)
-            wp.launch(_weighted_vec3, dim=1, inputs=[reading.force, w_force], outputs=[loss], device=m.device)
+            wp.launch(_weighted_float, dim=pixels, inputs=[reading.pressure, w_pressure], outputs=[loss],
+                      device=m.device)
 
     # a margin below the stable step: the finite differences stiffen the model a little
     substeps = math.ceil(frame_dt / (0.8 * solver.max_stable_dt(model)))
