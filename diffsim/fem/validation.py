@@ -42,19 +42,20 @@ def _pad_sensor(mesh: TetMesh, *, young_modulus: float, poisson_ratio: float, de
 
 
 @timed
-def hertz_indentation(*, device: str | None = None, resolution: int = 28, hold_steps: int = 1000) -> list[CheckResult]:
+def hertz_indentation(*, device: str | None = None, resolution: int = 28, hold_steps: int = 2000) -> list[CheckResult]:
     """A rigid frictionless sphere (R = 5 mm) pressed into a thick pad (16 x 16 x 8 mm, E = 100 kPa,
     nu = 0.3) to depths of 0.05-0.3 mm, each held until static: the force-depth curve must follow
     Hertz, F = (4/3) E* sqrt(R) d^1.5 with E* = E / (1 - nu^2).
 
     The fitted exponent must be 1.5 +- 0.1 and the mean force within 15% of Hertz. The pad is
     finite and bonded at its base, which stiffens it by a few % at the deepest indentation
-    (contact radius / thickness ~ 0.15), and linear tets are slightly too stiff at this mesh size.
+    (contact radius / thickness ~ 0.15), and linear tets are too stiff at this mesh size: the
+    force is 14% high here, 15.4% with resolution 24 (which fails), 14.0% with 32.
     """
     radius, E, nu, size, thickness = 5e-3, 1e5, 0.3, 16e-3, 8e-3
     mesh = tet_mesh_pad((size, size, thickness), (resolution, resolution, resolution // 2), grading=6.0)
-    # damping near critical for the slowest mode of the mass-scaled pad, found by trial: the force
-    # then changes by about 1% over the second half of each hold
+    # damping near critical for the slowest mode of the mass-scaled pad, found by trial; holding
+    # 1.5x longer changed the mean force ratio by 0.1%
     model = _pad_sensor(mesh, young_modulus=E, poisson_ratio=nu, density=quasi_static_density(mesh, 1000.0),
                         damping=1500.0, device=device,
                         colliders=[collider_sphere(radius, position=(0.0, 0.0, thickness + radius), friction=0.0)])
