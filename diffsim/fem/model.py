@@ -5,7 +5,6 @@ elastic bodies, and the builder that assembles bodies of many worlds into one ba
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +15,9 @@ from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.fem.kernels import MAX_COLLIDERS
-from diffsim.geometry import Collider, collider_plane
+from diffsim.geometry import Collider, collider_model_fields, collider_plane
+from diffsim.geometry._validation import finite_number, finite_vector, positive_number, unit_quaternion
+from diffsim.geometry.motion import rotation_matrix
 from diffsim.geometry.tetmesh import TetMesh
 
 
@@ -141,38 +142,12 @@ class FEMControl(Control):
     node_external_force: wp.array  #: vec3, extra (non-contact) force on each node [N]
 
 
-def _positive(name: str, value: float, unit: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidParameter(name, value, f"(0, inf) {unit}")
-    return value
-
-
-def _non_negative(name: str, value: float, unit: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidParameter(name, value, f"[0, inf) {unit}")
-    return value
-
-
-def _finite_point(position) -> np.ndarray:
-    p = np.asarray(position, dtype=np.float64).reshape(-1)
-    if p.size != 3 or not np.all(np.isfinite(p)):
-        raise InvalidParameter("position", p.tolist(), "three finite numbers [m]")
-    return p
-
-
-def _unit_quaternion(rotation) -> np.ndarray:
-    q = np.asarray(rotation, dtype=np.float64).reshape(-1)
-    if q.size != 4 or not np.all(np.isfinite(q)) or np.linalg.norm(q) < 1e-12:
-        raise InvalidParameter("rotation", q.tolist(), "a non-zero quaternion (x, y, z, w)")
-    return q / np.linalg.norm(q)
-
-
-def _rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Rotate rows of ``v`` by the unit quaternion ``q`` (x, y, z, w)."""
-    u, w = q[:3], q[3]
-    return v + 2.0 * w * np.cross(u, v) + 2.0 * np.cross(u, np.cross(u, v))
+def _non_negative(name: str, value, unit: str) -> float:
+    valid = f"finite numbers >= 0 {unit}"
+    number = finite_number(name, value, valid)
+    if number < 0.0:
+        raise InvalidParameter(name, value, valid)
+    return number
 
 
 @dataclass
@@ -274,15 +249,15 @@ class FEMBuilder:
             contact_stiffness = 30.0 * float(E.max()) / float(mesh.min_altitude().min())
         self.bodies.append(_Body(
             mesh=mesh,
-            position=_finite_point(position),
-            rotation=_unit_quaternion(rotation),
+            position=finite_vector("position", position, 3, "three finite numbers [m]"),
+            rotation=unit_quaternion("rotation", rotation),
             material=FEMMaterial(material),
             young_modulus=E,
             poisson_ratio=nu,
             density=rho,
             damping=_non_negative("damping", damping, "1/s"),
             stiffness_damping=_non_negative("stiffness_damping", stiffness_damping, "s"),
-            contact_stiffness=_positive("contact_stiffness", contact_stiffness, "Pa/m"),
+            contact_stiffness=positive_number("contact_stiffness", contact_stiffness, "Pa/m"),
             fixed=fixed,
             contact=contact,
             world=world,
@@ -340,7 +315,7 @@ class FEMBuilder:
             if np.any(m <= 0):
                 raise ConfigError(f"body {b}: node {int(np.flatnonzero(m <= 0)[0])} belongs to no tet.")
             masses.append(m)
-            xs.append(_rotate(body.rotation, p) + body.position)
+            xs.append(p @ rotation_matrix(body.rotation).T + body.position)
             local.append(p)
             tets.append(t + offset)
             bodies.append(np.full(mesh.vertex_count, b))
@@ -353,10 +328,6 @@ class FEMBuilder:
             starts.append(offset)
             counts.append(mesh.vertex_count)
             offset += mesh.vertex_count
-        nc = len(self.colliders)
-        mesh_ids = [c.warp_mesh_id(device) for c in self.colliders]
-        positions = np.array([c.position for c in self.colliders], dtype=np.float32).reshape(nc, 3)
-        rotations = np.array([c.rotation for c in self.colliders], dtype=np.float32).reshape(nc, 4)
 
         def ints(values):
             return wp.array(np.asarray(values, dtype=np.int32), dtype=wp.int32, device=device)
@@ -395,10 +366,7 @@ class FEMBuilder:
             body_damping=param([b.damping for b in self.bodies]),
             body_contact_stiffness=param([b.contact_stiffness for b in self.bodies]),
             gravity=wp.array(np.array([self.gravity], dtype=np.float32), dtype=wp.vec3, device=device),
-            collider_shape=ints([int(c.shape) for c in self.colliders]),
-            collider_size=param(np.array([c.size for c in self.colliders]).reshape(nc, 3), wp.vec3),
-            collider_friction=param([c.friction for c in self.colliders]),
-            collider_mesh=wp.array(np.array(mesh_ids, dtype=np.uint64), dtype=wp.uint64, device=device),
+            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
             surface_faces=np.concatenate(faces),
             meshes=[b.mesh for b in self.bodies],
             tet_min_altitude=np.concatenate(altitudes),
@@ -406,8 +374,5 @@ class FEMBuilder:
             initial_v=np.zeros_like(node_x),
             initial_body_position=np.array([b.position for b in self.bodies], dtype=np.float32),
             initial_body_rotation=np.array([b.rotation for b in self.bodies], dtype=np.float32),
-            initial_collider_position=np.tile(positions, (self.num_worlds, 1)),
-            initial_collider_rotation=np.tile(rotations, (self.num_worlds, 1)),
-            colliders=list(self.colliders),
             tet_density=np.concatenate(densities),
         )

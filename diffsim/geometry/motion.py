@@ -36,6 +36,18 @@ def integrate_colliders(
     rotation_out[i] = wp.normalize(wp.quat(v[0], v[1], v[2], c) * rotation_in[i])
 
 
+def rotation_matrix(quaternion: np.ndarray) -> np.ndarray:
+    """The 3x3 rotation matrix of a unit quaternion (x, y, z, w)."""
+    x, y, z, w = quaternion
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
 def rotation_vector(q0: np.ndarray, q1: np.ndarray) -> np.ndarray:
     """World-frame rotation vector (axis * angle) taking orientation q0 to q1, per row (x, y, z, w)."""
     x0, y0, z0, w0 = np.moveaxis(q0, -1, 0)

@@ -15,6 +15,7 @@ import warp as wp
 from diffsim.errors import InvalidParameter
 from diffsim.geometry._validation import finite_number, finite_vector, positive_number, unit_quaternion
 from diffsim.geometry.mesh import TriangleMesh
+from diffsim.geometry.motion import rotation_matrix
 
 __all__ = ["particle_volume", "sample_box", "sample_sphere", "sample_cylinder", "sample_mesh"]
 
@@ -204,17 +205,6 @@ def _mesh_signed_distance_kernel(
         signed_distance[i] = hit.sign * wp.length(p - wp.mesh_eval_position(mesh, hit.face, hit.u, hit.v))
 
 
-def _rotation_matrix(quaternion: np.ndarray) -> np.ndarray:
-    x, y, z, w = quaternion
-    return np.array(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ]
-    )
-
-
 def sample_mesh(
     mesh: TriangleMesh,
     spacing: float,
@@ -242,7 +232,7 @@ def sample_mesh(
         raise InvalidParameter("mesh", type(mesh).__name__, "TriangleMesh instances")
     spacing = _check_spacing(spacing)
     position = _check_point("position", position)
-    rot = _rotation_matrix(unit_quaternion("rotation", rotation))
+    rot = rotation_matrix(unit_quaternion("rotation", rotation))
     scale_values = (scale, scale, scale) if np.ndim(scale) == 0 else scale
     scale_vec = finite_vector("scale", scale_values, 3, "a number > 0 or three numbers > 0", positive=True)
     jitter = _check_jitter(jitter)

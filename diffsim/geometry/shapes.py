@@ -524,3 +524,27 @@ def collider_mesh(
         scale = (scale, scale, scale)
     scale = _require_vector("scale", scale, 3, "a number > 0 or three numbers > 0", positive=True)
     return Collider(ShapeType.MESH, scale, friction, mesh, position, rotation)
+
+
+def collider_model_fields(colliders: Sequence[Collider], num_worlds: int, device, *,
+                          requires_grad: bool = False) -> dict:
+    """The collider fields every solver's Model shares, as keyword arguments: per-collider
+    ``collider_shape``, ``collider_size`` [m], ``collider_friction`` (with a gradient buffer when
+    ``requires_grad``) and ``collider_mesh`` ids, the initial (world, collider) poses, and the
+    colliders themselves."""
+    nc = len(colliders)
+    positions = np.array([c.position for c in colliders], dtype=np.float32).reshape(nc, 3)
+    rotations = np.array([c.rotation for c in colliders], dtype=np.float32).reshape(nc, 4)
+    return {
+        "collider_shape": wp.array(np.array([int(c.shape) for c in colliders], dtype=np.int32), dtype=wp.int32,
+                                   device=device),
+        "collider_size": wp.array(np.array([c.size for c in colliders], dtype=np.float32).reshape(nc, 3),
+                                  dtype=wp.vec3, device=device),
+        "collider_friction": wp.array(np.array([c.friction for c in colliders], dtype=np.float32), dtype=float,
+                                      device=device, requires_grad=requires_grad),
+        "collider_mesh": wp.array(np.array([c.warp_mesh_id(device) for c in colliders], dtype=np.uint64),
+                                  dtype=wp.uint64, device=device),
+        "initial_collider_position": np.tile(positions, (num_worlds, 1)),
+        "initial_collider_rotation": np.tile(rotations, (num_worlds, 1)),
+        "colliders": list(colliders),
+    }

@@ -14,7 +14,7 @@ import warp as wp
 from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
-from diffsim.geometry import Collider, TriangleMesh, sampling
+from diffsim.geometry import Collider, TriangleMesh, collider_model_fields, sampling
 from diffsim.geometry.motion import rotation_vector
 from diffsim.materials import Material
 
@@ -346,18 +346,7 @@ class MPMBuilder:
         def farr(values) -> wp.array:
             return wp.array(np.asarray(values, dtype=np.float32), dtype=float, **grad)
 
-        meshes = []
-        mesh_ids = []
-        for c in self.colliders:
-            if c.mesh is not None:
-                m = c.mesh.warp_mesh(device)
-                meshes.append(m)
-                mesh_ids.append(m.id)
-            else:
-                mesh_ids.append(0)
-        nc = len(self.colliders)
-        positions = np.array([c.position for c in self.colliders], dtype=np.float32).reshape(nc, 3)
-        rotations = np.array([c.rotation for c in self.colliders], dtype=np.float32).reshape(nc, 4)
+        meshes = [c.mesh.warp_mesh(device) for c in self.colliders if c.mesh is not None]
         return MPMModel(
             num_worlds=self.num_worlds,
             grid_res=self.grid_res,
@@ -378,17 +367,9 @@ class MPMBuilder:
             particle_viscosity=farr(per_particle("viscosity")),
             particle_bulk_modulus=farr(per_particle("bulk_modulus")),
             gravity=wp.array([self.gravity], dtype=wp.vec3, **grad),
-            collider_shape=wp.array(np.array([int(c.shape) for c in self.colliders], dtype=np.int32),
-                                    dtype=wp.int32, device=device),
-            collider_size=wp.array(np.array([c.size for c in self.colliders], dtype=np.float32).reshape(nc, 3),
-                                   dtype=wp.vec3, device=device),
-            collider_friction=farr([c.friction for c in self.colliders]),
-            collider_mesh=wp.array(np.array(mesh_ids, dtype=np.uint64), dtype=wp.uint64, device=device),
+            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
             initial_x=x.astype(np.float32),
             initial_v=v.astype(np.float32),
-            initial_collider_position=np.tile(positions, (self.num_worlds, 1)),
-            initial_collider_rotation=np.tile(rotations, (self.num_worlds, 1)),
-            colliders=list(self.colliders),
             materials=list(mats),
             particle_material_index=mat_index,
             _meshes=meshes,

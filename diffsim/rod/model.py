@@ -14,7 +14,7 @@ import warp as wp
 from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
-from diffsim.geometry import Collider, collider_plane
+from diffsim.geometry import Collider, collider_model_fields, collider_plane
 from diffsim.rod.kernels import CLAMP_FIRST, CLAMP_LAST, MAX_COLLIDERS
 
 
@@ -358,12 +358,6 @@ class RodBuilder:
             return wp.array(np.asarray(values, dtype=np.float32), dtype=dtype, device=device,
                             requires_grad=requires_grad)
 
-        mesh_ids = []
-        for c in self.colliders:
-            mesh_ids.append(c.mesh.warp_mesh(device).id if c.mesh is not None else 0)
-        nc = len(self.colliders)
-        positions = np.array([c.position for c in self.colliders], dtype=np.float32).reshape(nc, 3)
-        rotations = np.array([c.rotation for c in self.colliders], dtype=np.float32).reshape(nc, 4)
         return RodModel(
             device=device,
             num_worlds=self.num_worlds,
@@ -385,18 +379,11 @@ class RodBuilder:
             rod_air_drag=param([r["air_drag"] for r in self.rods]),
             rod_contact_radius=param([r["radius"] for r in self.rods]),
             gravity=wp.array(self.gravity.astype(np.float32)[None], dtype=wp.vec3, device=device),
-            collider_shape=ints([int(c.shape) for c in self.colliders]),
-            collider_size=wp.array(np.array([c.size for c in self.colliders], dtype=np.float32).reshape(nc, 3),
-                                   dtype=wp.vec3, device=device),
-            collider_friction=param([c.friction for c in self.colliders]),
-            collider_mesh=wp.array(np.array(mesh_ids, dtype=np.uint64), dtype=wp.uint64, device=device),
+            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
             initial_x=cat("x").astype(np.float32),
             initial_v=cat("v").astype(np.float32),
             initial_d1=cat("d1").astype(np.float32),
             initial_theta=np.zeros(int(counts.sum()) - len(self.rods), dtype=np.float32),
-            initial_collider_position=np.tile(positions, (self.num_worlds, 1)),
-            initial_collider_rotation=np.tile(rotations, (self.num_worlds, 1)),
-            colliders=list(self.colliders),
         )
 
 
