@@ -13,6 +13,7 @@ import numpy as np
 from diffsim.calibrate.recordings import CableRecordings
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.rod import RodBuilder, RodModel, RodSolver, controls_from_driven_positions
+from diffsim.rod.model import material_curvature, spatial_frames
 
 
 @dataclass
@@ -33,10 +34,16 @@ class CableParameters:
     contact_radius: float = 0.006  #: cable radius for contact with the floor [m]
     floor_friction: float = 0.5  #: Coulomb friction with the floor [-]
     floor_height: float = 0.0  #: height of the floor [m]
+    #: fraction of the first frame's bends that the cable keeps as its natural shape [-], in [0, 1]:
+    #: real cables take a set (plastic memory), so a cable laid in a curve does not spring straight
+    shape_memory: float = 0.0
     #: rest material curvature at each rod vertex, shape (vertices, 2) [rad per vertex]; None: straight
     rest_curvature: list | None = field(default=None, repr=False)
     #: factor on ``bend_stiffness`` per rod edge (cables stiffen near connectors); None: uniform
     bend_profile: list | None = field(default=None, repr=False)
+    #: rest length of each marker gap [m], a property of the cable (its markers stay put), measured
+    #: on training recordings by :func:`measure_marker_gaps`; None: each recording's first frame
+    marker_gaps: list | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         for name in ("bend_stiffness", "twist_stiffness", "mass_per_length"):
@@ -47,6 +54,8 @@ class CableParameters:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidParameter(name, value, "[0, inf)")
+        if not (math.isfinite(self.shape_memory) and 0.0 <= self.shape_memory <= 1.0):
+            raise InvalidParameter("shape_memory", self.shape_memory, "[0, 1]")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,6 +87,16 @@ class CableLayout:
     driven_weight: np.ndarray  #: (driven vertices,) interpolation weight towards the second marker
     driven_recording: np.ndarray  #: (driven vertices,) recording of each driven vertex
     subdivisions: int
+    #: (vertices, 2) material curvature of each rod's first frame; ``shape_memory`` of it is rest shape
+    first_frame_curvature: np.ndarray
+
+
+def measure_marker_gaps(recordings: CableRecordings) -> list[float]:
+    """Rest length of each marker gap [m]: the median distance between neighbouring markers over
+    every frame of every recording (the cable does not stretch; the median ignores capture
+    glitches)."""
+    spacing = np.linalg.norm(np.diff(recordings.positions.astype(np.float64), axis=2), axis=-1)
+    return np.median(spacing.reshape(-1, recordings.num_markers - 1), axis=0).tolist()
 
 
 def rod_points(markers: np.ndarray, subdivisions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +118,10 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
                       clamp_twist: bool = True, initial_velocity: str = "ends") -> tuple[RodModel, CableLayout]:
     """One rod per recording, in one model: vertices through the first frame's markers (each gap
     split in ``subdivisions``), the two gripper-held end segments (markers 0-1 and M-2 to M-1)
-    driven, rest lengths from the median marker spacing over the recording.
+    driven, rest lengths from ``params.marker_gaps`` (else the first frame's). Of the interior
+    markers only the first frame is read, as the data set's metrics demand. The rest curvature is
+    ``params.rest_curvature`` (shared by the recordings) plus ``params.shape_memory`` times the
+    curvature of the recording's first frame.
 
     ``initial_velocity``: "ends" starts the interior moving with the velocity of the two grippers
     over the first frame, blended along the cable (recordings start mid-motion, and the ends are
@@ -114,10 +136,17 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
         raise InvalidParameter("subdivisions", subdivisions, "positive integers")
     M = recordings.num_markers
     builder = RodBuilder()
-    spacing = np.linalg.norm(np.diff(recordings.positions, axis=2), axis=-1)  # (N, T, M-1)
-    rest_gap = np.median(spacing, axis=1)  # the cable does not stretch: take the typical gap
+    first_gaps = np.linalg.norm(np.diff(recordings.positions[:, 0].astype(np.float64), axis=1), axis=-1)  # (N, M-1)
+    if params.marker_gaps is None:
+        rest_gap = first_gaps
+    else:
+        gaps = np.asarray(params.marker_gaps, dtype=np.float64)
+        if gaps.shape != (M - 1,) or not np.all(np.isfinite(gaps) & (gaps > 0)):
+            raise InvalidParameter("marker_gaps", f"an array of shape {gaps.shape}",
+                                   f"{M - 1} positive lengths [m] (one per marker gap)")
+        rest_gap = np.broadcast_to(gaps, first_gaps.shape)
     curvature = None if params.rest_curvature is None else np.asarray(params.rest_curvature, dtype=np.float64)
-    marker_vertex, driven_source, driven_weight, driven_recording = [], [], [], []
+    marker_vertex, driven_source, driven_weight, driven_recording, first_curvature = [], [], [], [], []
     offset = 0
     for r in range(recordings.num_recordings):
         first = recordings.positions[r, 0].astype(np.float64)
@@ -132,6 +161,9 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
         n = len(points)
         if curvature is not None and curvature.shape != (n, 2):
             raise InvalidParameter("rest_curvature", f"an array of shape {curvature.shape}", f"({n}, 2) for this cable")
+        # in the frames the builder gives the rod (parallel transport from the same first director)
+        first_curvature.append(material_curvature(rest_points, spatial_frames(rest_points)))
+        rest_shape = (np.zeros((n, 2)) if curvature is None else curvature) + params.shape_memory * first_curvature[-1]
         velocities = np.zeros_like(points)
         step = (recordings.positions[r, 1] - recordings.positions[r, 0]).astype(np.float64) * recordings.fps
         if initial_velocity == "ends":
@@ -153,7 +185,7 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
         driven = sorted(set(driven) | {subdivisions, n - 1 - subdivisions})
         builder.add_rod(
             points, rest_points=rest_points,
-            rest_curvature=curvature if curvature is not None else np.zeros((n, 2)),
+            rest_curvature=rest_shape,
             mass_per_length=params.mass_per_length, bend_stiffness=bend,
             twist_stiffness=params.twist_stiffness, bend_damping=params.bend_damping,
             linear_damping=params.linear_damping, air_drag=params.air_drag,
@@ -170,7 +202,7 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
     builder.add_ground(height=params.floor_height, friction=params.floor_friction)
     model = builder.finalize(device, requires_grad=requires_grad)
     layout = CableLayout(np.array(marker_vertex), np.array(driven_source, dtype=np.int64), np.array(driven_weight),
-                         np.array(driven_recording), subdivisions)
+                         np.array(driven_recording), subdivisions, np.concatenate(first_curvature))
     return model, layout
 
 

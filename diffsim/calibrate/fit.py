@@ -1,5 +1,6 @@
-"""Fitting a cable's physical parameters to recordings: Adam on log-stiffness, log-damping and the
-rest curvature, with gradients through batched, checkpointed rod rollouts; saves and resumes.
+"""Fitting a cable's physical parameters to recordings: Adam on log-stiffness, log-damping, the
+rest curvature, the shape memory and a bending-stiffness profile, with gradients through batched,
+checkpointed rod rollouts; saves and resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffsim.calibrate.cable import CableParameters, build_cable_batch, replay_controls
+from diffsim.calibrate.cable import CableParameters, build_cable_batch, measure_marker_gaps, replay_controls
 from diffsim.calibrate.recordings import CableRecordings
 from diffsim.core.rollout import Rollout
 from diffsim.errors import InvalidParameter
@@ -40,7 +41,9 @@ class FitOptions:
     schedule: tuple = ((20, 150), (25, None))
     learning_rate: float = 0.08  #: Adam step on the log-parameters
     curvature_learning_rate: float = 0.01  #: Adam step on the rest curvature [rad per vertex]
+    memory_learning_rate: float = 0.03  #: Adam step on the shape memory [-]
     fit_curvature: bool = True  #: also fit the rest curvature, vertex by vertex
+    fit_shape_memory: bool = True  #: also fit the share of the first frame's bends kept as rest shape
     fit_bend_profile: bool = True  #: also fit a bending-stiffness factor per edge
     subdivisions: int = 1  #: rod edges per marker gap
     checkpoint_every: int | None = None  #: solver steps per rollout checkpoint (default sqrt(T))
@@ -76,33 +79,113 @@ class _Adam:
         self.m, self.v, self.t = np.array(data["m"]), np.array(data["v"]), int(data["t"])
 
 
-# The fitted vector: log-parameters, then the rest curvature (vertices x 2), then the log of the
-# bending-stiffness factor per edge.
+def _slices(vertices: int) -> dict[str, slice]:
+    """Where each fitted quantity sits in the fitted vector: the log-parameters, the shape memory,
+    the rest curvature (vertices x 2) and the log of the bending-stiffness factor per edge."""
+    n_log = len(LOG_PARAMETERS)
+    return {"log": slice(0, n_log), "memory": slice(n_log, n_log + 1),
+            "curvature": slice(n_log + 1, n_log + 1 + 2 * vertices), "profile": slice(n_log + 1 + 2 * vertices, None)}
+
+
 def _pack(params: CableParameters, vertices: int) -> np.ndarray:
     logs = [math.log(max(getattr(params, name), 1e-9)) for name in LOG_PARAMETERS]
     curvature = np.zeros((vertices, 2)) if params.rest_curvature is None else np.asarray(params.rest_curvature)
     profile = np.ones(vertices - 1) if params.bend_profile is None else np.asarray(params.bend_profile)
-    return np.concatenate([logs, curvature.reshape(-1), np.log(profile)])
+    return np.concatenate([logs, [params.shape_memory], curvature.reshape(-1), np.log(profile)])
 
 
 def _unpack(vector: np.ndarray, base: CableParameters, vertices: int) -> CableParameters:
-    n_log = len(LOG_PARAMETERS)
-    values = {name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)}
+    at = _slices(vertices)
     data = base.to_json()
-    data.update(values)
-    data["rest_curvature"] = vector[n_log:n_log + 2 * vertices].reshape(vertices, 2).tolist()
-    data["bend_profile"] = np.exp(vector[n_log + 2 * vertices:]).tolist()
+    data.update({name: float(math.exp(value)) for name, value in zip(LOG_PARAMETERS, vector[at["log"]], strict=True)})
+    data["shape_memory"] = float(vector[at["memory"]][0])
+    data["rest_curvature"] = vector[at["curvature"]].reshape(vertices, 2).tolist()
+    data["bend_profile"] = np.exp(vector[at["profile"]]).tolist()
     return CableParameters.from_json(data)
+
+
+class CableObjective:
+    """The fitted loss as a function of the fitted vector: mean absolute error of the interior
+    markers [m] over the first ``frames`` frames of every recording, rolled out in one batch from
+    its first frame with its ends replayed, and its gradient by the adjoint of the rollout.
+
+    The vector holds the log-parameters, the shape memory, the shared rest curvature and the log
+    of the bending-stiffness factor per edge (see :attr:`slices`).
+    """
+
+    def __init__(self, recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
+                 device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto",
+                 loss_smoothing: float = 1e-4):
+        self.recordings = recordings
+        self.base = params
+        self.model, self.layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
+                                                    requires_grad=True)
+        self.vertices = int(self.model.rod_vertex_count.numpy()[0])
+        self.slices = _slices(self.vertices)
+        self.solver = RodSolver(self.model)
+        self.checkpoint_every = checkpoint_every
+        #: solver steps per frame; "auto" (the fewest stable ones) changes with the stiffness, so the
+        #: loss jumps where it does: fix it to compare with finite differences
+        self.substeps = substeps
+        self.loss_smoothing = loss_smoothing  #: width [m] below which the absolute error is rounded
+        self._state0 = self.model.state(requires_grad=True)
+        rod_of_vertex = self.model.vertex_rod.numpy()
+        self._local_vertex = np.arange(self.model.vertex_count) - self.model.rod_vertex_start.numpy()[rod_of_vertex]
+        self._stage: tuple | None = None
+
+    def initial_vector(self) -> np.ndarray:
+        return _pack(self.base, self.vertices)
+
+    def parameters(self, vector: np.ndarray) -> CableParameters:
+        return _unpack(vector, self.base, self.vertices)
+
+    def _controls_and_loss(self, frames: int):
+        """Controls and loss of a rollout over the first ``frames`` frames (kept for the next call)."""
+        if self._stage is None or self._stage[0] != frames:
+            rec, layout = self.recordings, self.layout
+            self._stage = None  # one stage's controls at a time
+            controls = replay_controls(self.model, layout, rec, frames=frames)
+            targets = rec.positions[:, 1:frames + 1][:, :, rec.interior_markers]  # (N, F, K, 3)
+            loss_fn = MarkerLoss(self.model, layout.marker_vertex[:, rec.interior_markers].reshape(-1),
+                                 targets.transpose(1, 0, 2, 3).reshape(frames, -1, 3), smoothing=self.loss_smoothing)
+            self._stage = (frames, controls, loss_fn)
+        return self._stage[1:]
+
+    def __call__(self, vector: np.ndarray, frames: int) -> tuple[float, np.ndarray, int]:
+        """Loss [m], its gradient with respect to ``vector`` and the solver steps per frame."""
+        model, layout, at = self.model, self.layout, self.slices
+        controls, loss_fn = self._controls_and_loss(frames)
+        _assign(model, layout, self.parameters(vector), self.recordings.num_recordings)
+        rollout = Rollout(self.solver, model, self._state0, controls, frame_dt=1.0 / self.recordings.fps,
+                          substeps=self.substeps, checkpoint_every=self.checkpoint_every,
+                          frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss))
+        model.zero_grad()
+        loss = rollout.forward()
+        rollout.backward()
+        grad = np.zeros_like(vector)
+        for i, array_name in enumerate(LOG_PARAMETERS.values()):
+            arr = model.array(array_name)
+            grad[i] = float(np.sum(arr.grad.numpy().astype(np.float64) * arr.numpy()))
+        # rest curvature of a vertex = shared curvature + memory * its rod's first-frame curvature
+        curvature_grad = model.vertex_rest_curvature.grad.numpy().astype(np.float64)
+        grad[at["memory"]] = np.sum(curvature_grad * layout.first_frame_curvature)
+        shared_grad = np.zeros((self.vertices, 2))
+        np.add.at(shared_grad, self._local_vertex, curvature_grad)
+        grad[at["curvature"]] = shared_grad.reshape(-1)
+        # the profile multiplies bend_stiffness: d/d(log factor_e) = sum over rods of grad_e * stiffness_e
+        bend = model.edge_bend_stiffness
+        per_edge = (bend.grad.numpy().astype(np.float64) * bend.numpy()).reshape(self.recordings.num_recordings, -1)
+        grad[at["profile"]] = per_edge.sum(axis=0)
+        return float(loss), grad, rollout.substeps
 
 
 def fit_cable(recordings: CableRecordings, initial: CableParameters | None = None, *,
               options: FitOptions | None = None, device: str | None = None, state_path: Path | None = None,
               progress: bool = True) -> FitResult:
-    """Fit ``initial`` (default :class:`CableParameters`) to ``recordings`` by gradient descent.
-
-    The loss is the mean absolute error of the interior markers over the training frames, every
-    recording rolled out in one batch from its first frame with its ends replayed. With
-    ``state_path`` the fit writes its state there after each step and resumes from it.
+    """Fit ``initial`` (default :class:`CableParameters`) to ``recordings`` by gradient descent on
+    :class:`CableObjective`; unless ``initial`` gives them, the marker gaps are measured on
+    ``recordings`` (:func:`measure_marker_gaps`) and kept in the result. With ``state_path`` the
+    fit writes its state there after each step and resumes from it.
     """
     options = options or FitOptions()
     stages = []
@@ -114,30 +197,17 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
             raise InvalidParameter("schedule frames", frames, f"None or [1, {recordings.num_frames - 1}]")
         stages.append((steps, recordings.num_frames - 1 if frames is None else min(frames, recordings.num_frames - 1)))
     total = sum(steps for steps, _ in stages)
-    params = initial or CableParameters()
-    model, layout = build_cable_batch(recordings, params, subdivisions=options.subdivisions, device=device,
-                                      requires_grad=True)
-    vertices = int(model.rod_vertex_count.numpy()[0])
-    solver = RodSolver(model)
-    interior = recordings.interior_markers
-    stage_data: dict[int, tuple] = {}
-
-    def stage_for(frames: int):
-        """Controls and loss of a rollout over the first ``frames`` frames (built once per stage)."""
-        if frames not in stage_data:
-            controls = replay_controls(model, layout, recordings, frames=frames)
-            targets = recordings.positions[:, 1:frames + 1][:, :, interior]  # (N, F, K, 3)
-            loss_fn = MarkerLoss(model, layout.marker_vertex[:, interior].reshape(-1),
-                                 targets.transpose(1, 0, 2, 3).reshape(frames, -1, 3))
-            stage_data.clear()  # one stage's controls at a time
-            stage_data[frames] = (controls, loss_fn)
-        return stage_data[frames]
-
-    vector = _pack(params, vertices)
-    n_log = len(LOG_PARAMETERS)
+    initial = initial or CableParameters()
+    if initial.marker_gaps is None:
+        initial = CableParameters.from_json({**initial.to_json(), "marker_gaps": measure_marker_gaps(recordings)})
+    objective = CableObjective(recordings, initial, subdivisions=options.subdivisions,
+                               device=device, checkpoint_every=options.checkpoint_every)
+    vector = objective.initial_vector()
+    at = objective.slices
     rates = np.full(vector.size, options.learning_rate)
-    rates[n_log:n_log + 2 * vertices] = options.curvature_learning_rate if options.fit_curvature else 0.0
-    rates[n_log + 2 * vertices:] = options.learning_rate if options.fit_bend_profile else 0.0
+    rates[at["memory"]] = options.memory_learning_rate if options.fit_shape_memory else 0.0
+    rates[at["curvature"]] = options.curvature_learning_rate if options.fit_curvature else 0.0
+    rates[at["profile"]] = options.learning_rate if options.fit_bend_profile else 0.0
     adam = _Adam(vector.size, rates)
     history: list[dict] = []
     if state_path is not None and Path(state_path).exists():
@@ -149,60 +219,38 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         else:
             warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
                           f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
-    state0 = model.state(requires_grad=True)
     start = time.perf_counter()
     bar = tqdm(total=total, initial=len(history), desc="fit", disable=not progress)
-    rod_of_vertex = model.vertex_rod.numpy()
-    local_vertex = np.arange(model.vertex_count) - model.rod_vertex_start.numpy()[rod_of_vertex]
     frames_of = [frames for steps, frames in stages for _ in range(steps)]
     for iteration in range(len(history), total):
-        controls, loss_fn = stage_for(frames_of[iteration])
-        current = _unpack(vector, params, vertices)
-        _assign(model, current, recordings.num_recordings)
-        rollout = Rollout(solver, model, state0, controls, frame_dt=1.0 / recordings.fps, substeps="auto",
-                          checkpoint_every=options.checkpoint_every,
-                          frame_loss=lambda m, s, frame, loss, fn=loss_fn: fn(m, s, frame, loss))
-        model.zero_grad()
-        loss = rollout.forward()
-        rollout.backward()
-        grad = np.zeros_like(vector)
-        for i, array_name in enumerate(LOG_PARAMETERS.values()):
-            arr = model.array(array_name)
-            grad[i] = float(np.sum(arr.grad.numpy().astype(np.float64) * arr.numpy()))
-        curvature_grad = np.zeros((vertices, 2))
-        np.add.at(curvature_grad, local_vertex, model.vertex_rest_curvature.grad.numpy().astype(np.float64))
-        grad[n_log:n_log + 2 * vertices] = curvature_grad.reshape(-1)
-        # the profile multiplies bend_stiffness: d/d(log factor_e) = sum over rods of grad_e * stiffness_e
-        bend = model.edge_bend_stiffness
-        per_edge = (bend.grad.numpy().astype(np.float64) * bend.numpy()).reshape(recordings.num_recordings, -1)
-        grad[n_log + 2 * vertices:] = per_edge.sum(axis=0)
+        loss, grad, substeps = objective(vector, frames_of[iteration])
         if not np.all(np.isfinite(grad)):
             raise InvalidParameter("gradient", "non-finite", "finite values; lower the learning rate")
-        history.append({"iteration": iteration, "frames": frames_of[iteration], "loss_m": loss,
-                        "substeps": rollout.substeps,
-                        **{name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)}})
+        history.append({"iteration": iteration, "frames": frames_of[iteration], "loss_m": loss, "substeps": substeps,
+                        **{name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)},
+                        "shape_memory": float(vector[at["memory"]][0])})
         vector = adam.step(vector, grad)
-        # keep the explicit step affordable and the damping physical
+        # keep the explicit step affordable
         vector[0] = min(vector[0], math.log(0.2))
-        profile = slice(n_log + 2 * vertices, None)
-        vector[profile] = np.clip(vector[profile], -2.0, 2.0)
+        vector[at["memory"]] = np.clip(vector[at["memory"]], 0.0, 1.0)
+        vector[at["profile"]] = np.clip(vector[at["profile"]], -2.0, 2.0)
         if state_path is not None:
             Path(state_path).write_text(json.dumps({"vector": vector.tolist(), "adam": adam.state(),
                                                     "history": history}))
-        bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=rollout.substeps)
+        bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=substeps)
         bar.update(1)
     bar.close()
-    return FitResult(_unpack(vector, params, vertices), history, time.perf_counter() - start)
+    return FitResult(objective.parameters(vector), history, time.perf_counter() - start)
 
 
-def _assign(model, params: CableParameters, num_rods: int) -> None:
-    """Write fitted values into a model built by :func:`build_cable_batch`."""
+def _assign(model, layout, params: CableParameters, num_rods: int) -> None:
+    """Write fitted values into a model built by :func:`build_cable_batch` with ``layout``."""
     profile = np.ones(model.edge_count // num_rods) if params.bend_profile is None else np.asarray(params.bend_profile)
     model.edge_bend_stiffness.assign(np.tile(params.bend_stiffness * profile, num_rods).astype(np.float32))
     model.edge_twist_stiffness.fill_(params.twist_stiffness)
     model.edge_bend_damping.fill_(params.bend_damping)
     model.rod_linear_damping.fill_(params.linear_damping)
     model.rod_air_drag.fill_(params.air_drag)
-    if params.rest_curvature is not None:
-        model.vertex_rest_curvature.assign(np.tile(np.asarray(params.rest_curvature, dtype=np.float32),
-                                                   (num_rods, 1)))
+    shared = 0.0 if params.rest_curvature is None else np.tile(np.asarray(params.rest_curvature), (num_rods, 1))
+    curvature = shared + params.shape_memory * layout.first_frame_curvature
+    model.vertex_rest_curvature.assign(curvature.astype(np.float32))

@@ -120,7 +120,8 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
     params.save(out / "params.json")
     log(f"fitted in {result.seconds:.0f} s: bend {params.bend_stiffness:.3g} N m^2, "
         f"twist {params.twist_stiffness:.3g} N m^2, bend damping {params.bend_damping:.3g} N m^2 s, "
-        f"damping {params.linear_damping:.3g} 1/s, drag {params.air_drag:.3g} kg/m^2")
+        f"damping {params.linear_damping:.3g} 1/s, drag {params.air_drag:.3g} kg/m^2, "
+        f"shape memory {params.shape_memory:.2f}")
     predicted, metrics = {}, {}
     for split, rec in (("train", train_rec), ("eval", eval_rec)):
         predicted[split] = simulate_recordings(rec, params, subdivisions=options.subdivisions, device=device)
