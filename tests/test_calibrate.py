@@ -72,6 +72,11 @@ def test_fit_recovers_the_bending_stiffness(recordings):
     result = fit_cable(recordings, start, options=options, progress=False)
     assert result.history[-1]["loss_m"] < 0.5 * result.history[0]["loss_m"]
     assert abs(np.log(result.parameters.bend_stiffness / TRUTH.bend_stiffness)) < np.log(1.3)
+    # the result is the iterate with the lowest loss, not merely the last one
+    losses = [h["loss_m"] for h in result.history]
+    assert result.best_iteration == int(np.argmin(losses))
+    best = result.history[result.best_iteration]
+    assert result.parameters.bend_stiffness == pytest.approx(best["bend_stiffness"], rel=1e-9)
 
 
 def test_calibrate_command_writes_results_and_resumes(recordings, tmp_path, capsys):

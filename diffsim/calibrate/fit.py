@@ -55,6 +55,7 @@ class FitResult:
     parameters: CableParameters
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    best_iteration: int | None = None  #: the iteration whose parameters these are (None: the last)
 
 
 class _Adam:
@@ -210,12 +211,17 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
     rates[at["profile"]] = options.learning_rate if options.fit_bend_profile else 0.0
     adam = _Adam(vector.size, rates)
     history: list[dict] = []
+    # The result is the best iterate of the last stage, not the last one: over the full horizon the
+    # gradient of a swinging cable stops being a descent direction once the fit is close (Adam then
+    # drifts uphill), so more steps must never make the result worse.
+    best: dict = {"loss_m": math.inf, "iteration": None, "vector": None}
     if state_path is not None and Path(state_path).exists():
         saved = json.loads(Path(state_path).read_text())
         if len(saved["vector"]) == vector.size:
             vector = np.array(saved["vector"])
             adam.load(saved["adam"])
             history = saved["history"]
+            best = saved.get("best", best)
         else:
             warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
                           f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
@@ -226,6 +232,8 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         loss, grad, substeps = objective(vector, frames_of[iteration])
         if not np.all(np.isfinite(grad)):
             raise InvalidParameter("gradient", "non-finite", "finite values; lower the learning rate")
+        if frames_of[iteration] == frames_of[-1] and loss < best["loss_m"]:
+            best = {"loss_m": loss, "iteration": iteration, "vector": vector.tolist()}
         history.append({"iteration": iteration, "frames": frames_of[iteration], "loss_m": loss, "substeps": substeps,
                         **{name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)},
                         "shape_memory": float(vector[at["memory"]][0])})
@@ -236,11 +244,13 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         vector[at["profile"]] = np.clip(vector[at["profile"]], -2.0, 2.0)
         if state_path is not None:
             Path(state_path).write_text(json.dumps({"vector": vector.tolist(), "adam": adam.state(),
-                                                    "history": history}))
+                                                    "history": history, "best": best}))
         bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=substeps)
         bar.update(1)
     bar.close()
-    return FitResult(objective.parameters(vector), history, time.perf_counter() - start)
+    if best["vector"] is not None:
+        vector = np.array(best["vector"])
+    return FitResult(objective.parameters(vector), history, time.perf_counter() - start, best["iteration"])
 
 
 def _assign(model, layout, params: CableParameters, num_rods: int) -> None:
