@@ -161,7 +161,7 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
         n = len(points)
         if curvature is not None and curvature.shape != (n, 2):
             raise InvalidParameter("rest_curvature", f"an array of shape {curvature.shape}", f"({n}, 2) for this cable")
-        # in the frames the builder gives the rod (parallel transport from the same first director)
+        # rest_points keep the first frame's edge directions, so these frames are the builder's
         first_curvature.append(material_curvature(rest_points, spatial_frames(rest_points)))
         rest_shape = (np.zeros((n, 2)) if curvature is None else curvature) + params.shape_memory * first_curvature[-1]
         velocities = np.zeros_like(points)

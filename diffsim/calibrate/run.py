@@ -119,8 +119,8 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
     params = result.parameters
     params.save(out / "params.json")
     if result.best_iteration is not None:
-        log(f"best iteration {result.best_iteration} of {len(result.history)}: train loss "
-            f"{result.history[result.best_iteration]['loss_m']:.4f} m")
+        log(f"kept step {result.best_iteration + 1} of {len(result.history)}, the best of the last stage: "
+            f"train loss {result.history[result.best_iteration]['loss_m']:.4f} m")
     log(f"fitted in {result.seconds:.0f} s: bend {params.bend_stiffness:.3g} N m^2, "
         f"twist {params.twist_stiffness:.3g} N m^2, bend damping {params.bend_damping:.3g} N m^2 s, "
         f"damping {params.linear_damping:.3g} 1/s, drag {params.air_drag:.3g} kg/m^2, "
