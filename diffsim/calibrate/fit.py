@@ -115,8 +115,7 @@ class CableObjective:
     """
 
     def __init__(self, recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
-                 device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto",
-                 loss_smoothing: float = 1e-4):
+                 device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto"):
         self.recordings = recordings
         self.base = params
         self.model, self.layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
@@ -128,7 +127,6 @@ class CableObjective:
         #: solver steps per frame; "auto" (the fewest stable ones) changes with the stiffness, so the
         #: loss jumps where it does: fix it to compare with finite differences
         self.substeps = substeps
-        self.loss_smoothing = loss_smoothing  #: width [m] below which the absolute error is rounded
         self._state0 = self.model.state(requires_grad=True)
         rod_of_vertex = self.model.vertex_rod.numpy()
         self._local_vertex = np.arange(self.model.vertex_count) - self.model.rod_vertex_start.numpy()[rod_of_vertex]
@@ -148,7 +146,7 @@ class CableObjective:
             controls = replay_controls(self.model, layout, rec, frames=frames)
             targets = rec.positions[:, 1:frames + 1][:, :, rec.interior_markers]  # (N, F, K, 3)
             loss_fn = MarkerLoss(self.model, layout.marker_vertex[:, rec.interior_markers].reshape(-1),
-                                 targets.transpose(1, 0, 2, 3).reshape(frames, -1, 3), smoothing=self.loss_smoothing)
+                                 targets.transpose(1, 0, 2, 3).reshape(frames, -1, 3))
             self._stage = (frames, controls, loss_fn)
         return self._stage[1:]
 
