@@ -5,6 +5,7 @@ metrics and timings are printed as a table and written as one JSON document. The
 read from ``--data`` (default ``../shared/data/deform``); nothing is copied into the repository.
 
     python benchmarks/rod_cables.py --out benchmarks/results/rod_cables.json
+    python benchmarks/rod_cables.py --initial-velocity recorded --out benchmarks/results/rod_cables_two_frames.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("outputs/rod_cables"), help="per-cable output folders")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--initial-velocity", choices=("ends", "recorded"), default="ends",
+                        help="'ends': the data set's one-frame protocol; 'recorded': DEFORM's two-frame start")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -36,7 +39,7 @@ def main() -> int:
         out = args.work / cable
         command = [sys.executable, "-m", "diffsim.cli", "calibrate", "rod",
                    "--train", str(args.data / f"{cable}_train.npz"), "--eval", str(args.data / f"{cable}_eval.npz"),
-                   "--out", str(out), "--restart", "--no-progress"]
+                   "--out", str(out), "--restart", "--no-progress", "--initial-velocity", args.initial_velocity]
         if args.iterations is not None:
             command += ["--iterations", str(args.iterations)]
         if args.device:
@@ -50,7 +53,8 @@ def main() -> int:
                      "params": {k: v for k, v in params.items() if not isinstance(v, list)}})
         print(f"{cable}: eval l1_all {metrics['eval']['l1_all']:.4f} m, interior_mean_m "
               f"{metrics['eval']['interior_mean_m']:.4f} m, {seconds:.0f} s", flush=True)
-    document = {"machine": platform.platform(), "processor": platform.processor(), "cables": rows}
+    document = {"machine": platform.platform(), "processor": platform.processor(),
+                "initial_velocity": args.initial_velocity, "cables": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(document, indent=2))

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_rod.add_argument("--train-frames", type=_positive_int, default=None,
                                help="frames of each train recording the fit rolls out (default: all)")
     calibrate_rod.add_argument("--subdivisions", type=_positive_int, default=1, help="rod edges per marker gap")
+    calibrate_rod.add_argument(
+        "--initial-velocity", choices=("ends", "recorded"), default="ends",
+        help="how each rollout's interior starts moving. 'ends' (default; the data set's protocol, only "
+             "frame 0 of the interior is read): the grippers' velocities blended along the cable. "
+             "'recorded' (the two-frame start of DEFORM's own evaluation): every marker's velocity "
+             "over the first frame; frame 1 is then read, and scoring starts at frame 2")
     calibrate_rod.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
     calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate_rod.set_defaults(handler=_run_calibrate_rod)
@@ -191,7 +197,7 @@ def _run_calibrate_rod(args: argparse.Namespace, device: str) -> int:
     from diffsim.calibrate.fit import FitOptions
     from diffsim.calibrate.run import calibrate_rod
 
-    options = FitOptions(subdivisions=args.subdivisions)
+    options = FitOptions(subdivisions=args.subdivisions, initial_velocity=args.initial_velocity)
     if args.iterations is not None or args.train_frames is not None:
         default_steps = sum(steps for steps, _ in options.schedule)
         schedule = ((args.iterations if args.iterations is not None else default_steps, args.train_frames),)

@@ -8,13 +8,14 @@ import pytest
 
 from diffsim.calibrate import evaluate, save_recordings
 from diffsim.calibrate.cable import (
+    GIVEN_FRAMES,
     CableParameters,
     build_cable_batch,
     measure_marker_gaps,
     simulate_recordings,
     synthetic_recordings,
 )
-from diffsim.calibrate.fit import LOG_PARAMETERS, CableObjective, FitOptions, fit_cable
+from diffsim.calibrate.fit import LOG_PARAMETERS, CableObjective, FitOptions, fit_cable, robust_gradient
 from diffsim.calibrate.recordings import CableRecordings
 from diffsim.cli import main
 from diffsim.errors import InvalidParameter
@@ -44,15 +45,20 @@ def test_rod_starts_on_the_first_frame_with_ends_driven(recordings):
     np.testing.assert_allclose(model.initial_v[layout.marker_vertex], step, atol=1e-4)
 
 
-def test_prediction_reads_only_the_first_frame_and_the_ends(recordings):
-    # the data set's metrics give a model the first frame and the end markers of every frame
+@pytest.mark.parametrize("initial_velocity", ["ends", "recorded"])
+def test_prediction_reads_only_its_given_frames_and_the_ends(recordings, initial_velocity):
+    # the data set's metrics give a model the first frame and the end markers of every frame;
+    # the two-frame start of DEFORM's evaluation also gives it frame 1
+    given = GIVEN_FRAMES[initial_velocity]
     scrambled = recordings.positions.copy()
     interior = recordings.interior_markers
-    scrambled[:, 1:, interior] += np.random.default_rng(0).normal(0.0, 0.05, scrambled[:, 1:, interior].shape)
+    hidden = scrambled[:, given:, interior]
+    scrambled[:, given:, interior] += np.random.default_rng(0).normal(0.0, 0.05, hidden.shape)
     # rest lengths given (as a fit gives them) or taken from the recording itself
     for params in (CableParameters(marker_gaps=measure_marker_gaps(recordings)), CableParameters()):
-        expected = simulate_recordings(recordings, params)
-        got = simulate_recordings(CableRecordings(scrambled, fps=recordings.fps), params)
+        expected = simulate_recordings(recordings, params, initial_velocity=initial_velocity)
+        got = simulate_recordings(CableRecordings(scrambled, fps=recordings.fps), params,
+                                  initial_velocity=initial_velocity)
         np.testing.assert_array_equal(got, expected)
 
 
@@ -80,6 +86,35 @@ def test_fit_recovers_the_bending_stiffness(recordings):
     assert result.parameters.bend_stiffness == pytest.approx(best["bend_stiffness"], rel=1e-9)
 
 
+def test_robust_gradient_clips_outlying_recordings_and_leaves_out_overflowed_ones():
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [300.0, -400.0], [np.nan, 1.0]])
+    grad, left_out, clipped = robust_gradient(rows, clip=3.0)
+    # the median norm of the four finite rows is (1 + sqrt 2) / 2; the 500-long one is cut to 3 times it
+    cap = 3.0 * (1.0 + np.sqrt(2.0)) / 2.0
+    expected = (np.array([2.0, 2.0]) + cap * np.array([0.6, -0.8])) * 5 / 4
+    np.testing.assert_allclose(grad, expected)
+    assert (left_out, clipped) == (1, 1)
+    plain, _, none_clipped = robust_gradient(rows[:4], clip=None)
+    np.testing.assert_allclose(plain, rows[:4].sum(axis=0))
+    assert none_clipped == 0
+    with pytest.raises(InvalidParameter, match="non-finite for every recording"):
+        robust_gradient(np.full((2, 2), np.inf), clip=3.0)
+
+
+def test_objective_splits_its_gradient_by_recording(recordings):
+    params = CableParameters(shape_memory=0.2, bend_profile=np.linspace(1.2, 1.0, recordings.num_markers - 1).tolist())
+    both = CableObjective(recordings.subset([0, 1]), params, substeps=8)
+    vector = both.initial_vector()
+    loss, grad, _ = both(vector, 20)
+    assert both.recording_gradients.shape == (2, vector.size)
+    np.testing.assert_allclose(both.recording_gradients.sum(axis=0), grad)
+    # each row is that recording's own gradient, scaled by its share of the mean loss
+    for r in (0, 1):
+        alone = CableObjective(recordings.subset([r]), params, substeps=8)
+        _, own, _ = alone(vector, 20)
+        np.testing.assert_allclose(both.recording_gradients[r], own / 2, rtol=2e-3, atol=1e-9)
+
+
 def test_calibrate_command_writes_results_and_resumes(recordings, tmp_path, capsys):
     train = save_recordings(tmp_path / "train.npz", recordings.subset([0, 1, 2]))
     held_out = save_recordings(tmp_path / "eval.npz", recordings.subset([3]))
@@ -101,6 +136,27 @@ def test_calibrate_command_writes_results_and_resumes(recordings, tmp_path, caps
     assert len(state["history"]) == 2
     assert main(args) == 0
     assert len(json.loads((out / "fit_state.json").read_text())["history"]) == 2
+
+
+def test_calibrate_command_with_a_two_frame_start(recordings, tmp_path, capsys):
+    train = save_recordings(tmp_path / "train.npz", recordings.subset([0, 1]))
+    held_out = save_recordings(tmp_path / "eval.npz", recordings.subset([3]))
+    out = tmp_path / "fit"
+    args = ["calibrate", "rod", "--train", str(train), "--eval", str(held_out), "--out", str(out),
+            "--iterations", "1", "--train-frames", "10", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["given_frames"] == 1
+    # a fit state of the other protocol is not resumed: the fit starts afresh
+    with pytest.warns(UserWarning, match="initial_velocity='ends'"):
+        assert main([*args, "--initial-velocity", "recorded"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["initial_velocity"], metrics["given_frames"]) == ("recorded", 2)
+    # frame 1 is an input now: scored from frame 2, the baseline too
+    params = CableParameters.load(out / "params.json")
+    predicted = simulate_recordings(recordings.subset([3]), params, initial_velocity="recorded")
+    expected = evaluate(predicted, recordings.subset([3]), given_frames=2)
+    assert metrics["eval"]["l1_all"] == pytest.approx(expected["l1_all"], rel=1e-6)
+    assert "scoring starts at frame 2" in capsys.readouterr().out
 
 
 def test_calibrate_command_names_a_missing_file(tmp_path, capsys):

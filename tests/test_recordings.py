@@ -256,6 +256,15 @@ def test_evaluate_reports_per_recording_values():
     assert report["l1_all"] == pytest.approx(l1_all(predicted, rec), abs=1e-9)
     assert report["num_frames_scored"] == 2
     np.testing.assert_array_equal(report["ids"], rec.ids)
+    # a prediction given two frames is scored on the frames after them only
+    predicted[1, 1] = rec.positions[1, 1] + 5.0
+    two = evaluate(predicted, rec, given_frames=2)
+    np.testing.assert_allclose(two["interior_mean_m_per_recording"], [0.0, 0.3], atol=1e-6)
+    np.testing.assert_allclose(two["l1_all_per_recording"], [0.0, 0.3 / 15], atol=1e-7)
+    assert two["num_frames_scored"] == 1
+    for bad in (0, 3, 1.5):
+        with pytest.raises(InvalidParameter, match="given_frames"):
+            evaluate(predicted, rec, given_frames=bad)
 
 
 def test_frozen_interior_baseline():

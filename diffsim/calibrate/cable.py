@@ -113,6 +113,11 @@ def rod_points(markers: np.ndarray, subdivisions: int) -> tuple[np.ndarray, np.n
     return np.array(points), np.array(source)
 
 
+#: frames of every recording a prediction reads, by how the interior's initial velocity is set;
+#: the metrics score the frames after them (``evaluate(..., given_frames=...)``)
+GIVEN_FRAMES = {"ends": 1, "rest": 1, "recorded": 2}
+
+
 def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
                       device: str | None = None, requires_grad: bool = False,
                       clamp_twist: bool = True, initial_velocity: str = "ends") -> tuple[RodModel, CableLayout]:
@@ -127,9 +132,10 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
     over the first frame, blended along the cable (recordings start mid-motion, and the ends are
     inputs at every frame); "rest" starts it still; "recorded" takes every marker's velocity over
     the first frame of the recording. "recorded" reads frame 1 of the interior markers, which the
-    data set's metrics do not give a model: use it to study, not to score.
+    data set's protocol does not give a model: it is the two-frame start of DEFORM's own
+    evaluation, scored from frame 2 on (:data:`GIVEN_FRAMES`).
     """
-    if initial_velocity not in ("ends", "rest", "recorded"):
+    if initial_velocity not in GIVEN_FRAMES:
         raise InvalidParameter("initial_velocity", initial_velocity, "'ends', 'rest' or 'recorded'")
     params.validate()
     if not isinstance(subdivisions, int) or subdivisions < 1:

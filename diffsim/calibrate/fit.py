@@ -46,6 +46,14 @@ class FitOptions:
     fit_shape_memory: bool = True  #: also fit the share of the first frame's bends kept as rest shape
     fit_bend_profile: bool = True  #: also fit a bending-stiffness factor per edge
     subdivisions: int = 1  #: rod edges per marker gap
+    #: how each rollout's interior starts moving (:func:`build_cable_batch`): "ends" follows the
+    #: data set's one-frame protocol; "recorded" fits for the two-frame start of DEFORM's evaluation
+    initial_velocity: str = "ends"
+    #: each recording's gradient is clipped to this multiple of the median recording's norm (None:
+    #: no clipping). A cable flung about is chaotic: the few recordings whose adjoints grow over the
+    #: horizon would otherwise set the direction of every step. Recordings whose adjoint overflows
+    #: (non-finite) are left out of the step.
+    recording_clip: float | None = 3.0
     checkpoint_every: int | None = None  #: solver steps per rollout checkpoint (default sqrt(T))
     seed: int = 0
 
@@ -115,11 +123,12 @@ class CableObjective:
     """
 
     def __init__(self, recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
-                 device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto"):
+                 device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto",
+                 initial_velocity: str = "ends"):
         self.recordings = recordings
         self.base = params
         self.model, self.layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
-                                                    requires_grad=True)
+                                                    requires_grad=True, initial_velocity=initial_velocity)
         self.vertices = int(self.model.rod_vertex_count.numpy()[0])
         self.slices = _slices(self.vertices)
         self.solver = RodSolver(self.model)
@@ -128,8 +137,8 @@ class CableObjective:
         #: loss jumps where it does: fix it to compare with finite differences
         self.substeps = substeps
         self._state0 = self.model.state(requires_grad=True)
-        rod_of_vertex = self.model.vertex_rod.numpy()
-        self._local_vertex = np.arange(self.model.vertex_count) - self.model.rod_vertex_start.numpy()[rod_of_vertex]
+        #: each recording's share of the last call's gradient, shape (recordings, vector size)
+        self.recording_gradients: np.ndarray | None = None
         self._stage: tuple | None = None
 
     def initial_vector(self) -> np.ndarray:
@@ -152,7 +161,7 @@ class CableObjective:
 
     def __call__(self, vector: np.ndarray, frames: int) -> tuple[float, np.ndarray, int]:
         """Loss [m], its gradient with respect to ``vector`` and the solver steps per frame."""
-        model, layout, at = self.model, self.layout, self.slices
+        model, layout = self.model, self.layout
         controls, loss_fn = self._controls_and_loss(frames)
         _assign(model, layout, self.parameters(vector), self.recordings.num_recordings)
         rollout = Rollout(self.solver, model, self._state0, controls, frame_dt=1.0 / self.recordings.fps,
@@ -161,21 +170,45 @@ class CableObjective:
         model.zero_grad()
         loss = rollout.forward()
         rollout.backward()
-        grad = np.zeros_like(vector)
+        self.recording_gradients = self._recording_gradients(vector.size)
+        return float(loss), self.recording_gradients.sum(axis=0), rollout.substeps
+
+    def _recording_gradients(self, size: int) -> np.ndarray:
+        """Each recording's share of the gradient, shape (recordings, size): every fitted array is
+        per edge, vertex or rod, and each rod is one recording."""
+        model, layout, at = self.model, self.layout, self.slices
+        n = self.recordings.num_recordings
+        rows = np.zeros((n, size))
         for i, array_name in enumerate(LOG_PARAMETERS.values()):
             arr = model.array(array_name)
-            grad[i] = float(np.sum(arr.grad.numpy().astype(np.float64) * arr.numpy()))
+            rows[:, i] = (arr.grad.numpy().astype(np.float64) * arr.numpy()).reshape(n, -1).sum(axis=1)
         # rest curvature of a vertex = shared curvature + memory * its rod's first-frame curvature
-        curvature_grad = model.vertex_rest_curvature.grad.numpy().astype(np.float64)
-        grad[at["memory"]] = np.sum(curvature_grad * layout.first_frame_curvature)
-        shared_grad = np.zeros((self.vertices, 2))
-        np.add.at(shared_grad, self._local_vertex, curvature_grad)
-        grad[at["curvature"]] = shared_grad.reshape(-1)
-        # the profile multiplies bend_stiffness: d/d(log factor_e) = sum over rods of grad_e * stiffness_e
+        curvature_grad = model.vertex_rest_curvature.grad.numpy().astype(np.float64).reshape(n, -1)
+        rows[:, at["memory"]] = np.sum(curvature_grad * layout.first_frame_curvature.reshape(n, -1), axis=1,
+                                       keepdims=True)
+        rows[:, at["curvature"]] = curvature_grad
+        # the profile multiplies bend_stiffness: d/d(log factor_e) = grad_e * stiffness_e
         bend = model.edge_bend_stiffness
-        per_edge = (bend.grad.numpy().astype(np.float64) * bend.numpy()).reshape(self.recordings.num_recordings, -1)
-        grad[at["profile"]] = per_edge.sum(axis=0)
-        return float(loss), grad, rollout.substeps
+        rows[:, at["profile"]] = (bend.grad.numpy().astype(np.float64) * bend.numpy()).reshape(n, -1)
+        return rows
+
+
+def robust_gradient(rows: np.ndarray, clip: float | None) -> tuple[np.ndarray, int, int]:
+    """Sum of per-recording gradients ``rows`` (recordings, size), each clipped to ``clip`` times
+    the median norm, with non-finite rows left out and the sum scaled back to all recordings.
+    Returns the gradient and how many recordings were left out and clipped."""
+    finite = np.all(np.isfinite(rows), axis=1)
+    if not finite.any():
+        raise InvalidParameter("gradient", "non-finite for every recording", "finite values; lower the learning rate")
+    kept = rows[finite]
+    clipped = 0
+    if clip is not None:
+        norms = np.linalg.norm(kept, axis=1)
+        cap = clip * float(np.median(norms))
+        scale = np.where(norms > cap, cap / np.maximum(norms, 1e-300), 1.0)
+        clipped = int(np.sum(scale < 1.0))
+        kept = kept * scale[:, None]
+    return kept.sum(axis=0) * (len(rows) / len(kept)), int(np.sum(~finite)), clipped
 
 
 def fit_cable(recordings: CableRecordings, initial: CableParameters | None = None, *,
@@ -199,8 +232,8 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
     initial = initial or CableParameters()
     if initial.marker_gaps is None:
         initial = CableParameters.from_json({**initial.to_json(), "marker_gaps": measure_marker_gaps(recordings)})
-    objective = CableObjective(recordings, initial, subdivisions=options.subdivisions,
-                               device=device, checkpoint_every=options.checkpoint_every)
+    objective = CableObjective(recordings, initial, subdivisions=options.subdivisions, device=device,
+                               checkpoint_every=options.checkpoint_every, initial_velocity=options.initial_velocity)
     vector = objective.initial_vector()
     at = objective.slices
     rates = np.full(vector.size, options.learning_rate)
@@ -215,24 +248,28 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
     best: dict = {"loss_m": math.inf, "iteration": None, "vector": None}
     if state_path is not None and Path(state_path).exists():
         saved = json.loads(Path(state_path).read_text())
-        if len(saved["vector"]) == vector.size:
+        saved_start = saved.get("initial_velocity", "ends")
+        if len(saved["vector"]) != vector.size:
+            warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
+                          f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
+        elif saved_start != options.initial_velocity:
+            warnings.warn(f"{state_path} holds a fit with initial_velocity={saved_start!r}, not "
+                          f"{options.initial_velocity!r}; starting afresh and overwriting it.", stacklevel=2)
+        else:
             vector = np.array(saved["vector"])
             adam.load(saved["adam"])
             history = saved["history"]
             best = saved.get("best", best)
-        else:
-            warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
-                          f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
     start = time.perf_counter()
     bar = tqdm(total=total, initial=len(history), desc="fit", disable=not progress)
     frames_of = [frames for steps, frames in stages for _ in range(steps)]
     for iteration in range(len(history), total):
-        loss, grad, substeps = objective(vector, frames_of[iteration])
-        if not np.all(np.isfinite(grad)):
-            raise InvalidParameter("gradient", "non-finite", "finite values; lower the learning rate")
+        loss, _, substeps = objective(vector, frames_of[iteration])
+        grad, left_out, clipped = robust_gradient(objective.recording_gradients, options.recording_clip)
         if frames_of[iteration] == frames_of[-1] and loss < best["loss_m"]:
             best = {"loss_m": loss, "iteration": iteration, "vector": vector.tolist()}
         history.append({"iteration": iteration, "frames": frames_of[iteration], "loss_m": loss, "substeps": substeps,
+                        "recordings_left_out": left_out, "recordings_clipped": clipped,
                         **{name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)},
                         "shape_memory": float(vector[at["memory"]][0])})
         vector = adam.step(vector, grad)
@@ -242,7 +279,8 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         vector[at["profile"]] = np.clip(vector[at["profile"]], -2.0, 2.0)
         if state_path is not None:
             Path(state_path).write_text(json.dumps({"vector": vector.tolist(), "adam": adam.state(),
-                                                    "history": history, "best": best}))
+                                                    "history": history, "best": best,
+                                                    "initial_velocity": options.initial_velocity}))
         bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=substeps)
         bar.update(1)
     bar.close()

@@ -471,12 +471,13 @@ def _interior_indices(interior, num_markers: int) -> np.ndarray:
     return indices
 
 
-def _l1_per_recording(predicted: np.ndarray, recorded: np.ndarray) -> np.ndarray:
-    return np.abs(predicted[:, 1:] - recorded[:, 1:]).mean(axis=(1, 2, 3))
+def _l1_per_recording(predicted: np.ndarray, recorded: np.ndarray, first: int = 1) -> np.ndarray:
+    return np.abs(predicted[:, first:] - recorded[:, first:]).mean(axis=(1, 2, 3))
 
 
-def _interior_distance_per_recording(predicted: np.ndarray, recorded: np.ndarray, interior: np.ndarray) -> np.ndarray:
-    distance = np.linalg.norm(predicted[:, 1:, interior] - recorded[:, 1:, interior], axis=-1)
+def _interior_distance_per_recording(predicted: np.ndarray, recorded: np.ndarray, interior: np.ndarray,
+                                     first: int = 1) -> np.ndarray:
+    distance = np.linalg.norm(predicted[:, first:, interior] - recorded[:, first:, interior], axis=-1)
     return distance.mean(axis=(1, 2))
 
 
@@ -507,22 +508,28 @@ def interior_mean_m(predicted, recorded, interior: Sequence[int] | None = None) 
     return float(_interior_distance_per_recording(predicted, recorded, indices).mean())
 
 
-def evaluate(predicted, recordings: CableRecordings) -> dict:
+def evaluate(predicted, recordings: CableRecordings, *, given_frames: int = 1) -> dict:
     """Both metrics of a prediction of ``recordings``, overall and per recording.
 
     Args:
         predicted: positions [m] of shape (N, T, M, 3) matching ``recordings.positions``.
         recordings: the recorded cable motion.
+        given_frames: leading frames of every marker the prediction was given, which are not
+            scored: 1 (the data set's protocol: frame 0) or more (2 for a start from two frames,
+            as DEFORM's own evaluation starts).
 
     Returns:
         ``{"l1_all": float [m], "interior_mean_m": float [m], "l1_all_per_recording": (N,) [m],
-        "interior_mean_m_per_recording": (N,) [m], "ids": (N,), "num_recordings": N, "num_frames_scored": T-1}``.
-        The overall values are the means of the per-recording ones (all recordings have the same length).
+        "interior_mean_m_per_recording": (N,) [m], "ids": (N,), "num_recordings": N,
+        "num_frames_scored": T - given_frames}``. The overall values are the means of the
+        per-recording ones (all recordings have the same length).
     """
     predicted, recorded = _batched_pair(predicted, recordings)
+    if not isinstance(given_frames, int) or not 1 <= given_frames < recorded.shape[1]:
+        raise InvalidParameter("given_frames", given_frames, f"integers in [1, {recorded.shape[1] - 1}]")
     interior = recordings.interior_markers
-    l1_per_recording = _l1_per_recording(predicted, recorded)
-    interior_per_recording = _interior_distance_per_recording(predicted, recorded, interior)
+    l1_per_recording = _l1_per_recording(predicted, recorded, given_frames)
+    interior_per_recording = _interior_distance_per_recording(predicted, recorded, interior, given_frames)
     return {
         "l1_all": float(l1_per_recording.mean()),
         "interior_mean_m": float(interior_per_recording.mean()),
@@ -530,7 +537,7 @@ def evaluate(predicted, recordings: CableRecordings) -> dict:
         "interior_mean_m_per_recording": interior_per_recording,
         "ids": recordings.ids.copy(),
         "num_recordings": recordings.num_recordings,
-        "num_frames_scored": recordings.num_frames - 1,
+        "num_frames_scored": recordings.num_frames - given_frames,
     }
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from diffsim.calibrate.cable import CableParameters, simulate_recordings
+from diffsim.calibrate.cable import GIVEN_FRAMES, CableParameters, simulate_recordings
 from diffsim.calibrate.fit import FitOptions, fit_cable
 from diffsim.calibrate.recordings import CableRecordings, evaluate, frozen_interior_prediction, load_recordings
 
 
-def _score(predicted: np.ndarray, recordings: CableRecordings) -> dict:
-    scores = evaluate(predicted, recordings)
-    frozen = evaluate(frozen_interior_prediction(recordings), recordings)
+def _score(predicted: np.ndarray, recordings: CableRecordings, given_frames: int) -> dict:
+    scores = evaluate(predicted, recordings, given_frames=given_frames)
+    frozen = evaluate(frozen_interior_prediction(recordings), recordings, given_frames=given_frames)
     return {
         "l1_all": float(scores["l1_all"]),
         "interior_mean_m": float(scores["interior_mean_m"]),
@@ -99,7 +99,8 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
                   resume: bool = True, log=print) -> dict:
     """Fit on ``train`` (path or recordings), score train and eval, write results into ``out_dir``.
 
-    Writes ``params.json``, ``metrics.json`` (``l1_all`` and ``interior_mean_m`` per split),
+    Writes ``params.json``, ``metrics.json`` (``l1_all`` and ``interior_mean_m`` per split, scored
+    after the ``given_frames`` that ``options.initial_velocity`` reads),
     ``overlay_eval.png``, ``overlay_train.png``, ``error_per_frame.png``, ``loss.png`` and
     ``fit_state.json`` (the fit resumes from it when run again with ``resume``).
     """
@@ -118,6 +119,10 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
                        progress=progress)
     params = result.parameters
     params.save(out / "params.json")
+    left_out = sum(1 for step in result.history if step.get("recordings_left_out"))
+    if left_out:
+        log(f"{left_out} of {len(result.history)} steps left out recordings whose gradient overflowed "
+            f"(see recordings_left_out in metrics.json)")
     if result.best_iteration is not None:
         log(f"kept step {result.best_iteration + 1} of {len(result.history)}, the best of the last stage: "
             f"train loss {result.history[result.best_iteration]['loss_m']:.4f} m")
@@ -125,10 +130,15 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
         f"twist {params.twist_stiffness:.3g} N m^2, bend damping {params.bend_damping:.3g} N m^2 s, "
         f"damping {params.linear_damping:.3g} 1/s, drag {params.air_drag:.3g} kg/m^2, "
         f"shape memory {params.shape_memory:.2f}")
-    predicted, metrics = {}, {}
+    given = GIVEN_FRAMES[options.initial_velocity]
+    if given > 1:
+        log(f"initial velocity {options.initial_velocity!r}: each prediction reads the first {given} frames "
+            f"of every marker, so scoring starts at frame {given}")
+    predicted, metrics = {}, {"initial_velocity": options.initial_velocity, "given_frames": given}
     for split, rec in (("train", train_rec), ("eval", eval_rec)):
-        predicted[split] = simulate_recordings(rec, params, subdivisions=options.subdivisions, device=device)
-        metrics[split] = _score(predicted[split], rec)
+        predicted[split] = simulate_recordings(rec, params, subdivisions=options.subdivisions, device=device,
+                                               initial_velocity=options.initial_velocity)
+        metrics[split] = _score(predicted[split], rec, given)
         m = metrics[split]
         log(f"{split}: l1_all {m['l1_all']:.4f} m, interior_mean_m {m['interior_mean_m']:.4f} m "
             f"(interior frozen: {m['frozen_interior_l1_all']:.4f} / {m['frozen_interior_interior_mean_m']:.4f})")
