@@ -86,7 +86,7 @@ def test_fit_recovers_the_bending_stiffness(recordings):
     assert result.parameters.bend_stiffness == pytest.approx(best["bend_stiffness"], rel=1e-9)
 
 
-def test_robust_gradient_clips_outlying_recordings_and_leaves_out_overflowed_ones():
+def test_robust_gradient_clips_outlying_recordings_and_leaves_out_overflowed_ones(recordings):
     rows = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [300.0, -400.0], [np.nan, 1.0]])
     grad, left_out, clipped = robust_gradient(rows, clip=3.0)
     # the median norm of the four finite rows is (1 + sqrt 2) / 2; the 500-long one is cut to 3 times it
@@ -99,6 +99,8 @@ def test_robust_gradient_clips_outlying_recordings_and_leaves_out_overflowed_one
     assert none_clipped == 0
     with pytest.raises(InvalidParameter, match="non-finite for every recording"):
         robust_gradient(np.full((2, 2), np.inf), clip=3.0)
+    with pytest.raises(InvalidParameter, match="recording_clip"):
+        fit_cable(recordings, options=FitOptions(recording_clip=0.0), progress=False)
 
 
 def test_objective_splits_its_gradient_by_recording(recordings):

@@ -229,6 +229,9 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
             raise InvalidParameter("schedule frames", frames, f"None or [1, {recordings.num_frames - 1}]")
         stages.append((steps, recordings.num_frames - 1 if frames is None else min(frames, recordings.num_frames - 1)))
     total = sum(steps for steps, _ in stages)
+    clip = options.recording_clip
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise InvalidParameter("recording_clip", clip, "None or (0, inf) times the median recording's gradient")
     initial = initial or CableParameters()
     if initial.marker_gaps is None:
         initial = CableParameters.from_json({**initial.to_json(), "marker_gaps": measure_marker_gaps(recordings)})
