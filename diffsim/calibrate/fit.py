@@ -116,7 +116,9 @@ def _unpack(vector: np.ndarray, base: CableParameters, vertices: int) -> CablePa
 class CableObjective:
     """The fitted loss as a function of the fitted vector: mean absolute error of the interior
     markers [m] over the first ``frames`` frames of every recording, rolled out in one batch from
-    its first frame with its ends replayed, and its gradient by the adjoint of the rollout.
+    its first frame with its ends replayed (the interior starting to move as ``initial_velocity``
+    says, see :func:`build_cable_batch`), and its gradient by the adjoint of the rollout; each
+    recording's share of that gradient is kept in :attr:`recording_gradients`.
 
     The vector holds the log-parameters, the shape memory, the shared rest curvature and the log
     of the bending-stiffness factor per edge (see :attr:`slices`).
