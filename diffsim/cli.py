@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_run_demo)
 
     validate = commands.add_parser("validate", help="physics and gradient checks against closed forms")
-    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile}")
+    validate_solvers = validate.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile,coupling}")
     for solver, about in (("mpm", "checks of the MPM solver"), ("rod", "checks of the discrete elastic rod solver"),
-                          ("tactile", "checks of the FEM tactile sensor")):
+                          ("tactile", "checks of the FEM tactile sensor"),
+                          ("coupling", "checks of two-way contact between the sensor, MPM material and cables")):
         sub = validate_solvers.add_parser(solver, parents=[device_flag], help=about)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")

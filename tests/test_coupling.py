@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from diffsim.core.validation import simulate
-from diffsim.coupling import CoupledModel
+from diffsim.coupling import CoupledModel, validation
 from diffsim.coupling.scenes import material_on_sensor
 from diffsim.errors import ConfigError
-from diffsim.fem import validation
 
 
 def test_grouped_bundles_name_clone_and_assign():
@@ -36,7 +35,7 @@ def test_coupled_models_need_the_same_worlds():
         CoupledModel(one.fem, two.mpm)
 
 
-@pytest.mark.parametrize("check", ["equilibrium_material", "equilibrium_rod", "gripper"])
+@pytest.mark.parametrize("check", list(validation.PHYSICS_CHECKS))
 def test_coupled_physics(check):
     (result,) = validation.run_physics_checks(device="cpu", only=[check])
     assert result.passed, result
@@ -56,7 +55,7 @@ def test_batched_coupled_worlds_equal_single_world():
     assert finals[0][:, 2].min() > 0.0040  # ... on the pad (top at 4 mm), not through it
 
 
-@pytest.mark.parametrize("name", ["material_friction", "sensor_pose_material", "sensor_pose_rod"])
+@pytest.mark.parametrize("name", list(validation.GRADIENT_CHECKS))
 def test_gradients_through_two_way_contact(name):
     (result,) = validation.run_gradient_checks(device="cpu", only=[name])
     assert result.passed, result

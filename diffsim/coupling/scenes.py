@@ -43,9 +43,10 @@ def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requir
     return model, CoupledSolver(model, mpm=MPMSolver(mpm_model))
 
 
-def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, drop: float = 0.5e-3):
+def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, drop: float = 0.5e-3,
+                  linear_damping: float = 5.0):
     """A free 14 mm cable (radius 2 mm, 8 vertices) dropped from ``drop`` [m] onto an upward-facing
-    pad. Returns (model, solver)."""
+    pad, its motion damped at ``linear_damping`` [1/s] (mass-proportional). Returns (model, solver)."""
     from diffsim.rod import RodBuilder, RodSolver
 
     fem = FEMBuilder()
@@ -54,7 +55,7 @@ def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, dro
     points = np.stack([np.linspace(-0.007, 0.007, count), np.zeros(count),
                        np.full(count, PAD_THICKNESS + radius + drop)], axis=1)
     rods = RodBuilder()
-    rods.add_rod(points, mass_per_length=0.05, bend_stiffness=1e-4, twist_stiffness=1e-4, linear_damping=5.0,
+    rods.add_rod(points, mass_per_length=0.05, bend_stiffness=1e-4, twist_stiffness=1e-4, linear_damping=linear_damping,
                  contact_radius=radius)
     rod_model = rods.finalize(device, requires_grad=requires_grad)
     model = CoupledModel(fem.finalize(device, requires_grad=requires_grad), rod=rod_model, rod_friction=0.5,

@@ -1,0 +1,190 @@
+"""Physics and gradient checks of two-way contact: MPM material and a cable resting on a sensor pad,
+the parallel-jaw gripper lifting a cube, and finite-difference gradients through the contacts.
+
+The tests and ``diffsim validate coupling`` call these same functions, so the tolerances live here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import warp as wp
+
+from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, simulate, timed
+from diffsim.coupling.scenes import gripper, material_on_sensor, rod_on_sensor, sensor_support
+from diffsim.errors import ConfigError
+from diffsim.fem.tactile import TactileSensor
+
+GRAVITY = 9.81
+
+
+def _mean_support(model, solver, settle_seconds: float, window_seconds: float) -> tuple[float, float]:
+    """Settle a coupled scene, then average the pad's support force [N] over a window (what still
+    rings averages out: over a window the mean contact force equals the weight up to the momentum
+    change over the window). Returns (mean support, its standard deviation)."""
+    dt = solver.max_stable_dt(model)
+    state = simulate(model, solver, model.state(), int(settle_seconds / dt), dt)
+    support = []
+    simulate(model, solver, state, int(window_seconds / dt), dt,
+             on_step=lambda i, s: support.append(sensor_support(model.fem, s.fem.node_contact_force.numpy())))
+    return float(np.mean(support)), float(np.std(support))
+
+
+@timed
+def material_resting(*, device: str | None = None) -> CheckResult:
+    """A rubber cube (MPM, two-way contact) resting on a sensor pad: the pad's summed contact
+    force, averaged over 0.1 s, equals the cube's weight (2%)."""
+    model, solver = material_on_sensor(device=device)
+    support, spread = _mean_support(model, solver, 0.15, 0.1)
+    weight = float(model.mpm.particle_mass.numpy().astype(np.float64).sum() * GRAVITY)
+    return CheckResult("equilibrium: MPM cube on sensor, support / weight", support, weight,
+                       abs(support / weight - 1.0), 0.02, "relative", "N", {"support_std_N": spread})
+
+
+#: mass-proportional damping [1/s] of the resting cable. The cable bounces on the soft pad at
+#: 100-140 Hz; the scene's 5/s damps that by 0.3% of critical, so 0.1 s after landing the window
+#: still averaged a decaying bounce (2.6% off the weight, std ~ the mean). 200/s settles it in
+#: 0.05 s; at rest damping exerts no force, so the static load is the same.
+RESTING_CABLE_DAMPING = 200.0
+
+
+@timed
+def rod_resting(*, device: str | None = None) -> CheckResult:
+    """A cable (rod, two-way contact) dropped onto a sensor pad and damped to rest: the pad's summed
+    contact force, averaged over 0.1 s, equals the cable's weight (2%)."""
+    model, solver = rod_on_sensor(device=device, linear_damping=RESTING_CABLE_DAMPING)
+    support, spread = _mean_support(model, solver, 0.1, 0.1)
+    weight = float(model.rod.vertex_mass.numpy().astype(np.float64).sum() * GRAVITY)
+    return CheckResult("equilibrium: cable on sensor, support / weight", support, weight,
+                       abs(support / weight - 1.0), 0.02, "relative", "N",
+                       {"support_std_N": spread, "linear_damping_1_s": RESTING_CABLE_DAMPING})
+
+
+@timed
+def gripper_lift(*, device: str | None = None, lift: float = 0.005) -> CheckResult:
+    """Two sensor pads squeeze a rubber cube (MPM) from either side, 1 mm past touching, then lift
+    by ``lift`` [m]: the cube must rise with them (its centre of mass within 10% of the lift),
+    stay between the pads and keep finite, moderate speeds."""
+    gap, squeeze_speed, lift_speed = 0.002, 0.03, 0.05
+    model, solver, (left, right) = gripper(device=device, gap=gap)
+    dt = solver.max_stable_dt(model)
+    state = model.state()
+    x0 = state.mpm.particle_x.numpy().astype(np.float64)
+    fastest = 0.0
+    for velocity, seconds in (((squeeze_speed, 0.0), (gap + 1e-3) / squeeze_speed),
+                              ((0.0, lift_speed), lift / lift_speed)):
+        control = model.control()
+        vx, vz = velocity
+        control.fem.body_velocity.assign(np.array([[vx, 0.0, vz], [-vx, 0.0, vz]], dtype=np.float32))
+        state = simulate(model, solver, state, int(round(seconds / dt)), dt, control=control)
+        fastest = max(fastest, float(np.abs(state.mpm.particle_v.numpy()).max()))
+    x = state.mpm.particle_x.numpy().astype(np.float64)
+    rise = float(x[:, 2].mean() - x0[:, 2].mean())
+    finger_rise = float(state.fem.body_position.numpy()[left, 2] - model.fem.initial_body_position[left, 2])
+    faces = [float(state.fem.body_position.numpy()[b, 0]) for b in (left, right)]
+    inside = bool(x[:, 0].min() > faces[0] and x[:, 0].max() < faces[1])
+    error = abs(rise / finger_rise - 1.0) if inside and fastest < 1.0 else float("inf")
+    return CheckResult("gripper: block lift / finger lift", rise, finger_rise, error, 0.10, "relative", "m",
+                       {"between_pads": inside, "max_particle_speed_m_s": fastest, "steps_dt": dt})
+
+
+PHYSICS_CHECKS = {
+    "equilibrium_material": material_resting,
+    "equilibrium_rod": rod_resting,
+    "gripper": gripper_lift,
+}
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+@wp.kernel
+def _weighted_vec3(values: wp.array(dtype=wp.vec3), weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(loss, 0, wp.dot(values[i], weights[i]))
+
+
+@wp.kernel
+def _weighted_displacement(x: wp.array(dtype=wp.vec3), reference: wp.array(dtype=wp.vec3),
+                           weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(loss, 0, wp.dot(x[i] - reference[i], weights[i]))
+
+
+def _coupled_gradient_check(name: str, target: str, *, scene: str, eps: float, relative: bool,
+                            device: str | None, directions: int = 2, tolerance: float = 0.02) -> CheckResult:
+    """FD check through two-way contact: the pad rises and slides under a falling rubber cube
+    (``scene="material"``) or under a cable lying on it (``"rod"``); the loss weighs the
+    displacements of the cube's particles or the cable's vertices and the pad's marker positions
+    at the end."""
+    from diffsim.core.rollout import Rollout
+
+    start = time.perf_counter()
+    if scene == "material":
+        model, solver = material_on_sensor(device=device, requires_grad=True)
+        part, field_name = "mpm", "particle_x"
+    else:
+        model, solver = rod_on_sensor(device=device, requires_grad=True, drop=0.0)  # touching from the start
+        part, field_name = "rod", "vertex_x"
+    sensor = TactileSensor(model.fem, 0, marker_grid=(3, 3), image_shape=(2, 2))
+    controls = []
+    for _ in range(12):
+        c = model.control(requires_grad=True)
+        c.fem.body_velocity.assign(np.array([[0.03, 0.0, 0.08]], dtype=np.float32))
+        controls.append(c)
+    state0 = model.state(requires_grad=True)
+    rng = np.random.default_rng(7)
+    points = state0.array(f"{part}.{field_name}")
+    reference = wp.array(points.numpy(), dtype=wp.vec3, device=model.device)
+    w_points = wp.array(rng.standard_normal((points.shape[0], 3)).astype(np.float32) * 30.0, dtype=wp.vec3,
+                        device=model.device)
+    w_markers = wp.array(rng.standard_normal((9, 3)).astype(np.float32) * 1e3, dtype=wp.vec3, device=model.device)
+
+    def final_loss(m, s, loss):
+        wp.launch(_weighted_displacement, dim=points.shape[0],
+                  inputs=[s.array(f"{part}.{field_name}"), reference, w_points], outputs=[loss], device=m.device)
+        reading = sensor.read(m.fem, s.fem)
+        wp.launch(_weighted_vec3, dim=9, inputs=[reading.marker_position, w_markers], outputs=[loss], device=m.device)
+
+    substeps = math.ceil(1e-3 / (0.8 * solver.max_stable_dt(model)))
+    rollout = Rollout(solver, model, state0, controls, frame_dt=1e-3, substeps=substeps, checkpoint_every=60,
+                      final_loss=final_loss)
+    array = rollout_input(model, state0, controls, target)
+    result = rollout_gradient_check(name, rollout, array, (model, state0, *controls), eps=eps, relative=relative,
+                                    directions=directions, tolerance=tolerance,
+                                    details={"substeps": substeps, "frames": len(controls)})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+GRADIENT_CHECKS = {
+    "material_friction": lambda d: _coupled_gradient_check("sensor-MPM friction (two-way contact)",
+                                                           "model.coupling.material_friction", scene="material",
+                                                           eps=0.02, relative=True, device=d, directions=1),
+    "sensor_pose_material": lambda d: _coupled_gradient_check("sensor trajectory against MPM (frame 5)",
+                                                              "control5.fem.body_velocity", scene="material",
+                                                              eps=1e-3, relative=False, device=d),
+    "sensor_pose_rod": lambda d: _coupled_gradient_check("sensor trajectory against a cable (frame 5)",
+                                                         "control5.fem.body_velocity", scene="rod", eps=1e-3,
+                                                         relative=False, device=d),
+}
+
+
+def _check_names(only: list[str] | None, known) -> None:
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown check name(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
+
+
+def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+    """Run the physics checks (all, or those named in ``only``) and return their results."""
+    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
+    return [fn(device=device) for name, fn in PHYSICS_CHECKS.items() if not only or name in only]
+
+
+def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+    """Run the finite-difference gradient checks (all, or those named in ``only``)."""
+    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
+    return [fn(device) for name, fn in GRADIENT_CHECKS.items() if not only or name in only]
