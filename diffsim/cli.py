@@ -176,7 +176,7 @@ def _run_bench_mpm(args: argparse.Namespace, device: str) -> int:
 
 
 def _run_bench_rod(args: argparse.Namespace, device: str) -> int:
-    from diffsim.rod.benchmark import format_report, run_benchmark
+    from diffsim.calibrate.benchmark import format_report, run_benchmark
 
     result = run_benchmark(frames=args.frames, batch=args.batch, repeats=args.repeats, markers=args.markers,
                            device=device)

@@ -1,5 +1,7 @@
 """Speed of the rod solver on cable replays: milliseconds per 100 Hz frame at batch 1 and at batch
 56, forward and forward+backward (checkpointed), and the batch's per-rod throughput gain.
+
+It lives here, not in ``rod/``, because the replays are built by ``calibrate.cable`` (above the solvers).
 """
 
 from __future__ import annotations
