@@ -42,16 +42,31 @@ def _pad_sensor(mesh: TetMesh, *, young_modulus: float, poisson_ratio: float, de
     return builder.finalize(device, requires_grad=requires_grad)
 
 
+def bonded_layer_factor(depth, *, radius: float, thickness: float, poisson_ratio: float):
+    """Stiffening of a sphere's Hertz force by a layer of finite ``thickness`` [m] bonded to a
+    rigid base (Dimitriadis et al., Biophys. J. 82, 2002, eq. 12): F / F_Hertz as a series in
+    chi = sqrt(R d) / h, the contact radius over the thickness, to chi^3 (the chi^4 term is
+    below 1e-4 for chi < 0.2)."""
+    nu = poisson_ratio
+    alpha = -(1.2876 - 1.4678 * nu + 1.3442 * nu**2) / (1.0 - nu)
+    beta = (0.6387 - 1.0277 * nu + 1.5164 * nu**2) / (1.0 - nu)
+    chi = np.sqrt(radius * np.asarray(depth)) / thickness
+    return (1.0 - 2.0 * alpha / math.pi * chi + 4.0 * alpha**2 / math.pi**2 * chi**2
+            - 8.0 / math.pi**3 * (alpha**3 + 4.0 * math.pi**2 * beta / 15.0) * chi**3)
+
+
 @timed
 def hertz_indentation(*, device: str | None = None, resolution: int = 28, hold_steps: int = 2000) -> list[CheckResult]:
-    """A rigid frictionless sphere (R = 5 mm) pressed into a thick pad (16 x 16 x 8 mm, E = 100 kPa,
-    nu = 0.3) to depths of 0.05-0.3 mm, each held until static: the force-depth curve must follow
-    Hertz, F = (4/3) E* sqrt(R) d^1.5 with E* = E / (1 - nu^2).
+    """A rigid frictionless sphere (R = 5 mm) pressed into a pad (16 x 16 x 8 mm, E = 100 kPa,
+    nu = 0.3, bonded at its base) to depths of 0.05-0.3 mm, each held until static: the
+    force-depth curve must follow Hertz, F = (4/3) E* sqrt(R) d^1.5 with E* = E / (1 - nu^2),
+    times the bonded-layer factor of :func:`bonded_layer_factor`.
 
-    The fitted exponent must be 1.5 +- 0.1 and the mean force within 15% of Hertz. The pad is
-    finite and bonded at its base, which stiffens it by a few % at the deepest indentation
-    (contact radius / thickness ~ 0.15), and linear tets are too stiff at this mesh size: the
-    force is 14% high here, 15.4% with resolution 24 (which fails), 14.0% with 32.
+    The exponent fitted to F / factor must be 1.5 +- 0.1 and the mean of F / (Hertz x factor)
+    within 15% of 1. The factor is 1.06-1.15 here (contact radius / thickness 0.06-0.15): against
+    bare Hertz the force came out 13.6% high (15.4%, a fail, with resolution 24), against the
+    layer 2.9%. What remains is linear tets, too stiff where few of them touch: 4.7% at the
+    shallowest depth, 1.3% at the deepest.
     """
     radius, E, nu, size, thickness = 5e-3, 1e5, 0.3, 16e-3, 8e-3
     mesh = tet_mesh_pad((size, size, thickness), (resolution, resolution, resolution // 2), grading=6.0)
@@ -75,16 +90,19 @@ def hertz_indentation(*, device: str | None = None, resolution: int = 28, hold_s
         depths.append(thickness + radius - float(state.collider_position.numpy()[0, 2]))
         forces.append(-float(state.node_contact_force.numpy()[:, 2].sum()))
     depths, forces = np.array(depths), np.array(forces)
-    exponent = float(np.polyfit(np.log(depths), np.log(forces), 1)[0])
+    layer = bonded_layer_factor(depths, radius=radius, thickness=thickness, poisson_ratio=nu)
+    exponent = float(np.polyfit(np.log(depths), np.log(forces / layer), 1)[0])
     hertz = 4.0 / 3.0 * E / (1 - nu**2) * math.sqrt(radius) * depths**1.5
-    ratio = float(np.mean(forces / hertz))
+    expected = hertz * layer
+    ratio = float(np.mean(forces / expected))
     details = {"depths_m": depths.tolist(), "forces_N": forces.tolist(), "hertz_N": hertz.tolist(),
+               "layer_factor": layer.tolist(), "force_over_bare_hertz": float(np.mean(forces / hertz)),
                "tets": model.tet_count, "dt": dt}
     return [
         CheckResult("hertz: force-depth exponent", exponent, 1.5, abs(exponent - 1.5), 0.1, "absolute", "",
                     details),
-        CheckResult("hertz: force magnitude", ratio * float(hertz[-1]), float(hertz[-1]), abs(ratio - 1.0), 0.15,
-                    "relative (mean over depths)", "N", details),
+        CheckResult("hertz: force magnitude", ratio * float(expected[-1]), float(expected[-1]), abs(ratio - 1.0),
+                    0.15, "relative (mean over depths)", "N", details),
     ]
 
 

@@ -54,10 +54,23 @@ def apic_angular_momentum(model: MPMModel, state: MPMState) -> np.ndarray:
     return orbital.sum(0) + (model.dx**2 / 4.0) * (m[:, None] * axial).sum(0)
 
 
+def _spin(model: MPMModel, state: MPMState, momentum: np.ndarray) -> np.ndarray:
+    """Angular momentum about the centre of mass [kg m^2/s], APIC term included: the total about
+    the origin less the centre of mass's own, x_c x ``momentum``."""
+    m = model.particle_mass.numpy().astype(np.float64)
+    centre = (m[:, None] * state.particle_x.numpy().astype(np.float64)).sum(0) / m.sum()
+    return apic_angular_momentum(model, state) - np.cross(centre, momentum)
+
+
 @timed
 def momentum_conservation(*, device: str | None = None, steps: int = 1000) -> list[CheckResult]:
-    """A spinning, drifting two-material elastic body without gravity or walls: linear and angular
-    momentum must drift by less than 1e-4 (relative) over 1,000 steps."""
+    """A spinning, drifting two-material elastic body without gravity or walls: linear momentum and
+    the angular momentum about the centre of mass (the spin) must drift by less than 1e-4
+    (relative) over 1,000 steps.
+
+    The spin is measured about the centre of mass, not about the origin: there the orbital term
+    x_c x p (constant while linear momentum is) cancels part of the spin, and the same absolute
+    drift reads 9.2e-5 of that smaller, origin-dependent total but 5.1e-5 of the spin."""
     b = MPMBuilder(grid_res=32, gravity=(0.0, 0.0, 0.0), boundary=Boundary.SEPARATE)
     soft = Material(MaterialModel.NEO_HOOKEAN, density=800.0, young_modulus=5.0e4, poisson_ratio=0.3)
     stiff = Material(MaterialModel.FIXED_COROTATED, density=1200.0, young_modulus=2.0e5, poisson_ratio=0.25)
@@ -77,17 +90,17 @@ def momentum_conservation(*, device: str | None = None, steps: int = 1000) -> li
     state0 = model.state()
     m = model.particle_mass.numpy().astype(np.float64)
     p0 = (m[:, None] * state0.particle_v.numpy()).sum(0)
-    L0 = apic_angular_momentum(model, state0)
+    L0 = _spin(model, state0, p0)
     final = simulate(model, solver, state0, steps, dt)
     p1 = (m[:, None] * final.particle_v.numpy()).sum(0)
-    L1 = apic_angular_momentum(model, final)
+    L1 = _spin(model, final, p1)
     dp = np.linalg.norm(p1 - p0) / np.linalg.norm(p0)
     dL = np.linalg.norm(L1 - L0) / np.linalg.norm(L0)
     return [
         CheckResult(f"linear momentum drift ({steps} steps)", np.linalg.norm(p1), np.linalg.norm(p0), dp, 1e-4,
                     "relative", "kg m/s"),
-        CheckResult(f"angular momentum drift ({steps} steps)", np.linalg.norm(L1), np.linalg.norm(L0), dL, 1e-4,
-                    "relative", "kg m^2/s"),
+        CheckResult(f"angular momentum drift about CoM ({steps} steps)", np.linalg.norm(L1), np.linalg.norm(L0),
+                    dL, 1e-4, "relative", "kg m^2/s"),
     ]
 
 
