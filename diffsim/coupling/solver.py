@@ -77,6 +77,11 @@ class CoupledModel(BundleGroup, Model):
         return CoupledState(**{name: part.state(requires_grad=requires_grad)
                                for name, part in self.parts.items() if name != "coupling"})
 
+    def world_of(self, name: str) -> np.ndarray:
+        """World of each element of State or Control array ``"part.field"``."""
+        part, _, field_name = name.partition(".")
+        return self.parts[part].world_of(field_name)
+
     def control(self, *, requires_grad: bool = False) -> CoupledControl:
         return CoupledControl(**{name: part.control(requires_grad=requires_grad)
                                  for name, part in self.parts.items() if name != "coupling"})

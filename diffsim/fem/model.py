@@ -88,6 +88,17 @@ class FEMModel(Model):
     def collider_count(self) -> int:
         return self.collider_shape.shape[0]
 
+    def world_of(self, name: str) -> np.ndarray:
+        """World of each element of State or Control array ``name`` (per node, body or collider)."""
+        body_world = self.body_world.numpy()
+        if name.startswith("collider_"):
+            return np.repeat(np.arange(self.num_worlds), self.collider_count)
+        if name.startswith("node_"):
+            return body_world[self.node_body.numpy()]
+        if name.startswith("body_"):
+            return body_world
+        raise KeyError(f"FEMModel has no per-world array named {name!r}.")
+
     def body_nodes(self, body: int) -> slice:
         start = int(self.body_node_start.numpy()[body])
         return slice(start, start + int(self.body_node_count.numpy()[body]))

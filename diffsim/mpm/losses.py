@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import warp as wp
 
+from diffsim.errors import InvalidParameter
+from diffsim.mpm.kernels import particle_stencil, stencil_weight
 from diffsim.mpm.model import MPMModel, MPMState
 
 
@@ -137,3 +139,76 @@ class ParticleTargetLoss:
     def __call__(self, model: MPMModel, state: MPMState, loss: wp.array) -> None:
         wp.launch(_target_positions, dim=model.particle_count,
                   inputs=[state.particle_x, self.targets, self.scale], outputs=[loss], device=model.device)
+
+
+# ---------------------------------------------------------------------------- per-world shape losses
+@wp.kernel
+def grid_mass_kernel(particle_x: wp.array(dtype=wp.vec3), particle_mass: wp.array(dtype=float),
+                     particle_world: wp.array(dtype=int), origin: wp.vec3, inv_dx: float, res: int,
+                     grid: wp.array4d(dtype=float)):
+    p = wp.tid()
+    w = particle_world[p]
+    st = particle_stencil(particle_x[p], origin, inv_dx, res, wp.vec3i(0, 0, 0))
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                wp.atomic_add(grid, w, st.local[0] + i, st.local[1] + j, st.local[2] + k,
+                              particle_mass[p] * stencil_weight(st, i, j, k))
+
+
+class GridMass:
+    """Mass of each world's material splatted onto a coarse grid over a box (quadratic B-splines,
+    like the solver's particle-to-grid transfer), shape (num_worlds, res, res, res) [kg].
+
+    The grid is what PlasticineLab-style shape losses and IoU scores compare. Particles outside
+    the box are clamped onto its border cells.
+
+    Args:
+        origin: lower corner of the box [m].
+        size: edge of the cubic box [m].
+        res: cells per axis.
+        num_worlds: worlds of the scene.
+    """
+
+    def __init__(self, origin, size: float, res: int, num_worlds: int, device):
+        if not isinstance(res, int) or res < 4:
+            raise InvalidParameter("res", res, "integers >= 4")
+        self.origin = wp.vec3(*[float(c) for c in origin])
+        self.size = float(size)
+        self.res = res
+        self.inv_dx = res / self.size
+        self.num_worlds = num_worlds
+        self.device = device
+
+    def __call__(self, particle_x: wp.array, particle_mass: wp.array, particle_world: wp.array) -> wp.array:
+        grid = wp.zeros((self.num_worlds, self.res, self.res, self.res), dtype=float, device=self.device,
+                        requires_grad=particle_x.requires_grad)
+        wp.launch(grid_mass_kernel, dim=particle_x.shape[0],
+                  inputs=[particle_x, particle_mass, particle_world, self.origin, self.inv_dx, self.res],
+                  outputs=[grid], device=self.device)
+        return grid
+
+
+@wp.kernel
+def _l1_per_world(grid: wp.array4d(dtype=float), target: wp.array4d(dtype=float),
+                  inv_target_mass: wp.array(dtype=float), loss: wp.array(dtype=float)):
+    w, i, j, k = wp.tid()
+    wp.atomic_add(loss, w, wp.abs(grid[w, i, j, k] - target[w, i, j, k]) * inv_target_mass[w])
+
+
+def grid_l1(grid: wp.array, target: wp.array, inv_target_mass: wp.array, loss: wp.array) -> None:
+    """Add sum |grid - target| / target mass per world into ``loss`` (num_worlds,) [-]."""
+    wp.launch(_l1_per_world, dim=grid.shape, inputs=[grid, target, inv_target_mass], outputs=[loss],
+              device=grid.device)
+
+
+def grid_iou(mass: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """PlasticineLab's soft IoU per world: I / (U - I) with I = sum m t / (max m max t) and
+    U = sum m / max m + sum t / max t; inputs (num_worlds, ...) grid masses."""
+    m = mass.reshape(mass.shape[0], -1).astype(np.float64)
+    t = target.reshape(target.shape[0], -1).astype(np.float64)
+    m_max = np.maximum(m.max(axis=1, keepdims=True), 1e-30)
+    t_max = np.maximum(t.max(axis=1, keepdims=True), 1e-30)
+    inter = (m * t).sum(axis=1) / (m_max * t_max)[:, 0]
+    union = (m / m_max).sum(axis=1) + (t / t_max).sum(axis=1)
+    return inter / np.maximum(union - inter, 1e-30)

@@ -87,6 +87,14 @@ class MPMModel(Model):
     def collider_count(self) -> int:
         return self.collider_shape.shape[0]
 
+    def world_of(self, name: str) -> np.ndarray:
+        """World of each element of State or Control array ``name`` (per-particle or per-collider)."""
+        if name.startswith("collider_"):
+            return np.repeat(np.arange(self.num_worlds), self.collider_count)
+        if name.startswith("particle_"):
+            return self.particle_world.numpy()
+        raise KeyError(f"MPMModel has no per-world array named {name!r}.")
+
     def state(self, *, requires_grad: bool = False) -> MPMState:
         """A new State at the builder's initial conditions (F = I, C = 0)."""
         n = self.particle_count

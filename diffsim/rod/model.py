@@ -73,6 +73,18 @@ class RodModel(Model):
     def collider_count(self) -> int:
         return self.collider_shape.shape[0]
 
+    def world_of(self, name: str) -> np.ndarray:
+        """World of each element of State or Control array ``name`` (per vertex, edge or collider)."""
+        rod_world = self.rod_world.numpy()
+        if name.startswith("collider_"):
+            return np.repeat(np.arange(self.num_worlds), self.collider_count)
+        if name.startswith("vertex_"):
+            return rod_world[self.vertex_rod.numpy()]
+        if name.startswith("edge_"):
+            counts = self.rod_vertex_count.numpy()
+            return np.repeat(rod_world, counts - 1)
+        raise KeyError(f"RodModel has no per-world array named {name!r}.")
+
     @property
     def driven_vertices(self) -> np.ndarray:
         """Global indices of the driven vertices, in order."""

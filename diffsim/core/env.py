@@ -1,0 +1,405 @@
+"""The three faces of every task: a ``gymnasium.Env`` (one world), a ``gymnasium.vector.VectorEnv``
+(many worlds in one simulation) and a differentiable torch face for controllers.
+
+All three step a :class:`~diffsim.core.task.TaskBatch`; none holds task-specific code.
+Out-of-bound actions are clipped to the action space; an action of the wrong shape, dtype or with
+NaN/inf raises :class:`~diffsim.errors.InvalidParameter`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+import warp as wp
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from diffsim.core.rollout import Rollout
+from diffsim.core.task import Task, TaskBatch
+from diffsim.errors import ConfigError, InvalidParameter
+
+_FLOAT_TYPES = (float, wp.float32, wp.vec3, wp.vec2, wp.vec4, wp.quat, wp.mat33)
+
+
+def _spaces(task: Task) -> tuple[spaces.Box, spaces.Box]:
+    low, high = task.scene.action_bounds()
+    lo, hi = task.observation_bounds()
+    obs = spaces.Box(lo, hi, shape=(task.observation_dim,), dtype=np.float32)
+    return spaces.Box(low, high, dtype=np.float32), obs
+
+
+def _render(task: Task, state, world: int, width: int, height: int) -> np.ndarray:
+    from diffsim.render import render_state
+
+    return render_state(task.scene.model, state, world=world, width=width, height=height,
+                        **task.render_options(world) if hasattr(task, "render_options") else {})
+
+
+class TaskEnv(gym.Env):
+    """One world of a task as a ``gymnasium.Env``.
+
+    ``terminated`` is true only when the task ends for a task reason; ``truncated`` when the
+    horizon is reached. ``info`` holds ``loss`` and ``score`` (the normalised score in [0, 1]).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, task_type: type[Task], *, render_mode: str | None = None, device: str | None = None,
+                 render_size: tuple[int, int] = (256, 256), **options):
+        if render_mode not in (None, "rgb_array"):
+            raise InvalidParameter("render_mode", render_mode, "None or 'rgb_array'")
+        self.task = task_type(num_worlds=1, device=device, **options)
+        self.batch = TaskBatch(self.task)
+        self.action_space, self.observation_space = _spaces(self.task)
+        self.render_mode = render_mode
+        self.render_size = render_size
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.task.config.frame_dt)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self.batch.variants[0] is None:
+            self.batch.rngs[0] = self.np_random
+        self.batch.reset()
+        return self.batch.observation()[0], self._info()
+
+    def step(self, action):
+        reward, terminated, truncated = self.batch.step(action)
+        return (self.batch.observation()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]),
+                self._info())
+
+    def _info(self) -> dict:
+        return {"loss": float(self.batch.loss[0]), "score": float(self.batch.score()[0])}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return _render(self.task, self.batch.state, 0, *self.render_size)
+
+
+class TaskVectorEnv(VectorEnv):
+    """``num_envs`` worlds of a task in one batched simulation, with same-step autoreset.
+
+    When a world's episode ends, ``step`` returns its new episode's first observation and puts
+    the last one in ``info["final_obs"]`` (and its info in ``info["final_info"]``), as gymnasium's
+    SAME_STEP mode does. ``reset(seed=s)`` seeds world ``i`` with ``s + i``, so world ``i`` follows
+    the single env reset with seed ``s + i``. ``reset(options={"reset_mask": m})`` resets only the
+    worlds where ``m`` is true.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.SAME_STEP, "render_fps": 30}
+
+    def __init__(self, task_type: type[Task], *, num_envs: int = 1, render_mode: str | None = None,
+                 device: str | None = None, render_size: tuple[int, int] = (256, 256), **options):
+        if render_mode not in (None, "rgb_array"):
+            raise InvalidParameter("render_mode", render_mode, "None or 'rgb_array'")
+        self.task = task_type(num_worlds=num_envs, device=device, **options)
+        self.batch = TaskBatch(self.task)
+        self.num_envs = num_envs
+        self.single_action_space, self.single_observation_space = _spaces(self.task)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.render_mode = render_mode
+        self.render_size = render_size
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.task.config.frame_dt)}
+        self._seeded = False
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        mask = None
+        if options and "reset_mask" in options:
+            mask = np.asarray(options["reset_mask"], dtype=bool)
+            if mask.shape != (self.num_envs,):
+                raise InvalidParameter("reset_mask", f"an array of shape {mask.shape}", f"shape ({self.num_envs},)")
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise InvalidParameter("seed", seed, f"an int or a list of {self.num_envs} ints")
+            for i, s in enumerate(seeds):
+                if mask is None or mask[i]:
+                    # the generator the single env's np_random gets from the same seed
+                    self.batch.rngs[i] = gym.utils.seeding.np_random(s)[0]
+        self.batch.reset(mask)
+        return self.batch.observation(), self._info()
+
+    def step(self, actions):
+        reward, terminated, truncated = self.batch.step(actions)
+        info = self._info()
+        done = terminated | truncated
+        obs = self.batch.observation()
+        if done.any():
+            final_obs = np.array([obs[i] if d else None for i, d in enumerate(done)], dtype=object)
+            info["final_obs"], info["_final_obs"] = final_obs, done.copy()
+            info["final_info"] = {k: v.copy() for k, v in info.items() if not k.startswith("final")}
+            info["final_info"]["_loss"] = info["final_info"]["_score"] = done.copy()
+            info["_final_info"] = done.copy()
+            self.batch.reset(done)
+            obs = self.batch.observation()
+        return obs, reward.astype(np.float64), terminated, truncated, info
+
+    def _info(self) -> dict:
+        return {"loss": self.batch.loss.copy(), "score": self.batch.score(),
+                "_loss": np.ones(self.num_envs, bool), "_score": np.ones(self.num_envs, bool)}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(_render(self.task, self.batch.state, w, *self.render_size) for w in range(self.num_envs))
+
+
+# ------------------------------------------------------------------------------------ differentiable
+def _float_arrays(state) -> list[tuple[str, wp.array]]:
+    return [(n, a) for n, a in state.arrays() if a.dtype in _FLOAT_TYPES]
+
+
+def _inner(arr: wp.array) -> tuple[int, ...]:
+    return tuple(getattr(arr.dtype, "_shape_", ()))
+
+
+def _to_torch(arr: wp.array) -> torch.Tensor:
+    return wp.to_torch(arr, requires_grad=False).clone()
+
+
+class _StepFunction(torch.autograd.Function):
+    """One differentiable env step: (actions, state tensors) -> (observation, loss, next state tensors)."""
+
+    @staticmethod
+    def forward(ctx, denv: DiffTaskEnv, actions: torch.Tensor, *state_tensors: torch.Tensor):
+        scene, task = denv.task.scene, denv.task
+        names = denv.state_names
+        state_in = denv.template.with_arrays({
+            n: wp.from_torch(t.detach().contiguous(), dtype=denv.template.array(n).dtype, requires_grad=True)
+            for n, t in zip(names, state_tensors, strict=True)})
+        state_out = scene.solver.new_state(scene.model, requires_grad=True)
+        control = scene.control(requires_grad=True)
+        device = scene.device
+        wp_actions = wp.from_torch(actions.detach().to(torch.float32).contiguous(), dtype=wp.float32)
+        scene.apply_actions(wp_actions, control)
+        obs = wp.zeros((denv.num_envs, task.observation_dim), dtype=float, device=device, requires_grad=True)
+        loss = wp.zeros(denv.num_envs, dtype=float, device=device, requires_grad=True)
+        claim = scene.solver.begin_step_scratch()
+        tape = wp.Tape()
+        with tape:
+            scene.advance(state_in, state_out, control)
+            task.loss(state_out, loss)
+            task.observe(state_out, obs)
+        scene.solver.end_step_scratch(claim)
+        weakref.finalize(tape, scene.solver.release_step_scratch, claim)
+        scene.solver.check_finite(scene.model, state_out, 0)
+        ctx.tape, ctx.state_in, ctx.state_out, ctx.control = tape, state_in, state_out, control
+        ctx.obs, ctx.loss, ctx.denv = obs, loss, denv
+        denv._last_state = state_out
+        return (_to_torch(obs), _to_torch(loss), *(_to_torch(state_out.array(n)) for n in names))
+
+    @staticmethod
+    def backward(ctx, grad_obs, grad_loss, *grad_state):
+        denv = ctx.denv
+        names = denv.state_names
+
+        def seed(arr: wp.array, grad: torch.Tensor | None):
+            arr.grad.zero_()
+            if grad is not None:
+                wp.copy(arr.grad, wp.from_torch(grad.detach().to(torch.float32).contiguous(), dtype=arr.dtype))
+
+        seed(ctx.obs, grad_obs)
+        seed(ctx.loss, grad_loss)
+        for n, g in zip(names, grad_state, strict=True):
+            seed(ctx.state_out.array(n), g)
+        for _, arr in ctx.state_in.arrays():
+            if arr.grad is not None:
+                arr.grad.zero_()
+        ctx.control.zero_grad()
+        denv.task.scene.solver.zero_scratch_grad()
+        ctx.tape.backward()
+        actions_grad = wp.zeros((denv.num_envs, denv.task.action_dim), dtype=float, device=denv.task.scene.device)
+        denv.task.scene.actions_adjoint(ctx.control, actions_grad)
+        grads = [wp.to_torch(ctx.state_in.array(n).grad).clone() for n in names]
+        ctx.tape.reset()
+        ctx.tape = None  # its finalizer hands the steps' scratch back
+        return (None, wp.to_torch(actions_grad).clone(), *grads)
+
+
+class _RolloutFunction(torch.autograd.Function):
+    """A whole horizon through the checkpointed Rollout: actions (T, W, D) -> summed final loss."""
+
+    @staticmethod
+    def forward(ctx, rollout: Rollout, denv: DiffTaskEnv, actions: torch.Tensor):
+        scene = denv.task.scene
+        a = actions.detach().to(torch.float32).contiguous()
+        for k, control in enumerate(rollout.controls):
+            scene.apply_actions(wp.from_torch(a[k], dtype=wp.float32), control)
+        value = rollout.forward()
+        ctx.rollout, ctx.denv = rollout, denv
+        return torch.tensor(value, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rollout, denv = ctx.rollout, ctx.denv
+        scene = denv.task.scene
+        for control in rollout.controls:
+            control.zero_grad()
+        rollout.backward()
+        grads = []
+        for control in rollout.controls:
+            g = wp.zeros((denv.num_envs, denv.task.action_dim), dtype=float, device=scene.device)
+            scene.actions_adjoint(control, g)
+            grads.append(wp.to_torch(g).clone())
+        return None, None, torch.stack(grads) * grad_output
+
+
+class DiffTaskEnv:
+    """The differentiable face of a task: torch tensors of shape ``(num_envs, ...)`` in and out.
+
+    ``step(actions)`` returns observations and rewards that carry gradients back to the actions
+    and to earlier states (and so to earlier actions), until :meth:`detach` cuts the graph (for
+    short windows, SHAC-style). ``rollout(actions)`` runs a whole horizon through the
+    checkpointed :class:`~diffsim.core.Rollout` and returns the summed final task loss. Actions
+    are not clipped here: a controller that needs bounds applies them itself (e.g. ``tanh``).
+    """
+
+    def __init__(self, task_type: type[Task], *, num_envs: int = 1, device: str | None = None, **options):
+        self.task = task_type(num_worlds=num_envs, device=device, **options)
+        self.num_envs = num_envs
+        self.batch = TaskBatch(self.task)
+        self.template = self.batch.template
+        self.state_names = [n for n, _ in _float_arrays(self.template)]
+        self.action_low, self.action_high = (torch.as_tensor(b) for b in self.task.scene.action_bounds())
+        self._state: list[torch.Tensor] = []
+        self._loss: torch.Tensor | None = None
+        self._last_state = None
+        self._rollouts: dict[int, Rollout] = {}
+
+    @property
+    def observation_dim(self) -> int:
+        return self.task.observation_dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.task.action_dim
+
+    def reset(self, seed: int | None = None) -> torch.Tensor:
+        """New episodes in every world (world ``i`` seeded with ``seed + i``); returns observations."""
+        if seed is not None:
+            for i in range(self.num_envs):
+                self.batch.rngs[i] = gym.utils.seeding.np_random(seed + i)[0]
+        self.batch.reset()
+        self._state = [_to_torch(self.batch.state.array(n)) for n in self.state_names]
+        self._loss = torch.as_tensor(self.batch.loss, dtype=torch.float32)
+        self._last_state = self.batch.state
+        self.elapsed = 0
+        return torch.as_tensor(self.batch.observation())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The current state as named tensors (they carry the graph of the steps since the last cut)."""
+        return dict(zip(self.state_names, self._state, strict=True))
+
+    def set_state_grad(self, flag: bool = True) -> None:
+        """Make the current state a leaf that requires gradients (to differentiate w.r.t. it)."""
+        self._state = [t.detach().requires_grad_(flag) for t in self._state]
+
+    def step(self, actions: torch.Tensor):
+        """Returns (observation, reward, terminated, truncated, info); reward = previous loss - loss."""
+        if self._loss is None:
+            raise ConfigError("DiffTaskEnv.step() needs a reset() first.")
+        self._check(actions)
+        out = _StepFunction.apply(self, actions, *self._state)
+        obs, loss, self._state = out[0], out[1], list(out[2:])
+        reward = self._loss - loss
+        self._loss = loss
+        self.elapsed += 1
+        terminated = torch.as_tensor(self.task.terminated(self._last_state))
+        truncated = torch.full((self.num_envs,), self.elapsed >= self.task.horizon)
+        return obs, reward, terminated, truncated, {"loss": loss}
+
+    def detach(self) -> None:
+        """Cut the graph: later gradients stop at the current state."""
+        self._state = [t.detach() for t in self._state]
+        if self._loss is not None:
+            self._loss = self._loss.detach()
+
+    def _check(self, actions) -> None:
+        expected = (self.num_envs, self.action_dim)
+        if not isinstance(actions, torch.Tensor):
+            raise InvalidParameter("action", type(actions).__name__, f"a torch.Tensor of shape {expected}")
+        if tuple(actions.shape) != expected:
+            raise InvalidParameter("action", f"a tensor of shape {tuple(actions.shape)}", f"shape {expected}")
+        if not actions.is_floating_point():
+            raise InvalidParameter("action", f"a tensor of dtype {actions.dtype}", "floating point")
+        if not bool(torch.isfinite(actions).all()):
+            raise InvalidParameter("action", "a tensor with NaN or inf entries", "finite values")
+
+    def rollout(self, actions: torch.Tensor, *, checkpoint_every: int | None = None) -> torch.Tensor:
+        """The summed final task loss of a whole horizon from the current reset's initial states.
+
+        ``actions`` has shape (frames, num_envs, action_dim); the backward runs the checkpointed
+        rollout, so memory stays O(sqrt(T)) states whatever the horizon.
+        """
+        if actions.ndim != 3 or tuple(actions.shape[1:]) != (self.num_envs, self.action_dim):
+            raise InvalidParameter("actions", f"a tensor of shape {tuple(actions.shape)}",
+                                   f"shape (frames, {self.num_envs}, {self.action_dim})")
+        if not bool(torch.isfinite(actions).all()):
+            raise InvalidParameter("actions", "a tensor with NaN or inf entries", "finite values")
+        frames = int(actions.shape[0])
+        rollout = self._rollouts.get(frames)
+        scene = self.task.scene
+        if rollout is None:
+            controls = [scene.control(requires_grad=True) for _ in range(frames)]
+            rollout = Rollout(scene.solver, scene.model, self.batch.state.clone(requires_grad=True), controls,
+                              frame_dt=scene.frame_dt, substeps=scene.substeps_for(),
+                              checkpoint_every=checkpoint_every, final_loss=self._final_loss())
+            self._rollouts[frames] = rollout
+        else:
+            rollout.state0.assign(self.batch.state)
+        return _RolloutFunction.apply(rollout, self, actions)
+
+    def _final_loss(self) -> Callable:
+        task = self.task
+
+        def final_loss(model, state, loss: wp.array) -> None:
+            per_world = wp.zeros(task.num_worlds, dtype=float, device=loss.device, requires_grad=True)
+            task.loss(state, per_world)
+            wp.launch(_sum_into, dim=task.num_worlds, inputs=[per_world], outputs=[loss], device=loss.device)
+
+        return final_loss
+
+
+@wp.kernel
+def _sum_into(values: wp.array(dtype=float), total: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(total, 0, values[i])
+
+
+# ------------------------------------------------------------------------------------ registry
+def register_task(task_type: type[Task]) -> type[Task]:
+    """Register ``task_type`` with gymnasium under ``task_type.id`` (single and vector entry points)."""
+    if not task_type.id.startswith("diffsim/"):
+        raise ConfigError(f"task id {task_type.id!r} must look like 'diffsim/<Name>-v0'.")
+    if task_type.id in gym.registry:
+        return task_type
+
+    def make_single(**kwargs):
+        return TaskEnv(task_type, **kwargs)
+
+    def make_vector(num_envs: int = 1, **kwargs):
+        return TaskVectorEnv(task_type, num_envs=num_envs, **kwargs)
+
+    gym.register(id=task_type.id, entry_point=make_single, vector_entry_point=make_vector,
+                 disable_env_checker=False)
+    TASKS[task_type.id] = task_type
+    return task_type
+
+
+#: Every registered task type by id.
+TASKS: dict[str, type[Task]] = {}
+
+
+def task_type(name: str) -> type[Task]:
+    """The task registered as ``name`` (``"Pinch-v0"`` or ``"diffsim/Pinch-v0"``)."""
+    key = name if name.startswith("diffsim/") else f"diffsim/{name}"
+    if key not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; the tasks are: {', '.join(sorted(TASKS))}.")
+    return TASKS[key]

@@ -1,0 +1,281 @@
+"""Tasks: a Scene with seeded variants, a per-world observation and loss, a score and a horizon;
+and ``TaskBatch``, the batched simulation of one task that every face of the task layer steps.
+
+A task file describes its scene, actuators, observation and loss by subclassing :class:`Task`;
+the gymnasium faces (:mod:`diffsim.core.env`) and the differentiable face add nothing task-specific.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import warp as wp
+
+from diffsim.core.protocol import State
+from diffsim.core.scene import Scene, flat_view
+from diffsim.errors import ConfigError, InvalidParameter
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Settings every task shares; task configs subclass it and add their own fields.
+
+    Every length is in metres and every time in seconds.
+    """
+
+    horizon: int = 50  #: env steps (frames) per episode
+    frame_dt: float = 1.0 / 60.0  #: duration of one env step [s]
+
+    def __post_init__(self):
+        if not isinstance(self.horizon, int) or self.horizon < 1:
+            raise InvalidParameter("horizon", self.horizon, "integers >= 1 (env steps)")
+        if not (self.frame_dt > 0 and math.isfinite(self.frame_dt)):
+            raise InvalidParameter("frame_dt", self.frame_dt, "(0, inf) s")
+
+
+def make_config(config_type: type, config=None, **overrides):
+    """``config`` (an instance or None for defaults) with ``overrides`` applied; an unknown name
+    raises :class:`ConfigError` listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown task option(s) {unknown} for {config_type.__name__}; "
+                          f"valid options: {sorted(names)}.")
+    base = config if config is not None else config_type()
+    if not isinstance(base, config_type):
+        raise ConfigError(f"config must be a {config_type.__name__}, got {type(base).__name__}.")
+    return dataclasses.replace(base, **overrides)
+
+
+class Task(abc.ABC):
+    """A task description. Subclasses set ``Config`` and implement the five hooks below.
+
+    Args:
+        config: the task's settings (``Config`` defaults when None).
+        num_worlds: worlds simulated together (one episode each).
+        device: Warp device.
+        **overrides: fields of ``Config`` to change.
+    """
+
+    Config: ClassVar[type] = TaskConfig
+    #: the registered id, e.g. ``"diffsim/Pinch-v0"``
+    id: ClassVar[str] = ""
+
+    def __init__(self, config=None, *, num_worlds: int = 1, device: str | None = None, **overrides):
+        if not isinstance(num_worlds, int) or num_worlds < 1:
+            raise InvalidParameter("num_worlds", num_worlds, "integers >= 1")
+        self.config = make_config(self.Config, config, **overrides)
+        self.num_worlds = num_worlds
+        self.scene: Scene = self.build_scene(num_worlds, device)
+        self.horizon = self.config.horizon
+
+    # -- what a task file describes -----------------------------------------------------------
+    @abc.abstractmethod
+    def build_scene(self, num_worlds: int, device) -> Scene:
+        """The scene with its actuators, for ``num_worlds`` copies."""
+
+    @abc.abstractmethod
+    def sample_variant(self, rng: np.random.Generator) -> dict[str, Any]:
+        """Draw one episode's variant (initial shape offsets, target ...) from ``rng``."""
+
+    @abc.abstractmethod
+    def set_variant(self, state: State, world: int, variant: dict[str, Any]) -> None:
+        """Write world ``world``'s initial state into ``state`` and its target into the task's
+        per-world target arrays."""
+
+    @property
+    @abc.abstractmethod
+    def observation_dim(self) -> int:
+        """Floats in one world's observation."""
+
+    @abc.abstractmethod
+    def observe(self, state: State, out: wp.array) -> None:
+        """Launch (taped) kernels writing each world's observation into ``out`` (num_worlds, dim)."""
+
+    @abc.abstractmethod
+    def loss(self, state: State, out: wp.array) -> None:
+        """Launch (taped) kernels adding each world's task loss into ``out`` (num_worlds,)."""
+
+    def score(self, state: State) -> np.ndarray:
+        """Normalised score in [0, 1] of each world's current state (1: target reached)."""
+        loss = self.evaluate_loss(state)
+        start = getattr(self, "_initial_loss", None)
+        if start is None:
+            return np.zeros(self.num_worlds)
+        return np.clip(1.0 - loss / np.maximum(start, 1e-12), 0.0, 1.0)
+
+    def begin_episode(self, state: State, mask: np.ndarray) -> None:
+        """Called after the worlds in ``mask`` were reset to ``state``: record what the score
+        is measured from (by default the initial loss)."""
+        loss = self.evaluate_loss(state)
+        if getattr(self, "_initial_loss", None) is None:
+            self._initial_loss = loss.copy()
+        self._initial_loss[mask] = loss[mask]
+
+    def terminated(self, state: State) -> np.ndarray:
+        """Worlds whose episode ended for a task reason (success or failure); none by default."""
+        return np.zeros(self.num_worlds, dtype=bool)
+
+    def observation_bounds(self) -> tuple[float, float]:
+        """Bounds of every observation entry (the observation Box)."""
+        return -np.inf, np.inf
+
+    # -- helpers ---------------------------------------------------------------------------
+    def evaluate_loss(self, state: State) -> np.ndarray:
+        out = wp.zeros(self.num_worlds, dtype=float, device=self.scene.device)
+        self.loss(state, out)
+        return out.numpy().astype(np.float64)
+
+    @property
+    def action_dim(self) -> int:
+        return self.scene.action_dim
+
+
+# ------------------------------------------------------------------------------------ gathers
+@wp.kernel
+def _gather(src: wp.array(dtype=float), index: wp.array2d(dtype=int), comps: int, scale: float,
+            offset: int, out: wp.array2d(dtype=float)):
+    w, j = wp.tid()
+    e = index[w, j / comps]
+    out[w, offset + j] = src[e * comps + j % comps] * scale
+
+
+class Gather:
+    """Observation term: components of chosen elements of a state array, per world.
+
+    Args:
+        array: the State array, e.g. ``"particle_x"`` or ``"mpm.particle_x"``, or a ``wp.array`` of the
+            task's own (e.g. each world's goal), read as it is.
+        index: element index per (world, entry), shape (num_worlds, entries).
+        comps: floats per element (3 for vec3).
+        scale: factor applied (e.g. to bring velocities near unit size).
+    """
+
+    def __init__(self, array: str | wp.array, index: np.ndarray, comps: int, *, scale: float = 1.0):
+        self.array = array
+        self.index_host = np.asarray(index, dtype=np.int32)
+        self.comps = int(comps)
+        self.scale = float(scale)
+        self._index = None
+
+    @property
+    def dim(self) -> int:
+        return self.index_host.shape[1] * self.comps
+
+    def __call__(self, state: State, out: wp.array, offset: int) -> None:
+        arr = self.array if isinstance(self.array, wp.array) else state.array(self.array)
+        if self._index is None:
+            self._index = wp.array(self.index_host, dtype=int, device=arr.device)
+        wp.launch(_gather, dim=(self.index_host.shape[0], self.dim),
+                  inputs=[flat_view(arr), self._index, self.comps, self.scale, offset], outputs=[out],
+                  device=arr.device)
+
+
+class Observation:
+    """Observation terms laid side by side into one (num_worlds, dim) float array."""
+
+    def __init__(self, *terms: Gather):
+        self.terms = list(terms)
+
+    @property
+    def dim(self) -> int:
+        return sum(t.dim for t in self.terms)
+
+    def __call__(self, state: State, out: wp.array) -> None:
+        offset = 0
+        for term in self.terms:
+            term(state, out, offset)
+            offset += term.dim
+
+
+def subsample(element_world: np.ndarray, num_worlds: int, count: int, *, seed: int = 0) -> np.ndarray:
+    """``count`` element indices per world, the same relative choice in every world (sorted)."""
+    per_world = [np.flatnonzero(element_world == w) for w in range(num_worlds)]
+    n = len(per_world[0])
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    return np.stack([p[pick] for p in per_world])
+
+
+# ------------------------------------------------------------------------------------ batch
+class TaskBatch:
+    """All worlds of one task, stepped together: reset by mask, step with clipped actions, per-world
+    observations, rewards (previous loss minus current loss), scores and episode clocks."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        scene = task.scene
+        self.scene = scene
+        self.num_worlds = scene.num_worlds
+        self.template = scene.state()
+        self.initial = scene.state()
+        self.state = scene.state()
+        self._next = scene.state()
+        self.control = scene.control()
+        device = scene.device
+        self.low, self.high = scene.action_bounds()
+        self._actions = wp.zeros((self.num_worlds, scene.action_dim), dtype=float, device=device)
+        self._obs = wp.zeros((self.num_worlds, task.observation_dim), dtype=float, device=device)
+        self._loss = wp.zeros(self.num_worlds, dtype=float, device=device)
+        self.rngs = [np.random.default_rng() for _ in range(self.num_worlds)]
+        self.elapsed = np.zeros(self.num_worlds, dtype=np.int64)
+        self.loss = np.zeros(self.num_worlds)
+        self.variants: list[dict | None] = [None] * self.num_worlds
+
+    def seed(self, world: int, seed: int | None) -> None:
+        self.rngs[world] = np.random.default_rng(seed)
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        """Start new episodes in the worlds of ``mask`` (all when None), each drawn from its rng."""
+        mask = np.ones(self.num_worlds, bool) if mask is None else np.asarray(mask, bool)
+        # each variant is written over the template, never over the last episode's variant
+        self.scene.reset_worlds(self.initial, self.template, mask)
+        for w in np.flatnonzero(mask):
+            self.variants[w] = self.task.sample_variant(self.rngs[w])
+            self.task.set_variant(self.initial, int(w), self.variants[w])
+        self.scene.reset_worlds(self.state, self.initial, mask)
+        self.elapsed[mask] = 0
+        self.task.begin_episode(self.state, mask)
+        self.loss = np.where(mask, self.task.evaluate_loss(self.state), self.loss)
+
+    def check_actions(self, actions) -> np.ndarray:
+        """``actions`` as float32 (num_worlds, dim), clipped to the bounds; refuses a wrong shape or
+        non-finite entries with a sentence."""
+        dim = self.scene.action_dim
+        a = np.asarray(actions)
+        expected = (self.num_worlds, dim)
+        if a.shape != expected and not (self.num_worlds == 1 and a.shape == (dim,)):
+            raise InvalidParameter("action", f"an array of shape {a.shape}",
+                                   f"shape {expected if self.num_worlds > 1 else (dim,)} floats")
+        if a.dtype.kind not in "fiu":
+            raise InvalidParameter("action", f"an array of dtype {a.dtype}", "real numbers")
+        a = a.astype(np.float32).reshape(expected)
+        if not np.all(np.isfinite(a)):
+            raise InvalidParameter("action", "an array with NaN or inf entries", "finite values")
+        return np.clip(a, self.low, self.high)
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every world one frame; returns (reward, terminated, truncated) per world."""
+        a = self.check_actions(actions)
+        self._actions.assign(a)
+        self.scene.apply_actions(self._actions, self.control)
+        self.scene.advance(self.state, self._next, self.control)
+        self.state, self._next = self._next, self.state
+        self.scene.solver.check_finite(self.scene.model, self.state, int(self.elapsed.max()))
+        loss = self.task.evaluate_loss(self.state)
+        reward = self.loss - loss
+        self.loss = loss
+        self.elapsed += 1
+        return reward, self.task.terminated(self.state), self.elapsed >= self.task.horizon
+
+    def observation(self) -> np.ndarray:
+        self._obs.zero_()
+        self.task.observe(self.state, self._obs)
+        return self._obs.numpy().astype(np.float32)
+
+    def score(self) -> np.ndarray:
+        return self.task.score(self.state)

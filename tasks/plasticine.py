@@ -1,0 +1,263 @@
+"""PlasticineLab's family on the MPM solver: Move, Pinch, RollingPin and Writer.
+
+A block of plasticine (von Mises, ``preset("plasticine")``) sits on a rough floor in a 1 m domain;
+rigid tools driven by velocity actions reshape it. The loss is the L1 distance between the
+material's grid mass and the target's (normalised by the target's mass); the reward is its decrease;
+the score is PlasticineLab's normalised incremental IoU (:class:`diffsim.tasks.common.ShapeTarget`).
+
+Observation (float32): positions [m] and velocities [m/s] of 64 particles, each tool's position [m],
+and the target's centre of mass [m] (so one policy can serve every variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import warp as wp
+from diffsim.materials import preset
+from diffsim.tasks.common import ShapeTarget, mpm_substeps, particle_observation, place_world
+
+from diffsim.core.env import register_task
+from diffsim.core.scene import Scene, velocity_actuator
+from diffsim.core.task import Task, TaskConfig
+from diffsim.errors import InvalidParameter
+from diffsim.geometry import collider_capsule, collider_plane, collider_sphere
+from diffsim.mpm import MPMBuilder, MPMSolver
+from diffsim.mpm.model import BOUNDARY_CELLS
+
+
+@dataclass
+class PlasticineConfig(TaskConfig):
+    """A plasticine block reshaped by tools. Lengths in metres, times in seconds.
+
+    The defaults give ~10k particles on a 64^3 grid (PlasticineLab's scale); tests shrink
+    ``grid_res`` to 24.
+    """
+
+    horizon: int = 50
+    frame_dt: float = 1.0 / 50.0  #: one env step [s] (18 substeps at the default grid)
+    grid_res: int = 64  #: MPM cells per axis of the 1 m domain
+    block_size: float = 0.17  #: edge of the plasticine cube [m]
+    floor_friction: float = 1.0  #: Coulomb coefficient of the floor [-]
+    tool_speed: float = 0.5  #: largest tool speed per axis [m/s]
+    loss_res: int = 32  #: cells per axis of the shape-loss grid (a 0.6 m box around the block)
+    observed_particles: int = 64  #: particles in the observation
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.grid_res, int) or not 16 <= self.grid_res <= 256:
+            raise InvalidParameter("grid_res", self.grid_res, "integers in [16, 256]")
+        if not 0.05 <= self.block_size <= 0.3:
+            raise InvalidParameter("block_size", self.block_size, "[0.05, 0.3] m")
+        if not (0 < self.tool_speed <= 5.0):
+            raise InvalidParameter("tool_speed", self.tool_speed, "(0, 5] m/s")
+        if not isinstance(self.loss_res, int) or not 8 <= self.loss_res <= 128:
+            raise InvalidParameter("loss_res", self.loss_res, "integers in [8, 128]")
+
+
+class PlasticineTask(Task):
+    """The scene every plasticine task shares; subclasses add tools, actuators and targets."""
+
+    Config = PlasticineConfig
+    #: (collider, centre offset from the block's top centre [m]) per tool, set by ``tools``
+    tool_offsets: list[np.ndarray]
+
+    def tools(self, block_half: float) -> list:
+        """The task's tool colliders, placed relative to the block's top centre at the origin."""
+        raise NotImplementedError
+
+    def actuators(self, model, tools: list[int]) -> list:
+        """Velocity actuators of each tool (3-D, bounded by ``tool_speed``) unless overridden."""
+        c = self.config
+        return [velocity_actuator(f"tool{i}", "collider_velocity", self._slots(model, t), limit=c.tool_speed)
+                for i, t in enumerate(tools)]
+
+    def target_points(self, points: np.ndarray, variant: dict) -> np.ndarray:
+        """The target shape as points [m], made from the block's particles."""
+        raise NotImplementedError
+
+    # -- the shared scene --------------------------------------------------------------------
+    @property
+    def floor_height(self) -> float:
+        """The floor plane's height [m]: one cell above the domain's wall cells."""
+        return (BOUNDARY_CELLS + 1) / self.config.grid_res
+
+    @property
+    def block_top(self) -> np.ndarray:
+        return np.array([0.5, 0.5, self.floor_height + self.config.block_size])
+
+    def build_scene(self, num_worlds: int, device) -> Scene:
+        c = self.config
+        builder = MPMBuilder(grid_res=c.grid_res, domain_size=1.0, num_worlds=num_worlds)
+        half = 0.5 * c.block_size
+        center = (0.5, 0.5, self.floor_height + half)
+        builder.add_box(center, (half, half, half), preset("plasticine"), jitter=0.1, seed=0)
+        builder.add_collider(collider_plane(position=(0, 0, self.floor_height), friction=c.floor_friction))
+        placed = self.tools(half)
+        self.tool_colliders = []
+        for collider, offset in placed:
+            position = tuple(float(v) for v in self.block_top + offset)
+            self.tool_colliders.append(builder.add_collider(dataclasses.replace(collider, position=position)))
+        self.tool_offsets = [np.asarray(offset, dtype=np.float64) for _, offset in placed]
+        model = builder.finalize(device, requires_grad=True)
+        solver = MPMSolver(model)
+        substeps = mpm_substeps(model, solver, c.frame_dt, c.tool_speed * math.sqrt(3))
+        scene = Scene(model, solver, frame_dt=c.frame_dt, substeps=substeps,
+                      actuators=self.actuators(model, self.tool_colliders))
+        lo = np.array([0.2, 0.2, self.floor_height - 0.02])
+        self.shape = ShapeTarget(model, lo, 0.6, c.loss_res)
+        self.goal = wp.zeros((num_worlds, 3), dtype=float, device=model.device)
+        self._goal_host = np.zeros((num_worlds, 3), dtype=np.float32)
+        self.observation = particle_observation(model, tools=self.tool_colliders, goal=self.goal,
+                                                samples=c.observed_particles)
+        self._block_points = model.initial_x[model.particle_world.numpy() == 0].astype(np.float64)
+        self._block_mass = model.particle_mass.numpy()[model.particle_world.numpy() == 0]
+        return scene
+
+    @staticmethod
+    def _slots(model, collider: int) -> np.ndarray:
+        return np.array([[w * model.collider_count + collider] for w in range(model.num_worlds)])
+
+    # -- episodes ----------------------------------------------------------------------------
+    def sample_variant(self, rng: np.random.Generator) -> dict:
+        return {"offset": np.array([*rng.uniform(-0.03, 0.03, 2), 0.0]), **self.sample_target(rng)}
+
+    def sample_target(self, rng: np.random.Generator) -> dict:
+        return {}
+
+    def set_variant(self, state, world: int, variant: dict) -> None:
+        offset = variant["offset"]
+        tools = {c: self.block_top + o + offset for c, o in zip(self.tool_colliders, self.tool_offsets, strict=True)}
+        place_world(self.scene.model, state, world, offset=offset, tool_positions=tools)
+        target = self.target_points(self._block_points + offset, variant)
+        # every particle of the block has the same mass: a target particle weighs as much
+        self.shape.set_world(world, target, np.full(len(target), self._block_mass[0]))
+        self._goal_host[world] = target.mean(axis=0)
+        self.goal.assign(self._goal_host)
+
+    def begin_episode(self, state, mask) -> None:
+        self.shape.begin(state, mask)
+
+    # -- observation, loss, score ------------------------------------------------------------
+    @property
+    def observation_dim(self) -> int:
+        return self.observation.dim
+
+    def observe(self, state, out) -> None:
+        self.observation(state, out)
+
+    def loss(self, state, out) -> None:
+        self.shape.loss(state, out)
+
+    def score(self, state) -> np.ndarray:
+        return self.shape.score(state)
+
+    def render_options(self, world: int) -> dict:
+        return {}
+
+
+@register_task
+class Move(PlasticineTask):
+    """Carry the block to a target place with two spherical grippers (PlasticineLab's Move).
+
+    Actions: 3-D velocity of each sphere [m/s] (6 floats). Variant: the block's start (+-3 cm)
+    and the target's displacement (+-10 cm sideways, up to 5 cm up).
+    """
+
+    id = "diffsim/Move-v0"
+
+    def tools(self, half: float) -> list:
+        r = 0.4 * half
+        return [(collider_sphere(r, friction=1.0), np.array([-(half + r + 0.005), 0.0, -half])),
+                (collider_sphere(r, friction=1.0), np.array([half + r + 0.005, 0.0, -half]))]
+
+    def sample_target(self, rng) -> dict:
+        return {"displacement": np.array([*rng.uniform(-0.1, 0.1, 2), rng.uniform(0.0, 0.05)])}
+
+    def target_points(self, points, variant) -> np.ndarray:
+        return points + variant["displacement"]
+
+
+@register_task
+class Pinch(PlasticineTask):
+    """Press a dent into the top of the block with a sphere (PlasticineLab's Pinch).
+
+    Actions: the sphere's 3-D velocity [m/s]. Variant: the block's start and the dent (a sphere
+    of radius 3.5-5 cm whose centre is 1-2 cm below the top, +-3 cm off-centre).
+    """
+
+    id = "diffsim/Pinch-v0"
+
+    def tools(self, half: float) -> list:
+        return [(collider_sphere(0.04, friction=0.5), np.array([0.0, 0.0, 0.05]))]
+
+    def sample_target(self, rng) -> dict:
+        return {"dent_offset": np.array([*rng.uniform(-0.03, 0.03, 2), -rng.uniform(0.02, 0.03)]),
+                "dent_radius": rng.uniform(0.035, 0.05)}
+
+    def target_points(self, points, variant) -> np.ndarray:
+        center = self.block_top + variant["offset"] + variant["dent_offset"]
+        return points[np.linalg.norm(points - center, axis=1) > variant["dent_radius"]]
+
+
+@register_task
+class RollingPin(PlasticineTask):
+    """Roll the block flat with a rolling pin (PlasticineLab's RollingPin).
+
+    Actions: the pin's 3-D velocity [m/s] and its spin about its own axis [rad/s]. Variant: the
+    block's start and the target sheet's thickness (45-70% of the block; volume kept, spread
+    along x).
+    """
+
+    id = "diffsim/RollingPin-v0"
+
+    def tools(self, half: float) -> list:
+        axis_y = (math.sin(math.pi / 4), 0.0, 0.0, math.cos(math.pi / 4))  # local z -> world y
+        return [(collider_capsule(0.03, 1.2 * half, rotation=(axis_y[0], 0, 0, axis_y[3]), friction=0.8),
+                 np.array([0.0, 0.0, 0.035]))]
+
+    def actuators(self, model, tools) -> list:
+        c = self.config
+        slots = self._slots(model, tools[0])
+        return [velocity_actuator("pin", "collider_velocity", slots, limit=c.tool_speed),
+                velocity_actuator("pin_spin", "collider_angular_velocity", slots, axes=(1,),
+                                  limit=c.tool_speed / 0.03, unit="rad/s", labels=("wy",))]
+
+    def sample_target(self, rng) -> dict:
+        return {"thickness": rng.uniform(0.45, 0.7)}
+
+    def target_points(self, points, variant) -> np.ndarray:
+        s = variant["thickness"]
+        floor, center_x = self.floor_height, points[:, 0].mean()
+        out = points.copy()
+        out[:, 2] = floor + (points[:, 2] - floor) * s
+        out[:, 0] = center_x + (points[:, 0] - center_x) / s
+        return out
+
+
+@register_task
+class Writer(PlasticineTask):
+    """Carve a stroke into the block's top with a pen (PlasticineLab's Writer).
+
+    Actions: the pen's 3-D velocity [m/s]. Variant: the block's start and the stroke (a 1.5 cm
+    deep, 2 cm wide straight groove through the top at a random angle and offset).
+    """
+
+    id = "diffsim/Writer-v0"
+
+    def tools(self, half: float) -> list:
+        return [(collider_capsule(0.01, 0.05, friction=0.3), np.array([0.0, 0.0, 0.07]))]
+
+    def sample_target(self, rng) -> dict:
+        return {"angle": rng.uniform(0, math.pi), "shift": rng.uniform(-0.03, 0.03)}
+
+    def target_points(self, points, variant) -> np.ndarray:
+        top = self.block_top + variant["offset"]
+        direction = np.array([math.cos(variant["angle"]), math.sin(variant["angle"]), 0.0])
+        normal = np.array([-direction[1], direction[0], 0.0])
+        across = (points - top) @ normal - variant["shift"]
+        groove = (np.abs(across) < 0.01) & (points[:, 2] > top[2] - 0.015)
+        return points[~groove]
