@@ -85,3 +85,43 @@ class MarkerLoss:
         wp.launch(_marker_l1, dim=self.marker_vertex.shape[0],
                   inputs=[state.vertex_x, self.marker_vertex, self.targets, frame, self.scale, self.smoothing],
                   outputs=[loss], device=model.device)
+
+
+@wp.kernel
+def _vertex_target_per_world(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+                             vertex_world: wp.array(dtype=int), scale: wp.array(dtype=float),
+                             loss: wp.array(dtype=float)):
+    i = wp.tid()
+    w = vertex_world[i]
+    d = x[i] - target[i]
+    wp.atomic_add(loss, w, wp.dot(d, d) * scale[w])
+
+
+class VertexTargetLoss:
+    """Mean squared distance [m^2] of each world's vertices to their own target positions, per world.
+
+    ``set_world(world, targets)`` sets one world's targets (its vertices in order); calling the loss
+    adds each world's value into ``loss[world]``.
+    """
+
+    def __init__(self, model: RodModel):
+        self.model = model
+        self.vertex_world_host = model.world_of("vertex_x")
+        counts = np.bincount(self.vertex_world_host, minlength=model.num_worlds)
+        self.vertex_world = wp.array(self.vertex_world_host, dtype=int, device=model.device)
+        self.scale = wp.array(1.0 / np.maximum(counts, 1).astype(np.float32), dtype=float, device=model.device)
+        self._targets = model.initial_x.astype(np.float32).copy()
+        self.targets = wp.array(self._targets, dtype=wp.vec3, device=model.device)
+
+    def set_world(self, world: int, targets: np.ndarray) -> None:
+        index = np.flatnonzero(self.vertex_world_host == world)
+        self._targets[index] = np.asarray(targets, dtype=np.float32).reshape(len(index), 3)
+        self.targets.assign(self._targets)
+
+    def world_targets(self, world: int) -> np.ndarray:
+        return self._targets[self.vertex_world_host == world]
+
+    def __call__(self, model: RodModel, state: RodState, loss: wp.array) -> None:
+        wp.launch(_vertex_target_per_world, dim=model.vertex_count,
+                  inputs=[state.vertex_x, self.targets, self.vertex_world, self.scale], outputs=[loss],
+                  device=model.device)
