@@ -54,6 +54,7 @@ class CableTask(Task):
     """The cable scene; subclasses choose the held ends, obstacles and targets."""
 
     Config = CableConfig
+    tiny = {"horizon": 3, "vertices": 11}
     radius = 0.005  #: contact radius of the cable [m]
     held_ends: tuple[str, ...] = ("first", "last")
 

@@ -62,6 +62,7 @@ class PlasticineTask(Task):
     """The scene every plasticine task shares; subclasses add tools, actuators and targets."""
 
     Config = PlasticineConfig
+    tiny = {"grid_res": 24, "horizon": 4, "loss_res": 16}
     #: (collider, centre offset from the block's top centre [m]) per tool, set by ``tools``
     tool_offsets: list[np.ndarray]
 
@@ -154,9 +155,6 @@ class PlasticineTask(Task):
 
     def score(self, state) -> np.ndarray:
         return self.shape.score(state)
-
-    def render_options(self, world: int) -> dict:
-        return {}
 
 
 @register_task

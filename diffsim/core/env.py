@@ -37,7 +37,7 @@ def _render(task: Task, state, world: int, width: int, height: int) -> np.ndarra
     from diffsim.render import render_state
 
     return render_state(task.scene.model, state, world=world, width=width, height=height,
-                        **task.render_options(world) if hasattr(task, "render_options") else {})
+                        **task.render_options(world))
 
 
 class TaskEnv(gym.Env):
@@ -132,7 +132,9 @@ class TaskVectorEnv(VectorEnv):
         done = terminated | truncated
         obs = self.batch.observation()
         if done.any():
-            final_obs = np.array([obs[i] if d else None for i, d in enumerate(done)], dtype=object)
+            final_obs = np.empty(self.num_envs, dtype=object)  # one entry per world, None where running
+            for i in np.flatnonzero(done):
+                final_obs[i] = obs[i]
             info["final_obs"], info["_final_obs"] = final_obs, done.copy()
             info["final_info"] = {k: v.copy() for k, v in info.items() if not k.startswith("final")}
             info["final_info"]["_loss"] = info["final_info"]["_score"] = done.copy()

@@ -64,6 +64,8 @@ class Task(abc.ABC):
     Config: ClassVar[type] = TaskConfig
     #: the registered id, e.g. ``"diffsim/Pinch-v0"``
     id: ClassVar[str] = ""
+    #: options that make a tiny scene of the task (tests, examples)
+    tiny: ClassVar[dict] = {}
 
     def __init__(self, config=None, *, num_worlds: int = 1, device: str | None = None, **overrides):
         if not isinstance(num_worlds, int) or num_worlds < 1:
@@ -119,6 +121,10 @@ class Task(abc.ABC):
     def terminated(self, state: State) -> np.ndarray:
         """Worlds whose episode ended for a task reason (success or failure); none by default."""
         return np.zeros(self.num_worlds, dtype=bool)
+
+    def render_options(self, world: int) -> dict:
+        """Extra keyword arguments of :func:`diffsim.render.render_state` for ``world`` (e.g. an inset)."""
+        return {}
 
     def observation_bounds(self) -> tuple[float, float]:
         """Bounds of every observation entry (the observation Box)."""
