@@ -69,6 +69,27 @@ class SimulationDiverged(DiffsimError, RuntimeError):
         super().__init__(message)
 
 
+class GradientDiverged(DiffsimError, RuntimeError):
+    """A backward pass produced a non-finite gradient (the forward pass may have stayed finite).
+
+    Args:
+        step: the solver step back to which adjoints had been computed: the gradient is that of the
+            state entering this step, or of a model or control array summed over this and later steps.
+        array: name of the array whose gradient holds the non-finite value, e.g. ``"particle_v"``.
+        index: index of the first element (e.g. the particle) whose gradient is not finite, when known.
+    """
+
+    def __init__(self, step: int, array: str, index: int | None = None, hint: str = ""):
+        self.step = step
+        self.array = array
+        self.index = index
+        where = f" at entry {index}" if index is not None else ""
+        message = f"The backward pass diverged: d(loss)/d({array}) holds a non-finite value{where} at step {step}."
+        message += " " + (hint or "A kernel's adjoint overflowed or divided by zero at a degenerate point (a bug "
+                                  "worth reporting with the scene); a smaller dt or gentler motion may avoid it.")
+        super().__init__(message)
+
+
 def require_finite(name: str, value: float) -> float:
     """Return ``value`` as float, raising :class:`InvalidParameter` if it is NaN or infinite."""
     value = float(value)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import warp as wp
 
-from diffsim.errors import InvalidParameter, SimulationDiverged, UnstableTimeStep
+from diffsim.errors import GradientDiverged, InvalidParameter, SimulationDiverged, UnstableTimeStep
 
 
 class ArrayBundle:
@@ -148,6 +148,29 @@ class BundleGroup(ArrayBundle):
                              for name, part in self.parts.items()})
 
 
+_INTEGER_DTYPES = (wp.int32, wp.int64, wp.uint64, wp.uint32, wp.int8, wp.uint8)
+
+
+def first_non_finite(arrays: Iterable[tuple[str, wp.array]]) -> tuple[str, int] | None:
+    """``(name, entry)`` of the first array holding a NaN or inf, and the index of its first such
+    entry (per element: a vec3 array's entry 4 is its fifth vector), or None; integer arrays are skipped."""
+    for name, arr in arrays:
+        if arr is None or arr.dtype in _INTEGER_DTYPES or arr.size == 0:
+            continue
+        values = arr.numpy().reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            components = max(1, values.size // max(1, arr.size))
+            return name, int(bad[0] // components)
+    return None
+
+
+def _gradients(bundle: ArrayBundle, prefix: str = "") -> Iterator[tuple[str, wp.array]]:
+    for name, arr in bundle.arrays():
+        if arr.grad is not None:
+            yield prefix + name, arr.grad
+
+
 class Model(ArrayBundle):
     """Everything constant during a rollout: topology, rest shapes, material parameters."""
 
@@ -213,6 +236,28 @@ class Solver(abc.ABC):
         for arr in self.scratch_arrays():
             if arr.grad is not None:
                 arr.grad.zero_()
+
+    def max_advective_dt(self, model: Model, state: State, control: Control) -> float:
+        """Largest step [s] for which the fastest material point and collider surface of ``state``
+        and ``control`` move a safe fraction of the solver's resolution (infinite when unconstrained).
+
+        Unlike :meth:`max_stable_dt` this depends on the motion, so it changes during a rollout."""
+        return float("inf")
+
+    def check_finite_adjoint(self, model: Model, state: State, step: int, *,
+                             controls: Mapping[str, Control] | None = None) -> None:
+        """Raise :class:`GradientDiverged` naming the first non-finite gradient: of ``state`` (the
+        adjoint of the state entering solver step ``step``), of the ``controls`` (labelled by their
+        keys, e.g. ``"controls[3]"``) or of the model's arrays (``"model.<name>"``).
+
+        Only ``.grad`` arrays are read, so the check is as cheap as copying them once."""
+        arrays = [_gradients(state)]
+        arrays += [_gradients(control, f"{label}.") for label, control in (controls or {}).items()]
+        arrays.append(_gradients(model, "model."))
+        for group in arrays:
+            found = first_non_finite(group)
+            if found is not None:
+                raise GradientDiverged(step, *found)
 
     def check_finite(self, model: Model, state: State, step: int) -> None:
         """Raise :class:`SimulationDiverged` naming the first non-finite array of ``state``."""

@@ -56,7 +56,8 @@ class Rollout:
         checkpoint_every: keep one state every K solver steps (default: about sqrt(T)).
         frame_loss: optional per-frame loss, see :data:`FrameLoss`.
         final_loss: optional end-of-rollout loss, see :data:`FinalLoss`.
-        check_every: test the state for non-finite values every this many steps (0: never).
+        check_every: test the state for non-finite values every this many steps, and in backward
+            the gradients after each checkpoint segment (0: never).
         progress: show a progress bar.
     """
 
@@ -274,6 +275,11 @@ class Rollout:
                     self.stats.backward_steps_run += 1
                     bar.update(1)
             carried = states[0]
+            if self.check_every:
+                # as forward checks states: a NaN adjoint would otherwise reach the user silently
+                frames = range(start // self.substeps, (end - 1) // self.substeps + 1)
+                self.solver.check_finite_adjoint(self.model, carried, start,
+                                                 controls={f"controls[{f}]": self.controls[f] for f in frames})
         bar.close()
         # carried (== pool[0]) now holds d(loss)/d(state0): add it to state0's gradients.
         for name, arr in self.state0.arrays():

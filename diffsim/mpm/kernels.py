@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warp as wp
 
-from diffsim.geometry import shape_query
+from diffsim.geometry import ShapeType, shape_query
 from diffsim.geometry.motion import integrate_colliders  # noqa: F401 -- part of the step
 from diffsim.materials import MaterialParams, constitutive_update
 
@@ -16,6 +16,10 @@ wp.set_module_options({"default_grid_stride": False})
 #: adjoint of a loop with a run-time trip count does not replay the loop's forward sweep, so a
 #: velocity carried through such a loop gets a wrong gradient.
 MAX_COLLIDERS = 8
+
+#: Fluid mass [kg] below which a node's fluid volume ratio is divided by this floor instead: keeps
+#: the grid-averaged J of G2P finite at nodes a particle reaches with (near) zero weight.
+FLUID_MASS_FLOOR = wp.constant(1.0e-30)
 
 
 @wp.func
@@ -226,6 +230,23 @@ def collider_response(
 
 
 @wp.func
+def node_velocity(momentum: wp.vec3, mass: float):
+    """momentum / mass [m/s] of a grid node with positive mass [kg]."""
+    return momentum / mass
+
+
+@wp.func_grad(node_velocity)
+def adj_node_velocity(momentum: wp.vec3, mass: float, adj_ret: wp.vec3):
+    # Warp's adjoint of vec3 / float forms dot(momentum, adj) / (mass * mass). A node that only the
+    # far edge of a particle's stencil reaches (B-spline weight 0.5 (fx - 0.5)^2 ~ 1e-13 per axis)
+    # may hold ~1e-24 kg, whose square underflows to 0 in float32: that adjoint is then inf, or
+    # 0/0 = NaN, while the velocity is finite. Here each division is by mass once, with the bounded
+    # velocity momentum / mass in place of momentum / mass^2.
+    wp.adjoint[momentum] += adj_ret / mass
+    wp.adjoint[mass] -= wp.dot(adj_ret, momentum / mass) / mass
+
+
+@wp.func
 def wall_condition(v: wp.vec3, index: int, axis: int, grid_res: int, boundary: int, boundary_cells: int):
     """Apply the domain-wall condition along one axis to a node velocity."""
     low = index < boundary_cells
@@ -277,7 +298,7 @@ def grid_update(
         grid_v[world, ii, jj, kk] = wp.vec3(0.0)
         return
     # grid_force: forces of other solvers coupled to this one on the node [N] (zero when none)
-    v = (grid_momentum[world, ii, jj, kk] + dt * grid_force[world, ii, jj, kk]) / m + dt * gravity[0]
+    v = node_velocity(grid_momentum[world, ii, jj, kk] + dt * grid_force[world, ii, jj, kk], m) + dt * gravity[0]
     x = origin + wp.vec3(float(i), float(j), float(k)) * dx
 
     for c in range(wp.static(MAX_COLLIDERS)):
@@ -334,7 +355,7 @@ def grid_to_particle(
                 if is_fluid:
                     node_mass = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                     node_volume = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
-                    J += weight * node_volume / wp.max(node_mass, 1.0e-30)
+                    J += weight * node_volume / wp.max(node_mass, FLUID_MASS_FLOOR)
     particle_v_out[p] = v
     particle_C_out[p] = C
     particle_x_out[p] = x + dt * v
@@ -378,6 +399,66 @@ def particles_outside(
             inside = False
     if not inside:
         wp.atomic_min(first_outside, 0, p)
+
+
+_BOX = wp.constant(int(ShapeType.BOX))
+_SPHERE = wp.constant(int(ShapeType.SPHERE))
+_CAPSULE = wp.constant(int(ShapeType.CAPSULE))
+_CYLINDER = wp.constant(int(ShapeType.CYLINDER))
+
+
+@wp.func
+def collider_extent(shape: int, size: wp.vec3):
+    """Distance [m] from a collider's origin to the farthest point of its surface (inf for planes
+    and meshes, whose bound the caller takes from the domain instead)."""
+    if shape == _BOX:  # size: half extents
+        return wp.length(size)
+    if shape == _SPHERE:
+        return size[0]
+    if shape == _CAPSULE:  # radius + half-length of the segment
+        return size[0] + size[1]
+    if shape == _CYLINDER:
+        return wp.sqrt(size[0] * size[0] + size[1] * size[1])
+    return wp.inf
+
+
+@wp.kernel(enable_backward=False)
+def max_particle_speed(particle_v: wp.array(dtype=wp.vec3), speed: wp.array(dtype=float)):
+    """speed[0] = max |v| over particles [m/s]; NaN counts as infinitely fast."""
+    p = wp.tid()
+    v = wp.length(particle_v[p])
+    if not (v <= 3.0e38):  # also true for NaN and inf
+        v = 3.0e38
+    wp.atomic_max(speed, 0, v)
+
+
+@wp.kernel(enable_backward=False)
+def max_collider_speed(
+    collider_shape: wp.array(dtype=int),
+    collider_size: wp.array(dtype=wp.vec3),
+    collider_position: wp.array(dtype=wp.vec3),
+    collider_velocity: wp.array(dtype=wp.vec3),
+    collider_angular_velocity: wp.array(dtype=wp.vec3),
+    num_colliders: int,
+    contact_distance: float,
+    lower: wp.vec3,
+    upper: wp.vec3,
+    speed: wp.array(dtype=float),
+):
+    """speed[1] = a bound on the speed [m/s] of any collider point that can touch the grid: linear
+    speed + |angular velocity| x the distance from the collider's origin to its farthest surface
+    point (plus the contact skin), or to the farthest domain corner when that is nearer."""
+    slot = wp.tid()
+    c = slot % num_colliders
+    pos = collider_position[slot]
+    far = wp.vec3(wp.max(wp.abs(pos[0] - lower[0]), wp.abs(upper[0] - pos[0])),
+                  wp.max(wp.abs(pos[1] - lower[1]), wp.abs(upper[1] - pos[1])),
+                  wp.max(wp.abs(pos[2] - lower[2]), wp.abs(upper[2] - pos[2])))
+    reach = wp.min(collider_extent(collider_shape[c], collider_size[c]) + contact_distance, wp.length(far))
+    v = wp.length(collider_velocity[slot]) + wp.length(collider_angular_velocity[slot]) * reach
+    if not (v <= 3.0e38):
+        v = 3.0e38
+    wp.atomic_max(speed, 1, v)
 
 
 # -- hand-written adjoints ----------------------------------------------------------------------
@@ -517,7 +598,7 @@ def grid_to_particle_adjoint(
                 for k in range(3):
                     fm = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                     fv = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
-                    J += stencil_weight(st, i, j, k) * fv / wp.max(fm, 1.0e-30)
+                    J += stencil_weight(st, i, j, k) * fv / wp.max(fm, FLUID_MASS_FLOOR)
         root = wp.cbrt(wp.max(J, 1.0e-12))
         adj_J = (adj_F_out[0, 0] + adj_F_out[1, 1] + adj_F_out[2, 2]) / (3.0 * root * root)
     else:
@@ -539,10 +620,17 @@ def grid_to_particle_adjoint(
                 if is_fluid:
                     fm = grid_fluid_mass[world, local[0] + i, local[1] + j, local[2] + k]
                     fv = grid_fluid_volume[world, local[0] + i, local[1] + j, local[2] + k]
-                    if fm > 1.0e-30:
-                        wp.atomic_add(adj_grid_fluid_volume, world, local[0] + i, local[1] + j, local[2] + k,
-                                      weight * adj_J / fm)
+                    # forward: J += weight * fv / max(fm, FLUID_MASS_FLOOR). A node at the rim of the
+                    # stencil may hold only ~1e-24 kg, whose square underflows to 0 in float32: form
+                    # d/dfm = -weight fv / fm^2 from the two bounded ratios weight / fm (<= 1 / the
+                    # particle's mass, since this particle put weight * mass there) and fv / fm (~ J).
+                    denom = wp.max(fm, FLUID_MASS_FLOOR)
+                    share = weight / denom
+                    ratio = fv / denom
+                    wp.atomic_add(adj_grid_fluid_volume, world, local[0] + i, local[1] + j, local[2] + k,
+                                  share * adj_J)
+                    if fm > FLUID_MASS_FLOOR:
                         wp.atomic_add(adj_grid_fluid_mass, world, local[0] + i, local[1] + j, local[2] + k,
-                                      -weight * adj_J * fv / (fm * fm))
-                    adj_x += (adj_J * fv / wp.max(fm, 1.0e-30)) * grad_weight
+                                      -(share * adj_J) * ratio)
+                    adj_x += (adj_J * ratio) * grad_weight
     adj_particle_x[p] = adj_particle_x[p] + adj_x

@@ -200,6 +200,35 @@ class MPMSolver(Solver):
         self._max_dt[id(model)] = limit
         return limit
 
+    #: Fraction of a grid cell that the fastest particle or collider surface point may travel in
+    #: one step (see :meth:`max_advective_dt`).
+    advective_cfl: float = 0.3
+
+    def max_advective_dt(self, model: MPMModel, state: MPMState, control: MPMControl) -> float:
+        """Largest step [s] in which the fastest particle of ``state`` and the fastest collider
+        surface point under ``control`` (linear speed + |angular velocity| x the collider's extent
+        from ``model.collider_size``) travel at most ``advective_cfl`` of a cell (inf when nothing moves).
+
+        Unlike :meth:`max_stable_dt`, which bounds elastic waves, this depends on the motion: a
+        tool that crosses more than a cell per step pushes material through the grid's skin.
+        """
+        speeds = wp.zeros(2, dtype=float, device=model.device)
+        # a bound on speeds, nothing to differentiate: off the tape
+        if model.particle_count:
+            wp.launch(kernels.max_particle_speed, dim=model.particle_count, inputs=[state.particle_v],
+                      outputs=[speeds], device=model.device, record_tape=False)
+        nc = model.collider_count
+        if nc:
+            lower = np.asarray(model.domain_origin, dtype=np.float64)
+            wp.launch(kernels.max_collider_speed, dim=model.num_worlds * nc,
+                      inputs=[model.collider_shape, model.collider_size, state.collider_position,
+                              control.collider_velocity, control.collider_angular_velocity, nc,
+                              float(model.contact_distance), wp.vec3(*lower),
+                              wp.vec3(*(lower + model.domain_size))],
+                      outputs=[speeds], device=model.device, record_tape=False)
+        fastest = float(speeds.numpy().max())
+        return self.advective_cfl * model.dx / fastest if fastest > 0 else math.inf
+
     def stability_limit(self, model: MPMModel) -> str:
         return f"CFL {self.cfl} with dx = {model.dx:.4g} m and the stiffest material"
 
