@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=_run_validate)
 
     bench = commands.add_parser("bench", help="speed and memory figures")
-    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile}")
+    bench_solvers = bench.add_subparsers(dest="solver", required=True, metavar="{mpm,rod,tactile,tasks}")
     bench_mpm = bench_solvers.add_parser("mpm", parents=[device_flag], help="time MPM steps")
     bench_mpm.add_argument("--particles", type=_positive_int, required=True, help="number of particles")
     bench_mpm.add_argument("--grid", type=_positive_int, required=True, help="grid cells per axis")
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                                help="timed runs after a warm-up; medians are reported (default: 5)")
     bench_tactile.add_argument("--json", action="store_true", help="print JSON instead of a report")
     bench_tactile.set_defaults(handler=_run_bench_tactile)
+    bench_tasks = bench_solvers.add_parser("tasks", parents=[device_flag],
+                                           help="env steps/s at 1 and 16 worlds, differentiable step, env overhead")
+    bench_tasks.add_argument("--tasks", nargs="+", metavar="ID", help="task ids (default: every registered task)")
+    bench_tasks.add_argument("--steps", type=_positive_int, default=3, help="env steps per timed run (default: 3)")
+    bench_tasks.add_argument("--repeats", type=_positive_int, default=3,
+                             help="timed runs after a warm-up; medians are reported (default: 3)")
+    bench_tasks.add_argument("--tiny", action="store_true", help="the tasks' tiny test scenes instead of the defaults")
+    bench_tasks.add_argument("--json", action="store_true", help="print JSON keyed by task id instead of a table")
+    bench_tasks.set_defaults(handler=_run_bench_tasks)
 
     calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
     calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod}")
@@ -188,6 +197,15 @@ def _run_bench_tactile(args: argparse.Namespace, device: str) -> int:
     from diffsim.fem.benchmark import format_report, run_benchmark
 
     result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
+    return 0
+
+
+def _run_bench_tasks(args: argparse.Namespace, device: str) -> int:
+    from diffsim.tasks.benchmark import format_report, run_benchmark
+
+    result = run_benchmark(args.tasks, steps=args.steps, repeats=args.repeats, tiny=args.tiny, device=device,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 

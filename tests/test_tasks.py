@@ -176,3 +176,15 @@ def test_differentiable_face_refuses_bad_actions():
         denv.step(torch.zeros(3))
     with pytest.raises(InvalidParameter, match="NaN"):
         denv.step(torch.full((2, 3), float("nan")))
+
+
+def test_bench_tasks_prints_json_keyed_by_task_id(capsys):
+    import json
+
+    from diffsim.cli import main
+
+    assert main(["bench", "tasks", "--tiny", "--tasks", "Pinch-v0", "--steps", "1", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["diffsim/Pinch-v0"]
+    for key in ("steps_per_s_1", "steps_per_s_16", "diff_step_ms", "overhead", "particles_per_world"):
+        assert key in result
+    assert result["steps_per_s_1"] > 0 and result["diff_step_ms"] > 0 and result["overhead"] > -0.5
