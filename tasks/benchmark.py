@@ -24,7 +24,7 @@ def _median_time(fn, repeats: int) -> float:
 def _counts(model) -> dict:
     parts = getattr(model, "parts", {"": model})
     counts = {}
-    for name, part in parts.items():
+    for part in parts.values():
         worlds = max(1, int(getattr(part, "num_worlds", 1)))
         for attr, key in (("particle_count", "particles"), ("vertex_count", "rod_vertices"),
                           ("tet_count", "tets")):

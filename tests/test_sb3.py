@@ -19,7 +19,7 @@ def test_adapter_hands_sb3_the_terminal_observation():
     env.seed(0)
     obs = env.reset()
     assert obs.shape == (2, env.observation_space.shape[0])
-    for step in range(4):  # the tiny horizon is 4
+    for _ in range(4):  # the tiny horizon is 4
         env.step_async(np.zeros((2, 3), np.float32))
         obs, reward, done, infos = env.step_wait()
     assert done.all() and all(info["TimeLimit.truncated"] for info in infos)
