@@ -141,7 +141,7 @@ def _check_compatible(path, saved: dict[str, torch.Tensor], parameters: dict[str
 
 
 def optimize(
-    rollout: Rollout,
+    rollout: Rollout | Callable[[dict[str, torch.Tensor]], torch.Tensor],
     parameters: dict[str, torch.Tensor],
     *,
     iterations: int,
@@ -161,7 +161,10 @@ def optimize(
     and takes one Adam step, then projects each bounded parameter back inside its bounds.
 
     Args:
-        rollout: the differentiable simulation; its loss is what is minimised.
+        rollout: the differentiable simulation; its loss is what is minimised. Or any function
+            of the (mapped) parameters returning a differentiable torch scalar, e.g. a task's
+            whole-horizon loss ``lambda p: env.rollout(p["actions"])``
+            (:meth:`diffsim.core.env.DiffTaskEnv.rollout`).
         parameters: the tensors to optimise, updated in place (``requires_grad`` is set here).
             Without ``inputs`` the names must be rollout input names, e.g.
             ``"controls.collider_velocity"`` shaped (frames, worlds * colliders, 3) or
@@ -252,7 +255,8 @@ def optimize(
     try:
         for iteration in range(start_iteration, iterations):
             optimizer.zero_grad(set_to_none=True)
-            loss = rollout_loss(rollout, map_inputs(parameters))
+            mapped = map_inputs(parameters)
+            loss = rollout_loss(rollout, mapped) if isinstance(rollout, Rollout) else rollout(mapped)
             if regularizer is not None:
                 loss = loss + regularizer(parameters)
             value = float(loss.detach())

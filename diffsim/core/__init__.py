@@ -1,13 +1,16 @@
-"""The core every solver shares: the Model/State/Control/Solver protocol, checkpointed rollouts,
-finite-difference gradient checks and device selection (the torch bridge is ``diffsim.core.torch``).
+"""The core every solver shares: the Model/State/Control/Solver protocol, the Scene (a solver with
+its frames and actuators), checkpointed rollouts, finite-difference gradient checks and device
+selection (the torch bridge is ``diffsim.core.torch``; tasks and their gymnasium faces are
+``diffsim.core.task`` and ``diffsim.core.env``).
 """
 
 from diffsim.core.device import init_warp, resolve_device
 from diffsim.core.gradcheck import GradCheckResult, check_grad
 from diffsim.core.protocol import ArrayBundle, BundleGroup, Control, Model, Solver, State
 from diffsim.core.rollout import FinalLoss, FrameLoss, Rollout, RolloutStats
+from diffsim.core.scene import Actuator, Scene
 
 __all__ = [
-    "ArrayBundle", "BundleGroup", "Control", "FinalLoss", "FrameLoss", "GradCheckResult", "Model", "Rollout",
-    "RolloutStats", "Solver", "State", "check_grad", "init_warp", "resolve_device",
+    "Actuator", "ArrayBundle", "BundleGroup", "Control", "FinalLoss", "FrameLoss", "GradCheckResult", "Model",
+    "Rollout", "RolloutStats", "Scene", "Solver", "State", "check_grad", "init_warp", "resolve_device",
 ]

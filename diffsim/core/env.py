@@ -335,7 +335,7 @@ class DiffTaskEnv:
             raise InvalidParameter("action", "a tensor with NaN or inf entries", "finite values")
 
     def rollout(self, actions: torch.Tensor, *, checkpoint_every: int | None = None) -> torch.Tensor:
-        """The summed final task loss of a whole horizon from the current reset's initial states.
+        """The summed final task loss of a whole horizon from the last reset's initial states.
 
         ``actions`` has shape (frames, num_envs, action_dim); the backward runs the checkpointed
         rollout, so memory stays O(sqrt(T)) states whatever the horizon.
@@ -350,12 +350,11 @@ class DiffTaskEnv:
         scene = self.task.scene
         if rollout is None:
             controls = [scene.control(requires_grad=True) for _ in range(frames)]
-            rollout = Rollout(scene.solver, scene.model, self.batch.state.clone(requires_grad=True), controls,
-                              frame_dt=scene.frame_dt, substeps=scene.substeps_for(),
-                              checkpoint_every=checkpoint_every, final_loss=self._final_loss())
+            rollout = scene.rollout(self.batch.initial.clone(requires_grad=True), controls,
+                                    checkpoint_every=checkpoint_every, final_loss=self._final_loss())
             self._rollouts[frames] = rollout
         else:
-            rollout.state0.assign(self.batch.state)
+            rollout.state0.assign(self.batch.initial)
         return _RolloutFunction.apply(rollout, self, actions)
 
     def _final_loss(self) -> Callable:

@@ -269,3 +269,32 @@ class Solver(abc.ABC):
             if bad.size:
                 components = max(1, values.size // max(1, arr.size))
                 raise SimulationDiverged(step, name, int(bad[0] // components))
+
+
+def input_arrays(name: str, *, model: Model, state: State, controls) -> list[wp.array]:
+    """The arrays an input name denotes, in the one syntax of the torch bridge and gradient checks:
+
+    * ``"model.<field>"``: a model array;
+    * ``"state0.<field>"`` (or ``"state.<field>"``): an array of the initial state;
+    * ``"controls.<field>"``: that array of every control, one per frame;
+    * ``"controls[k].<field>"``: that array of frame ``k``'s control.
+
+    Fields of grouped bundles keep their part: ``"controls[5].fem.body_velocity"``.
+    """
+    scope, _, field_name = name.partition(".")
+    if not field_name:
+        raise InvalidParameter("input name", name, "'model.<field>', 'state0.<field>', 'controls.<field>' or "
+                               "'controls[k].<field>'")
+    if scope == "model":
+        return [model.array(field_name)]
+    if scope in ("state0", "state"):
+        return [state.array(field_name)]
+    if scope in ("controls", "control"):
+        return [c.array(field_name) for c in controls]
+    if scope.startswith("controls[") and scope.endswith("]"):
+        index = scope[len("controls["):-1]
+        if not index.isdigit() or int(index) >= len(controls):
+            raise InvalidParameter("input name", name, f"frames controls[0] .. controls[{len(controls) - 1}]")
+        return [controls[int(index)].array(field_name)]
+    raise InvalidParameter("input name", name, "'model.<field>', 'state0.<field>', 'controls.<field>' or "
+                           "'controls[k].<field>'")

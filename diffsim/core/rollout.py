@@ -17,6 +17,7 @@ import warp as wp
 from tqdm.auto import tqdm
 
 from diffsim.core.protocol import Control, Model, Solver, State, accumulate
+from diffsim.core.scene import Scene
 from diffsim.errors import ConfigError, InvalidParameter
 
 #: ``frame_loss(model, state, frame, loss)`` launches kernels that add a scalar into ``loss[0]``
@@ -43,8 +44,11 @@ class Rollout:
     """A differentiable simulation of ``len(controls)`` control intervals (frames).
 
     Each frame applies one Control for ``substeps`` solver steps of ``frame_dt / substeps``
-    seconds. ``forward()`` returns the loss; ``backward()`` then accumulates d(loss)/d(x) into the
-    ``.grad`` of every array that requires it: ``state0``'s, the model's and each control's.
+    seconds; with ``substeps="auto"`` the :class:`~diffsim.core.scene.Scene` picks each frame's
+    count from the state it starts at (stability and advective limits), ``forward()`` records the
+    counts in ``schedule`` and ``backward()`` replays them. ``forward()`` returns the loss;
+    ``backward()`` then accumulates d(loss)/d(x) into the ``.grad`` of every array that requires
+    it: ``state0``'s, the model's and each control's.
 
     Args:
         solver: the solver that advances a state by one step.
@@ -52,13 +56,15 @@ class Rollout:
         state0: initial state; never written.
         controls: one Control per frame.
         frame_dt: duration of one frame [s].
-        substeps: solver steps per frame, or ``"auto"`` for the fewest the solver accepts.
+        substeps: solver steps per frame, or ``"auto"`` for the fewest the solver accepts in each frame.
         checkpoint_every: keep one state every K solver steps (default: about sqrt(T)).
         frame_loss: optional per-frame loss, see :data:`FrameLoss`.
         final_loss: optional end-of-rollout loss, see :data:`FinalLoss`.
         check_every: test the state for non-finite values every this many steps, and in backward
             the gradients after each checkpoint segment (0: never).
         progress: show a progress bar.
+        scene: the Scene to step (default: one made of ``model``, ``solver``, ``frame_dt`` and
+            ``substeps``); see :meth:`Scene.rollout`.
     """
 
     def __init__(
@@ -75,29 +81,26 @@ class Rollout:
         final_loss: FinalLoss | None = None,
         check_every: int = 50,
         progress: bool = False,
+        scene: Scene | None = None,
     ):
         if len(controls) == 0:
             raise ConfigError("a rollout needs at least one control (one per frame); got an empty sequence.")
-        if not (frame_dt > 0 and math.isfinite(frame_dt)):
-            raise InvalidParameter("frame_dt", frame_dt, "(0, inf) seconds")
-        max_dt = solver.max_stable_dt(model)
-        if substeps == "auto":
-            # (1 - 1e-9): a frame exactly N stable steps long needs N substeps, not N + 1
-            substeps = max(1, math.ceil(frame_dt / max_dt * (1 - 1e-9))) if math.isfinite(max_dt) else 1
-        if not isinstance(substeps, int) or substeps < 1:
-            raise InvalidParameter("substeps", substeps, "positive integers or 'auto'")
+        # one place decides the substeps of a frame: the scene (see Scene.substeps_for)
+        self.scene = scene if scene is not None else Scene(model, solver, frame_dt=frame_dt, substeps=substeps)
         self.solver = solver
         self.model = model
         self.state0 = state0
         self.controls = list(controls)
-        self.frame_dt = float(frame_dt)
-        self.substeps = substeps
-        self.dt = self.frame_dt / substeps
+        self.frame_dt = self.scene.frame_dt
+        #: substeps of the first frame (every frame's, unless "auto" meets the advective limit)
+        self.substeps = self.scene.substeps_for(state0, self.controls[0])
+        self.dt = self.frame_dt / self.substeps
         # Let the solver refuse an unstable dt now, before any work, with its own message.
         validate = getattr(solver, "validate_dt", None)
         if validate is not None:
             validate(model, self.dt)
-        self.num_steps = len(self.controls) * substeps
+        #: solver steps of the horizon (an estimate until forward() has fixed every frame's substeps)
+        self.num_steps = len(self.controls) * self.substeps
         if checkpoint_every is None:
             checkpoint_every = max(1, round(math.sqrt(self.num_steps)))
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -107,6 +110,10 @@ class Rollout:
         self.final_loss = final_loss
         self.check_every = check_every
         self.progress = progress
+        self.stats = RolloutStats(solver_steps=self.num_steps, checkpoint_every=self.checkpoint_every)
+        #: substeps of each frame, fixed by the last forward()
+        self.schedule: list[int] = [self.substeps] * len(self.controls)
+        self._set_schedule(self.schedule)
 
         device = state0.arrays().__next__()[1].device
         self.device = device
@@ -115,8 +122,18 @@ class Rollout:
         self._pool: list[State] = []
         self._checkpoints: dict[int, State] = {}
         self._final_state: State | None = None
-        self.stats = RolloutStats(solver_steps=self.num_steps, checkpoint_every=self.checkpoint_every)
         self._forward_done = False
+
+    def _set_schedule(self, schedule: list[int]) -> None:
+        """Per solver step: its frame, its dt and whether it ends the frame."""
+        self.schedule = list(schedule)
+        self._step_frame = np.repeat(np.arange(len(schedule)), schedule)
+        self._step_dt = np.repeat(self.frame_dt / np.asarray(schedule, dtype=np.float64), schedule)
+        self._frame_end = np.cumsum(schedule) - 1
+        self._ends_frame = np.zeros(len(self._step_frame), dtype=bool)
+        self._ends_frame[self._frame_end] = True
+        self.num_steps = len(self._step_frame)
+        self.stats.solver_steps = self.num_steps
 
     # -- storage -----------------------------------------------------------------------------
     def _pool_state(self, i: int) -> State:
@@ -135,7 +152,10 @@ class Rollout:
         return self._checkpoints[step]
 
     def _control(self, step: int) -> Control:
-        return self.controls[step // self.substeps]
+        return self.controls[self._step_frame[step]]
+
+    def _step(self, step: int, state_in: State, state_out: State) -> None:
+        self.solver.step(self.model, state_in, state_out, self._control(step), float(self._step_dt[step]))
 
     @staticmethod
     def _hand_over(carried: State | None, last: State) -> None:
@@ -150,8 +170,8 @@ class Rollout:
 
     def _add_losses(self, step_done: int, state: State, loss: wp.array) -> None:
         """Launch the losses due after ``step_done`` solver steps (1-based) on ``state``."""
-        if self.frame_loss is not None and step_done % self.substeps == 0:
-            self.frame_loss(self.model, state, step_done // self.substeps - 1, loss)
+        if self.frame_loss is not None and self._ends_frame[step_done - 1]:
+            self.frame_loss(self.model, state, int(self._step_frame[step_done - 1]), loss)
         if self.final_loss is not None and step_done == self.num_steps:
             self.final_loss(self.model, state, loss)
 
@@ -164,28 +184,44 @@ class Rollout:
         """
         self._forward_done = False
         self._final_state = None
-        # parameters may have changed since construction (e.g. fitted E): check dt again
-        validate = getattr(self.solver, "validate_dt", None)
-        if validate is not None:
-            validate(self.model, self.dt)
+        # parameters may have changed since construction (e.g. fitted E): "auto" substeps follow
+        # them, a fixed count is checked again
+        if self.scene.substeps == "auto":
+            self.scene.refresh_limits()
+        else:
+            validate = getattr(self.solver, "validate_dt", None)
+            if validate is not None:
+                validate(self.model, self.dt)
         self._check_controls()
         self.loss.zero_()
         state = self.state0
+        schedule: list[int] = []
         bar = tqdm(total=self.num_steps, desc="forward", disable=not self.progress, leave=False)
-        for t in range(self.num_steps):
-            # Ping-pong between two pool states; state0 is only ever read.
-            nxt = self._pool_state((t + 1) % 2)
-            self.solver.step(self.model, state, nxt, self._control(t), self.dt)
-            done = t + 1
-            if self.check_every and (done % self.check_every == 0 or done == self.num_steps):
-                self.solver.check_finite(self.model, nxt, t)
-            self._add_losses(done, nxt, self.loss)
-            if done % self.checkpoint_every == 0 and done < self.num_steps:
-                self._checkpoint(done).assign(nxt)
-            if on_frame is not None and done % self.substeps == 0:
-                on_frame(done // self.substeps - 1, nxt)
-            state = nxt
-            bar.update(1)
+        t = 0
+        for frame, control in enumerate(self.controls):
+            # the scene fixes this frame's substeps from the state it starts from
+            n = self.scene.substeps_for(state, control)
+            schedule.append(n)
+            dt = self.frame_dt / n
+            for i in range(n):
+                # Ping-pong between two pool states; state0 is only ever read.
+                nxt = self._pool_state((t + 1) % 2)
+                self.solver.step(self.model, state, nxt, control, dt)
+                t += 1
+                last = frame == len(self.controls) - 1 and i == n - 1
+                if self.check_every and (t % self.check_every == 0 or last):
+                    self.solver.check_finite(self.model, nxt, t - 1)
+                if self.frame_loss is not None and i == n - 1:
+                    self.frame_loss(self.model, nxt, frame, self.loss)
+                if self.final_loss is not None and last:
+                    self.final_loss(self.model, nxt, self.loss)
+                if t % self.checkpoint_every == 0 and not last:
+                    self._checkpoint(t).assign(nxt)
+                state = nxt
+                bar.update(1)
+            if on_frame is not None:
+                on_frame(frame, state)
+        self._set_schedule(schedule)
         bar.close()
         self.stats.forward_steps_run += self.num_steps
         self._final_state = state
@@ -246,8 +282,7 @@ class Rollout:
                 tape = wp.Tape()
                 with tape:
                     for t in range(start, end):
-                        self.solver.step(self.model, states[t - start], states[t - start + 1],
-                                         self._control(t), self.dt)
+                        self._step(t, states[t - start], states[t - start + 1])
                         self._add_losses(t + 1, states[t - start + 1], self._step_loss)
                 self.solver.end_step_scratch(claim)
                 tape.backward(loss=self._step_loss)
@@ -259,7 +294,7 @@ class Rollout:
                 # Scratch is shared between steps: re-simulate without a tape, then re-run each
                 # step under its own tape, newest first.
                 for t in range(start, end):
-                    self.solver.step(self.model, states[t - start], states[t - start + 1], self._control(t), self.dt)
+                    self._step(t, states[t - start], states[t - start + 1])
                 for t in reversed(range(start, end)):
                     state_in, state_out = states[t - start], states[t - start + 1]
                     state_in.zero_grad()
@@ -268,7 +303,7 @@ class Rollout:
                     self._step_loss.grad.zero_()
                     tape = wp.Tape()
                     with tape:
-                        self.solver.step(self.model, state_in, state_out, self._control(t), self.dt)
+                        self._step(t, state_in, state_out)
                         self._add_losses(t + 1, state_out, self._step_loss)
                     tape.backward(loss=self._step_loss)
                     del tape
@@ -277,7 +312,7 @@ class Rollout:
             carried = states[0]
             if self.check_every:
                 # as forward checks states: a NaN adjoint would otherwise reach the user silently
-                frames = range(start // self.substeps, (end - 1) // self.substeps + 1)
+                frames = range(int(self._step_frame[start]), int(self._step_frame[end - 1]) + 1)
                 self.solver.check_finite_adjoint(self.model, carried, start,
                                                  controls={f"controls[{f}]": self.controls[f] for f in frames})
         bar.close()

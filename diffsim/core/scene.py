@@ -346,6 +346,14 @@ class Scene:
             a = b
         return n
 
+    def rollout(self, state0: State, controls: Sequence[Control], **options):
+        """A checkpointed :class:`~diffsim.core.rollout.Rollout` of this scene from ``state0``
+        (options: ``frame_loss``, ``final_loss``, ``checkpoint_every``, ``check_every``, ``progress``)."""
+        from diffsim.core.rollout import Rollout
+
+        return Rollout(self.solver, self.model, state0, controls, frame_dt=self.frame_dt, substeps=self.substeps,
+                       scene=self, **options)
+
     # -- actions ---------------------------------------------------------------------------
     @property
     def action_dim(self) -> int:

@@ -1,7 +1,8 @@
 """PyTorch bridge: rollouts and single steps as ``torch.autograd.Function``s.
 
-Inputs are named arrays (``"model.<field>"``, ``"state0.<field>"``/``"state.<field>"``,
-``"controls.<field>"`` stacked over frames, ``"control.<field>"``) fed from torch tensors.
+Inputs are named arrays fed from torch tensors, in the syntax of
+:func:`diffsim.core.protocol.input_arrays`: ``"model.<field>"``, ``"state0.<field>"``,
+``"controls.<field>"`` (stacked over frames) and ``"controls[k].<field>"``.
 """
 
 from __future__ import annotations
@@ -12,21 +13,14 @@ from collections.abc import Sequence
 import torch
 import warp as wp
 
-from diffsim.core.protocol import Control, Model, Solver, State
+from diffsim.core.protocol import Control, Model, Solver, State, input_arrays
 from diffsim.core.rollout import Rollout
 from diffsim.errors import ConfigError, InvalidParameter
 
 
 def _targets(name: str, *, model: Model, state: State, controls: Sequence[Control]) -> list[wp.array]:
-    """Arrays addressed by ``name``; ``controls.<field>`` gives one array per frame."""
-    scope, _, field_name = name.partition(".")
-    if scope == "model":
-        return [model.array(field_name)]
-    if scope in ("state0", "state"):
-        return [state.array(field_name)]
-    if scope in ("controls", "control"):
-        return [c.array(field_name) for c in controls]
-    raise ConfigError(f"input name {name!r} must start with model., state0., controls. or control.")
+    """Arrays addressed by ``name`` (see :func:`diffsim.core.protocol.input_arrays`)."""
+    return input_arrays(name, model=model, state=state, controls=controls)
 
 
 def _copy_in(tensor: torch.Tensor, arrays: list[wp.array], name: str = "input") -> None:

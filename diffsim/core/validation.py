@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from diffsim.errors import InvalidParameter
+
 
 @dataclass
 class CheckResult:
@@ -87,13 +89,15 @@ def timed(fn):
 
 
 def rollout_input(model, state0, controls, target: str):
-    """The array a target name denotes: ``model.<field>``, ``state0.<field>`` or ``control<k>.<field>``."""
-    scope, _, field_name = target.partition(".")
-    if scope == "model":
-        return model.array(field_name)
-    if scope == "state0":
-        return state0.array(field_name)
-    return controls[int(scope.removeprefix("control"))].array(field_name)
+    """The one array a target name denotes, in the torch bridge's syntax
+    (:func:`diffsim.core.protocol.input_arrays`): ``model.<field>``, ``state0.<field>`` or
+    ``controls[k].<field>``."""
+    from diffsim.core.protocol import input_arrays
+
+    arrays = input_arrays(target, model=model, state=state0, controls=controls)
+    if len(arrays) != 1:
+        raise InvalidParameter("target", target, "names of one array (controls[k].<field>, not controls.<field>)")
+    return arrays[0]
 
 
 def rollout_gradient_check(name: str, rollout, array, bundles, *, eps: float, relative: bool = False,

@@ -164,10 +164,10 @@ GRADIENT_CHECKS = {
                                                            "model.coupling.material_friction", scene="material",
                                                            eps=0.02, relative=True, device=d, directions=1),
     "sensor_pose_material": lambda d: _coupled_gradient_check("sensor trajectory against MPM (frame 5)",
-                                                              "control5.fem.body_velocity", scene="material",
+                                                              "controls[5].fem.body_velocity", scene="material",
                                                               eps=1e-3, relative=False, device=d),
     "sensor_pose_rod": lambda d: _coupled_gradient_check("sensor trajectory against a cable (frame 5)",
-                                                         "control5.fem.body_velocity", scene="rod", eps=1e-3,
+                                                         "controls[5].fem.body_velocity", scene="rod", eps=1e-3,
                                                          relative=False, device=d),
 }
 

@@ -472,7 +472,7 @@ GRADIENT_CHECKS = {
     "viscosity": lambda d: _gradient_check("viscosity (honey)", preset("honey"), "model.particle_viscosity",
                                            eps=0.1, uniform=True, device=d),
     "collider_velocity": lambda d: _gradient_check("pusher velocity (frame 2)", _elastic(),
-                                                   "control2.collider_velocity", eps=1e-2, device=d),
+                                                   "controls[2].collider_velocity", eps=1e-2, device=d),
     "collider_position": lambda d: _gradient_check("pusher initial position", _elastic(),
                                                    "state0.collider_position", eps=1e-4, device=d),
 }

@@ -267,9 +267,9 @@ GRADIENT_CHECKS = {
                                                 device=d),
     "rest_length": lambda d: _gradient_check("rest length", "model.edge_rest_length", eps=2e-4, device=d,
                                              proportional=True),
-    "driven_end": lambda d: _gradient_check("driven-end velocity (frame 3)", "control3.vertex_velocity", eps=0.02,
+    "driven_end": lambda d: _gradient_check("driven-end velocity (frame 3)", "controls[3].vertex_velocity", eps=0.02,
                                             device=d, mask_driven=True),
-    "twist_rate": lambda d: _gradient_check("clamped-end twist rate (frame 3)", "control3.edge_twist_rate",
+    "twist_rate": lambda d: _gradient_check("clamped-end twist rate (frame 3)", "controls[3].edge_twist_rate",
                                             eps=0.2, device=d, directions=1),
 }
 
