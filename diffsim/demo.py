@@ -1,9 +1,13 @@
 """The quick-start demo: gradients through the MPM solver teach a box pusher how to shove a block of
 plasticine across a rough floor so that its centre of mass lands on a target; writes plots and a GIF.
+
+The scene is the task ``diffsim/Push-v0``; the optimiser is :func:`diffsim.controllers.trajectory.optimize`
+on the task's whole-horizon differentiable rollout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -16,12 +20,9 @@ import torch
 from diffsim import visualize
 from diffsim.controllers.trajectory import Bounds, optimize
 from diffsim.core.device import resolve_device
-from diffsim.core.rollout import Rollout
+from diffsim.core.env import DiffTaskEnv
 from diffsim.errors import InvalidParameter
-from diffsim.geometry import collider_box, collider_plane
-from diffsim.materials import preset
-from diffsim.mpm import MPMBuilder, MPMModel, MPMSolver
-from diffsim.mpm.losses import CenterOfMassLoss
+from diffsim.tasks.plasticine import Push, PushConfig
 
 PLASTICINE_RGB = (0.95, 0.55, 0.2)
 PUSHER_RGB = (0.2, 0.25, 0.35)
@@ -31,55 +32,25 @@ CHECKPOINT_NAME = "optimizer_checkpoint.pt"
 
 
 @dataclass
-class PushDemoConfig:
-    """The scene and optimisation of the demo; every length in metres, every time in seconds.
+class PushDemoConfig(PushConfig):
+    """The demo's task (:class:`diffsim.tasks.plasticine.PushConfig`: scene, target, horizon) and
+    its optimiser; every length in metres, every time in seconds.
 
     The defaults make a ~1k-particle scene whose optimisation takes about two minutes on a
-    2-core CPU; the tests shrink ``frames`` and ``iterations`` further.
+    2-core CPU; the tests shrink ``horizon`` and ``iterations`` further. The target is fixed
+    (no variant jitter), so every run optimises the same problem.
     """
 
-    grid_res: int = 32  #: grid cells per axis
-    domain_size: float = 0.32  #: edge of the cubic domain [m]
-    floor_height: float = 0.04  #: height of the floor plane [m] (above the 3-cell wall layer)
-    floor_friction: float = 1.0  #: Coulomb coefficient of the rough floor [-]
-    block_center_xy: tuple[float, float] = (0.12, 0.16)  #: block centre in the floor plane [m]
-    block_half_extents: tuple[float, float, float] = (0.02, 0.02, 0.015)  #: [m]
-    particle_spacing: float = 0.0035  #: distance between neighbouring particles [m]
-    particle_jitter: float = 0.1  #: random offset of each particle, as a fraction of the spacing
-    pusher_half_extents: tuple[float, float, float] = (0.01, 0.035, 0.025)  #: [m]
-    pusher_gap: float = 0.002  #: distance between the pusher face and the block at rest [m]
-    pusher_lift: float = 0.003  #: clearance between the pusher and the floor [m]
-    pusher_friction: float = 0.3  #: Coulomb coefficient of the pusher [-]
-    frames: int = 20  #: control intervals, each with its own pusher velocity
-    frame_dt: float = 1.0 / 60.0  #: duration of one control interval [s]
-    target_offset: tuple[float, float, float] = (0.06, 0.0, 0.0)  #: target minus initial centre of mass [m]
+    target_jitter: float = 0.0
     initial_speed: float = 0.05  #: pusher speed along +x of the initial guess [m/s]
-    max_speed: float = 0.5  #: largest horizontal pusher speed allowed [m/s]
     learning_rate: float = 0.05  #: Adam step size [m/s]
     learning_rate_decay: float = 0.9  #: factor on the step size per iteration [-]
     adam_betas: tuple[float, float] = (0.5, 0.999)  #: little momentum: the loss is nearly quadratic
 
     def __post_init__(self):
-        if not isinstance(self.frames, int) or self.frames < 1:
-            raise InvalidParameter("frames", self.frames, "integers >= 1")
-        for name in ("domain_size", "particle_spacing", "frame_dt", "max_speed", "learning_rate"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise InvalidParameter(name, value, "(0, inf)")
-
-
-@dataclass
-class PushScene:
-    """The built scene: model, solver, rollout and what the demo needs to draw and score it."""
-
-    config: PushDemoConfig
-    model: MPMModel
-    solver: MPMSolver
-    rollout: Rollout
-    loss: CenterOfMassLoss
-    pusher: int  #: collider index of the pusher
-    initial_com: np.ndarray  #: centre of mass at rest [m]
-    target: np.ndarray  #: target centre of mass [m]
+        super().__post_init__()
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise InvalidParameter("learning_rate", self.learning_rate, "(0, inf)")
 
 
 @dataclass
@@ -98,48 +69,6 @@ class DemoResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def build_push_scene(config: PushDemoConfig, *, device: str | None = None, seed: int = 0) -> PushScene:
-    """Plasticine block on a rough floor with a box pusher beside it, and the rollout to optimise."""
-    c = config
-    builder = MPMBuilder(grid_res=c.grid_res, domain_size=c.domain_size)
-    half = np.asarray(c.block_half_extents, dtype=float)
-    center = np.array([*c.block_center_xy, c.floor_height + half[2]])
-    builder.add_box(tuple(center), tuple(half), preset("plasticine"), spacing=c.particle_spacing,
-                    jitter=c.particle_jitter, seed=seed)
-    builder.add_collider(collider_plane(position=(0.0, 0.0, c.floor_height), friction=c.floor_friction))
-    pusher_half = np.asarray(c.pusher_half_extents, dtype=float)
-    pusher_position = (center[0] - half[0] - c.pusher_gap - pusher_half[0], center[1],
-                       c.floor_height + c.pusher_lift + pusher_half[2])
-    pusher = builder.add_collider(collider_box(tuple(pusher_half), position=pusher_position,
-                                               friction=c.pusher_friction))
-    model = builder.finalize(device)
-    solver = MPMSolver(model)
-    mass = model.particle_mass.numpy().astype(np.float64)
-    initial_com = (model.initial_x.astype(np.float64) * mass[:, None]).sum(axis=0) / mass.sum()
-    target = initial_com + np.asarray(c.target_offset, dtype=float)
-    loss = CenterOfMassLoss(model, target)
-    controls = [model.control(requires_grad=True) for _ in range(c.frames)]
-    # substeps="auto": the fewest steps per frame that keep the elastic CFL limit.
-    rollout = Rollout(solver, model, model.state(), controls, frame_dt=c.frame_dt, substeps="auto",
-                      final_loss=loss)
-    return PushScene(c, model, solver, rollout, loss, pusher, initial_com, target)
-
-
-def pusher_inputs(scene: PushScene):
-    """Map the optimised (frames, 2) horizontal pusher velocities [m/s] to the rollout's controls."""
-    frames, colliders = scene.config.frames, scene.model.collider_count
-
-    def to_inputs(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        horizontal = parameters["pusher_velocity"]
-        # The floor and every other collider stay still; the pusher never moves vertically.
-        per_collider = [torch.zeros(frames, 3, dtype=horizontal.dtype) for _ in range(colliders)]
-        vertical = torch.zeros(frames, 1, dtype=horizontal.dtype)
-        per_collider[scene.pusher] = torch.cat([horizontal, vertical], dim=1)
-        return {"controls.collider_velocity": torch.stack(per_collider, dim=1)}
-
-    return to_inputs
-
-
 @dataclass
 class _Recording:
     particles: list[np.ndarray] = field(default_factory=list)
@@ -148,22 +77,23 @@ class _Recording:
     com: np.ndarray | None = None
 
 
-def _record(scene: PushScene, velocities: torch.Tensor) -> _Recording:
-    """Simulate with ``velocities`` (no gradients) and keep every frame's positions."""
-    inputs = pusher_inputs(scene)({"pusher_velocity": velocities.detach()})["controls.collider_velocity"]
-    for frame, control in enumerate(scene.rollout.controls):
-        control.collider_velocity.assign(inputs[frame].numpy().astype(np.float32))
+def _record(env: DiffTaskEnv, velocities: torch.Tensor) -> _Recording:
+    """Step the task with ``velocities`` (frames, 2) (no gradients) and keep every frame."""
+    batch, task = env.batch, env.task
+    batch.reset()  # the fixed target: the same episode as the optimised one
     recording = _Recording()
-    slot = scene.pusher  # world 0
+    slot = task.pusher  # world 0
 
-    def keep(state) -> None:
-        recording.particles.append(state.particle_x.numpy().copy())
-        recording.pusher.append(state.collider_position.numpy()[slot].copy())
+    def keep() -> None:
+        recording.particles.append(batch.state.particle_x.numpy().copy())
+        recording.pusher.append(batch.state.collider_position.numpy()[slot].copy())
 
-    keep(scene.rollout.state0)
-    recording.loss = scene.rollout.forward(on_frame=lambda frame, state: keep(state))
-    mass = scene.model.particle_mass.numpy().astype(np.float64)
-    recording.com = (recording.particles[-1].astype(np.float64) * mass[:, None]).sum(axis=0) / mass.sum()
+    keep()
+    for action in velocities.detach().numpy():
+        batch.step(action[None])
+        keep()
+    recording.loss = float(batch.loss[0])
+    recording.com = task.com.centers(task.scene.model, batch.state)[0]
     return recording
 
 
@@ -189,18 +119,18 @@ def _caption(image: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(picture)
 
 
-def render_before_after(scene: PushScene, before: _Recording, after: _Recording, path: Path, *,
-                        size: tuple[int, int] = (320, 240), fps: int = 15) -> Path:
+def render_before_after(config: PushDemoConfig, target: np.ndarray, before: _Recording, after: _Recording,
+                        path: Path, *, size: tuple[int, int] = (320, 240), fps: int = 15) -> Path:
     """Side-by-side GIF: the initial guess (left) and the optimised pusher (right), with the target."""
-    c = scene.config
-    all_x = np.concatenate(before.particles + after.particles + [scene.target[None]])
+    c = config
+    all_x = np.concatenate(before.particles + after.particles + [target[None]])
     pusher_half = np.asarray(c.pusher_half_extents)
     pushers = np.concatenate([np.asarray(before.pusher), np.asarray(after.pusher)])
     lo = np.minimum(all_x.min(axis=0), (pushers - pusher_half).min(axis=0)) - 0.01
     hi = np.maximum(all_x.max(axis=0), (pushers + pusher_half).max(axis=0)) + 0.01
     lo[2] = c.floor_height
     floor = _floor_points(c, lo, hi)
-    marker = _target_marker(scene.target, 0.008)
+    marker = _target_marker(target, 0.008)
     target_image = visualize.render_points([(marker, TARGET_RGB)], bounds=(lo, hi), view="iso", size=size)
     target_mask = np.any(target_image != 255, axis=2, keepdims=True)
     frames = []
@@ -248,36 +178,40 @@ def run_demo(
     device = resolve_device(device)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    scene = build_push_scene(config, device=device, seed=seed)
-    print(f"diffsim demo: {scene.model.particle_count} plasticine particles, grid {config.grid_res}^3, "
-          f"{config.frames} frames x {scene.rollout.substeps} substeps on {device}; target "
+    env = DiffTaskEnv(Push, num_envs=1, device=device, config=_task_config(config, seed))
+    env.reset(seed=seed)
+    task = env.task
+    target = task.com.targets.numpy()[0].astype(np.float64)
+    frames = config.horizon
+    print(f"diffsim demo: {task.scene.model.particle_count} plasticine particles, grid {config.grid_res}^3, "
+          f"{frames} frames x {task.scene.substeps} substeps on {device}; target "
           f"{np.linalg.norm(config.target_offset) * 100:.1f} cm from the start")
 
-    initial = torch.zeros(config.frames, 2)
+    initial = torch.zeros(frames, 2)
     initial[:, 0] = config.initial_speed
     if progress:
         print("simulating the initial guess (a first run also compiles the Warp kernels, ~20 s)")
-    before = _record(scene, initial)
+    before = _record(env, initial)
     parameters = {"pusher_velocity": initial.clone()}
     checkpoint = output / CHECKPOINT_NAME
     result = optimize(
-        scene.rollout, parameters, iterations=iterations, learning_rate=config.learning_rate,
-        learning_rate_decay=config.learning_rate_decay, betas=config.adam_betas,
-        inputs=pusher_inputs(scene), bounds={"pusher_velocity": Bounds(max_norm=config.max_speed)},
-        checkpoint_path=checkpoint, progress=progress,
+        lambda p: env.rollout(p["pusher_velocity"][:, None, :]), parameters, iterations=iterations,
+        learning_rate=config.learning_rate, learning_rate_decay=config.learning_rate_decay, betas=config.adam_betas,
+        bounds={"pusher_velocity": Bounds(max_norm=config.max_speed)}, checkpoint_path=checkpoint,
+        progress=progress,
     )
     if result.resumed_from is not None:
         print(f"resumed from iteration {result.resumed_from} of an interrupted run ({checkpoint})")
     best = result.best_parameters["pusher_velocity"] if result.losses else initial
-    after = _record(scene, best)
+    after = _record(env, best)
 
-    initial_distance = float(np.linalg.norm(before.com - scene.target))
-    final_distance = float(np.linalg.norm(after.com - scene.target))
+    initial_distance = float(np.linalg.norm(before.com - target))
+    final_distance = float(np.linalg.norm(after.com - target))
     files = {
         "loss": str(visualize.plot_curve(result.losses or [before.loss], output / "loss.png",
                                          title="pusher trajectory optimisation",
                                          ylabel="|centre of mass - target|^2 [m^2]")),
-        "gif": str(render_before_after(scene, before, after, output / "before_after.gif")),
+        "gif": str(render_before_after(config, target, before, after, output / "before_after.gif")),
     }
     demo = DemoResult(
         output_dir=str(output), initial_loss=before.loss, final_loss=after.loss,
@@ -287,9 +221,9 @@ def run_demo(
     )
     summary = asdict(demo)
     summary.update(
-        device=device, seed=seed, particles=scene.model.particle_count, substeps=scene.rollout.substeps,
-        best_iteration=result.best_iteration, resumed_from_iteration=result.resumed_from,
-        target=scene.target.tolist(),
+        task=Push.id, device=device, seed=seed, particles=task.scene.model.particle_count,
+        substeps=task.scene.substeps, best_iteration=result.best_iteration,
+        resumed_from_iteration=result.resumed_from, target=target.tolist(),
         initial_center_of_mass=before.com.tolist(), final_center_of_mass=after.com.tolist(),
         pusher_velocity=best.tolist(), config=asdict(config),
     )
@@ -303,3 +237,9 @@ def run_demo(
           f"({final_distance / max(initial_distance, 1e-12):.1%} of the initial)")
     print(f"outputs written to {output.resolve()}")
     return demo
+
+
+def _task_config(config: PushDemoConfig, seed: int) -> PushConfig:
+    """The task's part of the demo config, with ``seed`` for the particle jitter."""
+    fields = {f.name for f in dataclasses.fields(PushConfig)}
+    return PushConfig(**{name: getattr(config, name) for name in fields if name != "jitter_seed"}, jitter_seed=seed)

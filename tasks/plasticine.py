@@ -1,4 +1,5 @@
-"""PlasticineLab's family on the MPM solver: Move, Pinch, RollingPin and Writer.
+"""PlasticineLab's family on the MPM solver: Move, Pinch, RollingPin and Writer; and Push, the
+quick-start demo's task.
 
 A block of plasticine (von Mises, ``preset("plasticine")``) sits on a rough floor in a 1 m domain;
 rigid tools driven by velocity actions reshape it. The loss is the L1 distance between the
@@ -24,8 +25,9 @@ from diffsim.core.env import register_task
 from diffsim.core.scene import Scene, velocity_actuator
 from diffsim.core.task import Task, TaskConfig
 from diffsim.errors import InvalidParameter
-from diffsim.geometry import collider_capsule, collider_plane, collider_sphere
+from diffsim.geometry import collider_box, collider_capsule, collider_plane, collider_sphere
 from diffsim.mpm import MPMBuilder, MPMSolver
+from diffsim.mpm.losses import CenterOfMassLoss
 from diffsim.mpm.model import BOUNDARY_CELLS
 
 
@@ -259,3 +261,110 @@ class Writer(PlasticineTask):
         across = (points - top) @ normal - variant["shift"]
         groove = (np.abs(across) < 0.01) & (points[:, 2] > top[2] - 0.015)
         return points[~groove]
+
+
+@dataclass
+class PushConfig(TaskConfig):
+    """A box pusher shoves a small plasticine block across a rough floor so that its centre of
+    mass lands on a target (the quick-start demo's scene). Lengths in metres, times in seconds."""
+
+    horizon: int = 20
+    frame_dt: float = 1.0 / 60.0
+    grid_res: int = 32  #: MPM cells per axis
+    domain_size: float = 0.32  #: edge of the cubic domain [m]
+    floor_height: float = 0.04  #: height of the floor plane [m] (above the 3-cell wall layer)
+    floor_friction: float = 1.0  #: Coulomb coefficient of the rough floor [-]
+    block_center_xy: tuple[float, float] = (0.12, 0.16)  #: block centre in the floor plane [m]
+    block_half_extents: tuple[float, float, float] = (0.02, 0.02, 0.015)  #: [m]
+    particle_spacing: float = 0.0035  #: distance between neighbouring particles [m]
+    particle_jitter: float = 0.1  #: random offset of each particle, as a fraction of the spacing
+    jitter_seed: int = 0  #: seed of the particle jitter
+    pusher_half_extents: tuple[float, float, float] = (0.01, 0.035, 0.025)  #: [m]
+    pusher_gap: float = 0.002  #: distance between the pusher face and the block at rest [m]
+    pusher_lift: float = 0.003  #: clearance between the pusher and the floor [m]
+    pusher_friction: float = 0.3  #: Coulomb coefficient of the pusher [-]
+    target_offset: tuple[float, float, float] = (0.06, 0.0, 0.0)  #: target minus initial centre of mass [m]
+    target_jitter: float = 0.02  #: variants move the target by up to this much in x and y [m]
+    max_speed: float = 0.5  #: largest pusher speed per axis [m/s]
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("domain_size", "particle_spacing", "max_speed"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise InvalidParameter(name, value, "(0, inf)")
+        if not (0 <= self.target_jitter < 0.5 * self.domain_size):
+            raise InvalidParameter("target_jitter", self.target_jitter, f"[0, {0.5 * self.domain_size:g}) m")
+
+
+@register_task
+class Push(Task):
+    """Push a plasticine block so that its centre of mass reaches a target on the floor.
+
+    Actions: the pusher's horizontal velocity (vx, vy) [m/s]. Variant: the target, ``target_offset``
+    from the block's centre of mass plus up to ``target_jitter`` in x and y. Loss: squared distance
+    of the centre of mass to the target [m^2]; score: 1 - final distance / initial distance, clamped
+    to [0, 1]. Observation: 64 particles' positions [m] and velocities [m/s], the pusher's position
+    [m] and the target [m].
+    """
+
+    id = "diffsim/Push-v0"
+    Config = PushConfig
+    tiny = {"horizon": 4, "particle_spacing": 0.006}
+
+    def build_scene(self, num_worlds: int, device) -> Scene:
+        c = self.config
+        builder = MPMBuilder(grid_res=c.grid_res, domain_size=c.domain_size, num_worlds=num_worlds)
+        half = np.asarray(c.block_half_extents, dtype=float)
+        center = np.array([*c.block_center_xy, c.floor_height + half[2]])
+        builder.add_box(tuple(center), tuple(half), preset("plasticine"), spacing=c.particle_spacing,
+                        jitter=c.particle_jitter, seed=c.jitter_seed)
+        builder.add_collider(collider_plane(position=(0.0, 0.0, c.floor_height), friction=c.floor_friction))
+        pusher_half = np.asarray(c.pusher_half_extents, dtype=float)
+        position = (center[0] - half[0] - c.pusher_gap - pusher_half[0], center[1],
+                    c.floor_height + c.pusher_lift + pusher_half[2])
+        self.pusher = builder.add_collider(collider_box(tuple(pusher_half), position=position,
+                                                        friction=c.pusher_friction))
+        model = builder.finalize(device, requires_grad=True)
+        solver = MPMSolver(model)
+        slots = np.array([[w * model.collider_count + self.pusher] for w in range(num_worlds)])
+        pusher = velocity_actuator("pusher", "collider_velocity", slots, limit=c.max_speed, axes=(0, 1))
+        mass = model.particle_mass.numpy().astype(np.float64)
+        world0 = model.particle_world.numpy() == 0
+        self.initial_com = (model.initial_x[world0] * mass[world0, None]).sum(axis=0) / mass[world0].sum()
+        self.com = CenterOfMassLoss(model, self.initial_com)
+        self.goal = wp.zeros((num_worlds, 3), dtype=float, device=model.device)
+        self.observation = particle_observation(model, tools=[self.pusher], goal=self.goal)
+        self._start = np.ones(num_worlds)
+        substeps = mpm_substeps(model, solver, c.frame_dt, c.max_speed * math.sqrt(2))
+        return Scene(model, solver, frame_dt=c.frame_dt, substeps=substeps, actuators=[pusher])
+
+    def sample_variant(self, rng) -> dict:
+        jitter = self.config.target_jitter
+        shift = np.array([*rng.uniform(-jitter, jitter, 2), 0.0]) if jitter > 0 else np.zeros(3)
+        return {"target": self.initial_com + np.asarray(self.config.target_offset) + shift}
+
+    def set_variant(self, state, world: int, variant: dict) -> None:
+        self.com.set_world(world, variant["target"])
+        goal = self.goal.numpy()
+        goal[world] = variant["target"]
+        self.goal.assign(goal)
+
+    def _distance(self, state) -> np.ndarray:
+        return np.linalg.norm(self.com.centers(self.scene.model, state) - self.com.targets.numpy(), axis=1)
+
+    def begin_episode(self, state, mask) -> None:
+        self._start[mask] = self._distance(state)[mask]
+
+    def score(self, state) -> np.ndarray:
+        return np.clip(1.0 - self._distance(state) / np.maximum(self._start, 1e-12), 0.0, 1.0)
+
+    @property
+    def observation_dim(self) -> int:
+        return self.observation.dim
+
+    def observe(self, state, out) -> None:
+        self.observation(state, out)
+
+    def loss(self, state, out) -> None:
+        self.com.per_world(self.scene.model, state, out)

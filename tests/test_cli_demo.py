@@ -14,7 +14,7 @@ from diffsim.cli import main
 from diffsim.demo import PushDemoConfig, run_demo
 from diffsim.errors import SimulationDiverged
 
-TINY = dict(frames=6, particle_spacing=0.005, initial_speed=0.1, learning_rate=0.05)
+TINY = dict(horizon=6, particle_spacing=0.005, initial_speed=0.1, learning_rate=0.05)
 
 
 def test_demo_writes_outputs_and_reduces_the_loss(tmp_path, capsys):

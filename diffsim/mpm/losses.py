@@ -63,19 +63,37 @@ class CenterOfMassLoss:
 
     def centers(self, model: MPMModel, state: MPMState) -> np.ndarray:
         """Centre of mass of each world [m], shape (num_worlds, 3)."""
-        sums = wp.zeros(model.num_worlds, dtype=wp.vec3, device=model.device)
-        wp.launch(_mass_weighted_position, dim=model.particle_count,
-                  inputs=[state.particle_x, model.particle_mass, model.particle_world, self.world_mass],
-                  outputs=[sums], device=model.device)
-        return sums.numpy()
+        return self._centers(model, state).numpy()
 
-    def __call__(self, model: MPMModel, state: MPMState, loss: wp.array) -> None:
+    def set_world(self, world: int, target) -> None:
+        """World ``world``'s target centre of mass [m]."""
+        t = self.targets.numpy()
+        t[world] = np.asarray(target, dtype=np.float32)
+        self.targets.assign(t)
+
+    def _centers(self, model: MPMModel, state: MPMState) -> wp.array:
         sums = wp.zeros(model.num_worlds, dtype=wp.vec3, device=self._device, requires_grad=True)
         wp.launch(_mass_weighted_position, dim=model.particle_count,
                   inputs=[state.particle_x, model.particle_mass, model.particle_world, self.world_mass],
                   outputs=[sums], device=self._device)
-        wp.launch(_squared_distance, dim=model.num_worlds, inputs=[sums, self.targets, self.weight],
-                  outputs=[loss], device=self._device)
+        return sums
+
+    def __call__(self, model: MPMModel, state: MPMState, loss: wp.array) -> None:
+        wp.launch(_squared_distance, dim=model.num_worlds,
+                  inputs=[self._centers(model, state), self.targets, self.weight], outputs=[loss], device=self._device)
+
+    def per_world(self, model: MPMModel, state: MPMState, out: wp.array) -> None:
+        """Add each world's term into ``out[world]`` (shape (num_worlds,)) instead of one sum."""
+        wp.launch(_squared_distance_per_world, dim=model.num_worlds,
+                  inputs=[self._centers(model, state), self.targets, self.weight], outputs=[out], device=self._device)
+
+
+@wp.kernel
+def _squared_distance_per_world(centers: wp.array(dtype=wp.vec3), targets: wp.array(dtype=wp.vec3),
+                                weight: float, loss: wp.array(dtype=float)):
+    w = wp.tid()
+    d = centers[w] - targets[w]
+    wp.atomic_add(loss, w, weight * wp.dot(d, d))
 
 
 @wp.kernel
@@ -212,3 +230,108 @@ def grid_iou(mass: np.ndarray, target: np.ndarray) -> np.ndarray:
     inter = (m * t).sum(axis=1) / (m_max * t_max)[:, 0]
     union = (m / m_max).sum(axis=1) + (t / t_max).sum(axis=1)
     return inter / np.maximum(union - inter, 1e-30)
+
+
+# ---------------------------------------------------------------------------- per-world region losses
+@wp.kernel
+def _box_outside_sq(particle_x: wp.array(dtype=wp.vec3), particle_mass: wp.array(dtype=float),
+                    particle_world: wp.array(dtype=int), center: wp.array(dtype=wp.vec3),
+                    half_extents: wp.array(dtype=wp.vec3), inv_world_mass: wp.array(dtype=float),
+                    loss: wp.array(dtype=float)):
+    p = wp.tid()
+    w = particle_world[p]
+    q = particle_x[p] - center[w]
+    h = half_extents[w]
+    # the squared length of the outside part, without a square root (whose adjoint is 0/0 at 0)
+    o = wp.vec3(wp.max(wp.abs(q[0]) - h[0], 0.0), wp.max(wp.abs(q[1]) - h[1], 0.0),
+                wp.max(wp.abs(q[2]) - h[2], 0.0))
+    wp.atomic_add(loss, w, particle_mass[p] * inv_world_mass[w] * wp.dot(o, o))
+
+
+@wp.kernel
+def _disc_outside_sq(particle_x: wp.array(dtype=wp.vec3), particle_mass: wp.array(dtype=float),
+                     particle_world: wp.array(dtype=int), center: wp.array(dtype=wp.vec3),
+                     radius: wp.array(dtype=float), inv_world_mass: wp.array(dtype=float),
+                     loss: wp.array(dtype=float)):
+    p = wp.tid()
+    w = particle_world[p]
+    dx = particle_x[p][0] - center[w][0]
+    dy = particle_x[p][1] - center[w][1]
+    r = radius[w]
+    rr = dx * dx + dy * dy
+    if rr > r * r:
+        d = wp.sqrt(rr) - r
+        wp.atomic_add(loss, w, particle_mass[p] * inv_world_mass[w] * d * d)
+
+
+@wp.kernel(enable_backward=False)
+def _box_inside_mass(particle_x: wp.array(dtype=wp.vec3), particle_mass: wp.array(dtype=float),
+                     particle_world: wp.array(dtype=int), center: wp.array(dtype=wp.vec3),
+                     half_extents: wp.array(dtype=wp.vec3), inv_world_mass: wp.array(dtype=float),
+                     fraction: wp.array(dtype=float)):
+    p = wp.tid()
+    w = particle_world[p]
+    q = particle_x[p] - center[w]
+    h = half_extents[w]
+    if wp.abs(q[0]) <= h[0] and wp.abs(q[1]) <= h[1] and wp.abs(q[2]) <= h[2]:
+        wp.atomic_add(fraction, w, particle_mass[p] * inv_world_mass[w])
+
+
+@wp.kernel(enable_backward=False)
+def _disc_inside_mass(particle_x: wp.array(dtype=wp.vec3), particle_mass: wp.array(dtype=float),
+                      particle_world: wp.array(dtype=int), center: wp.array(dtype=wp.vec3),
+                      radius: wp.array(dtype=float), inv_world_mass: wp.array(dtype=float),
+                      fraction: wp.array(dtype=float)):
+    p = wp.tid()
+    w = particle_world[p]
+    dx = particle_x[p][0] - center[w][0]
+    dy = particle_x[p][1] - center[w][1]
+    if dx * dx + dy * dy <= radius[w] * radius[w]:
+        wp.atomic_add(fraction, w, particle_mass[p] * inv_world_mass[w])
+
+
+def box_outside_distance(particle_x: wp.array, particle_mass: wp.array, particle_world: wp.array,
+                         center: wp.array, half_extents: wp.array, inv_world_mass: wp.array,
+                         loss: wp.array) -> None:
+    """Add each world's mass-weighted mean squared distance of its particles to an axis-aligned box
+    (0 inside) into ``loss`` (num_worlds,) [m^2].
+
+    ``center`` and ``half_extents`` [m] are vec3 per world; ``inv_world_mass`` is 1 / (the world's
+    material mass) [1/kg].
+    """
+    wp.launch(_box_outside_sq, dim=particle_x.shape[0],
+              inputs=[particle_x, particle_mass, particle_world, center, half_extents, inv_world_mass],
+              outputs=[loss], device=particle_x.device)
+
+
+def disc_outside_distance(particle_x: wp.array, particle_mass: wp.array, particle_world: wp.array,
+                          center: wp.array, radius: wp.array, inv_world_mass: wp.array,
+                          loss: wp.array) -> None:
+    """Add each world's mass-weighted mean squared horizontal distance of its particles to a disc
+    (a vertical cylinder of unbounded height: 0 inside) into ``loss`` (num_worlds,) [m^2].
+
+    ``center`` [m] is a vec3 per world (its z is ignored), ``radius`` [m] a float per world.
+    """
+    wp.launch(_disc_outside_sq, dim=particle_x.shape[0],
+              inputs=[particle_x, particle_mass, particle_world, center, radius, inv_world_mass],
+              outputs=[loss], device=particle_x.device)
+
+
+def box_mass_fraction(particle_x: wp.array, particle_mass: wp.array, particle_world: wp.array,
+                      center: wp.array, half_extents: wp.array, inv_world_mass: wp.array) -> np.ndarray:
+    """Share of each world's material mass inside its box [-], shape (num_worlds,) (not differentiable)."""
+    out = wp.zeros(center.shape[0], dtype=float, device=particle_x.device)
+    wp.launch(_box_inside_mass, dim=particle_x.shape[0],
+              inputs=[particle_x, particle_mass, particle_world, center, half_extents, inv_world_mass],
+              outputs=[out], device=particle_x.device, record_tape=False)
+    return out.numpy().astype(np.float64)
+
+
+def disc_mass_fraction(particle_x: wp.array, particle_mass: wp.array, particle_world: wp.array,
+                       center: wp.array, radius: wp.array, inv_world_mass: wp.array) -> np.ndarray:
+    """Share of each world's material mass above its disc [-], shape (num_worlds,) (not differentiable)."""
+    out = wp.zeros(center.shape[0], dtype=float, device=particle_x.device)
+    wp.launch(_disc_inside_mass, dim=particle_x.shape[0],
+              inputs=[particle_x, particle_mass, particle_world, center, radius, inv_world_mass],
+              outputs=[out], device=particle_x.device, record_tape=False)
+    return out.numpy().astype(np.float64)
