@@ -46,6 +46,13 @@ class MaterialModel(enum.IntEnum):
     FLUID = 4  #: weakly compressible Newtonian fluid (Tait pressure + viscous stress)
 
 
+# The model ids as kernel constants: kernels compare against names, never bare numbers.
+FIXED_COROTATED = wp.constant(int(MaterialModel.FIXED_COROTATED))
+NEO_HOOKEAN = wp.constant(int(MaterialModel.NEO_HOOKEAN))
+VON_MISES = wp.constant(int(MaterialModel.VON_MISES))
+DRUCKER_PRAGER = wp.constant(int(MaterialModel.DRUCKER_PRAGER))
+FLUID = wp.constant(int(MaterialModel.FLUID))
+
 # Principal stretches below this are clamped before taking log: an inverted or collapsed particle
 # then sees a large but finite Hencky strain (log 1e-4 ~ -9.2) instead of -inf/NaN [-].
 HENCKY_MIN_STRETCH = wp.constant(1.0e-4)
@@ -350,15 +357,15 @@ def constitutive_update(
     lame = lame_parameters(params.young_modulus, params.poisson_ratio)
     mu = lame[0]
     lam = lame[1]
-    if model == 0:
+    if model == FIXED_COROTATED:
         return _fixed_corotated(F_trial, mu, lam)
-    if model == 1:
+    if model == NEO_HOOKEAN:
         return _neo_hookean(F_trial, mu, lam)
-    if model == 2:
+    if model == VON_MISES:
         return _von_mises(F_trial, mu, lam, params.yield_stress)
-    if model == 3:
+    if model == DRUCKER_PRAGER:
         return _drucker_prager(F_trial, mu, lam, params.friction_angle)
-    if model == 4:
+    if model == FLUID:
         return _fluid(F_trial, velocity_gradient, params.viscosity, params.bulk_modulus)
     unknown = MaterialResponse()
     unknown.F = F_trial
@@ -378,19 +385,19 @@ def strain_energy_density(model: int, F: wp.mat33, params: MaterialParams) -> fl
     lame = lame_parameters(params.young_modulus, params.poisson_ratio)
     mu = lame[0]
     lam = lame[1]
-    if model == 0:
+    if model == FIXED_COROTATED:
         R = polar_rotation(F)
         D = F - R
         J = wp.determinant(F)
         return mu * wp.ddot(D, D) + 0.5 * lam * (J - 1.0) * (J - 1.0)
-    if model == 1:
+    if model == NEO_HOOKEAN:
         log_j = wp.log(wp.max(wp.determinant(F), NEO_HOOKEAN_MIN_J))
         return 0.5 * mu * (wp.ddot(F, F) - 3.0) - mu * log_j + 0.5 * lam * log_j * log_j
-    if model == 2 or model == 3:
+    if model == VON_MISES or model == DRUCKER_PRAGER:
         eps = _hencky_strain(svd3_guarded(F).sigma)
         trace = eps[0] + eps[1] + eps[2]
         return mu * wp.dot(eps, eps) + 0.5 * lam * trace * trace
-    if model == 4:
+    if model == FLUID:
         K = params.bulk_modulus
         J = wp.clamp(wp.determinant(F), FLUID_MIN_J, FLUID_MAX_J)
         g = TAIT_EXPONENT
