@@ -170,3 +170,20 @@ def test_non_finite_controls_are_refused_by_name():
     forces[2, 0, 0] = float("inf")
     with pytest.raises(InvalidParameter, match="controls.force"):
         rollout_loss(rollout, {"controls.force": forces})
+
+
+def test_simulate_never_writes_its_input_state():
+    from diffsim.materials import preset
+
+    from diffsim.core.validation import simulate
+    from diffsim.mpm import MPMBuilder, MPMSolver
+
+    builder = MPMBuilder(grid_res=16, domain_size=0.3)
+    builder.add_box((0.15, 0.15, 0.1), (0.02, 0.02, 0.02), preset("rubber"))
+    model = builder.finalize("cpu")
+    solver = MPMSolver(model)
+    state = model.state()
+    x0 = state.particle_x.numpy().copy()
+    final = simulate(model, solver, state, 3, solver.max_stable_dt(model))
+    np.testing.assert_array_equal(state.particle_x.numpy(), x0)  # three steps, two buffers: none is the input
+    assert not np.array_equal(final.particle_x.numpy(), x0)

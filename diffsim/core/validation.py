@@ -62,13 +62,20 @@ def to_json(results: list[CheckResult]) -> str:
 
 def simulate(model, solver, state, steps: int, dt: float, *, control=None,
              on_step: Callable | None = None):
-    """Advance ``state`` by ``steps`` solver steps under one Control (default ``model.control()``:
-    everything kinematic held still); returns the final state. ``state`` itself is not written."""
-    a, b = state, model.state()
+    """Advance ``state`` by ``steps`` solver steps of ``dt`` under one Control (default
+    ``model.control()``: everything kinematic held still); returns the final state. ``state``
+    itself is not written. Each step is one frame of a :class:`~diffsim.core.scene.Scene` with one
+    substep, so checks step exactly as rollouts and tasks do."""
+    from diffsim.core.scene import Scene
+
+    scene = Scene(model, solver, frame_dt=dt, substeps=1)
+    buffers = [model.state()] + ([model.state()] if steps > 1 else [])
+    a = state
     control = control if control is not None else model.control()
     for i in range(steps):
-        solver.step(model, a, b, control, dt)
-        a, b = b, a
+        b = buffers[i % 2]  # ping-pong between two new states: the caller's is never written
+        scene.advance(a, b, control)
+        a = b
         if on_step is not None:
             on_step(i, a)
     solver.check_finite(model, a, steps)
