@@ -1,6 +1,7 @@
 """Cables on the discrete elastic rod solver: CableShape and CableRoute.
 
-A 0.5 m cable (21 vertices, 50 g/m, bending stiffness 2e-3 N m^2) lies on a rough floor. Grippers
+A 0.5 m cable (21 vertices, 50 g/m, bending stiffness 2e-3 N m^2) lies on a rough floor in a
+shallow arc (ends 98% of its length apart). Grippers
 hold end vertices (the two end vertices of a held end are driven together, so they also hold the
 end's direction). The loss is the mean squared distance of the vertices to their target positions
 [m^2]; the reward is its decrease; the score is 1 - (mean distance at the end) / (at the start),
@@ -24,6 +25,16 @@ from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_cylinder
 from diffsim.rod import RodBuilder, RodSolver
 from diffsim.rod.losses import VertexTargetLoss
+
+
+def _arc_half_angle(chord_over_length: float) -> float:
+    """Half the angle of a circular arc whose chord is ``chord_over_length`` of its length
+    (solves sin(a) / a = ratio by Newton's method)."""
+    a = math.sqrt(6 * (1 - chord_over_length))  # the small-angle guess
+    for _ in range(20):
+        f = math.sin(a) / a - chord_over_length
+        a -= f / ((a * math.cos(a) - math.sin(a)) / (a * a))
+    return a
 
 
 @dataclass
@@ -61,10 +72,18 @@ class CableTask(Task):
     def obstacles(self) -> list:
         return []
 
+    #: end-to-end distance of the resting cable over its length: a little slack, so that no
+    #: gripper motion asks the inextensible cable to stretch (a taut start whips when pulled)
+    slack = 0.98
+
     def straight(self) -> np.ndarray:
+        """The resting cable: a shallow arc along x on the floor, ``slack`` of its length end to end."""
         c = self.config
-        s = np.linspace(-0.5, 0.5, c.vertices) * c.length
-        return np.stack([s, np.zeros_like(s), np.full_like(s, self.radius)], axis=1)
+        half_angle = _arc_half_angle(self.slack)
+        radius = c.length / (2 * half_angle)
+        angle = np.linspace(-half_angle, half_angle, c.vertices)
+        y = radius * (np.cos(angle) - np.cos(half_angle))
+        return np.stack([radius * np.sin(angle), y - y.mean(), np.full_like(angle, self.radius)], axis=1)
 
     def build_scene(self, num_worlds: int, device) -> Scene:
         c = self.config
