@@ -58,6 +58,9 @@ class MPMModel(Model):
     particle_friction_angle: wp.array  #: float, Drucker–Prager friction angle [rad]
     particle_viscosity: wp.array  #: float, dynamic viscosity [Pa s]
     particle_bulk_modulus: wp.array  #: float, fluid bulk modulus [Pa]
+    particle_fiber: wp.array  #: vec3, unit fibre direction of the active stress, in the reference shape
+    particle_actuation_strength: wp.array  #: float, active stress at activation 1 [Pa] (0: passive)
+    particle_actuation_group: wp.array  #: int32, actuation group (muscle) of each particle, -1 if passive
     gravity: wp.array  #: vec3, shape (1,), gravitational acceleration [m/s^2]
 
     collider_shape: wp.array  #: int32, a :class:`diffsim.geometry.ShapeType` per collider
@@ -88,7 +91,10 @@ class MPMModel(Model):
         return self.collider_shape.shape[0]
 
     def world_of(self, name: str) -> np.ndarray:
-        """World of each element of State or Control array ``name`` (per-particle or per-collider)."""
+        """World of each element of State or Control array ``name`` (per-particle, per-collider or,
+        for ``world_time``, per world)."""
+        if name == "world_time":
+            return np.arange(self.num_worlds)
         if name.startswith("collider_"):
             return np.repeat(np.arange(self.num_worlds), self.collider_count)
         if name.startswith("particle_"):
@@ -107,19 +113,28 @@ class MPMModel(Model):
             particle_C=wp.zeros(n, dtype=wp.mat33, **kw),
             collider_position=wp.array(self.initial_collider_position, dtype=wp.vec3, **kw),
             collider_rotation=wp.array(self.initial_collider_rotation, dtype=wp.quat, **kw),
+            world_time=wp.zeros(self.num_worlds, dtype=float, **kw),
         )
 
     def control(self, *, requires_grad: bool = False) -> MPMControl:
-        """A new Control with every collider at rest."""
+        """A new Control with every collider at rest and no particle actuated."""
         m = self.num_worlds * self.collider_count
         kw = dict(device=self.device, requires_grad=requires_grad)
         return MPMControl(
             collider_velocity=wp.zeros(m, dtype=wp.vec3, **kw),
             collider_angular_velocity=wp.zeros(m, dtype=wp.vec3, **kw),
+            particle_actuation=wp.zeros(self.particle_count, dtype=float, **kw),
         )
 
+    @property
+    def actuation_groups(self) -> int:
+        """Number of actuation groups (one more than the largest group id; 0 when all passive)."""
+        groups = self.particle_actuation_group.numpy()
+        return int(groups.max()) + 1 if groups.size else 0
+
     def max_wave_speed(self) -> float:
-        """Largest elastic (or acoustic) wave speed over all particles [m/s]."""
+        """Largest elastic (or acoustic) wave speed over all particles [m/s]; a muscle's active
+        stress adds up to its strength to the tangent modulus (at |activation| <= 1)."""
         E = self.particle_young_modulus.numpy().astype(np.float64)
         nu = self.particle_poisson_ratio.numpy().astype(np.float64)
         K = self.particle_bulk_modulus.numpy().astype(np.float64)
@@ -127,7 +142,7 @@ class MPMModel(Model):
         fluid = self.particle_material.numpy() == 4
         lam = E * nu / ((1 + nu) * (1 - 2 * nu))
         mu = E / (2 * (1 + nu))
-        modulus = np.where(fluid, K, lam + 2 * mu)
+        modulus = np.where(fluid, K, lam + 2 * mu) + self.particle_actuation_strength.numpy().astype(np.float64)
         if modulus.size == 0:
             return 0.0
         return float(np.sqrt(np.max(modulus / rho)))
@@ -150,14 +165,58 @@ class MPMState(State):
     particle_C: wp.array  #: mat33, APIC affine velocity field (velocity gradient) [1/s]
     collider_position: wp.array  #: vec3, (world, collider) position [m]
     collider_rotation: wp.array  #: quat (x, y, z, w), (world, collider) orientation
+    #: float, simulated time of each world since its initial state [s] (the clock of periodic
+    #: controls such as gaits; nothing in the physics reads it)
+    world_time: wp.array
 
 
 @dataclass
 class MPMControl(Control):
-    """Kinematic collider motion during one step, per (world, collider)."""
+    """Inputs of one step: kinematic collider motion per (world, collider) and muscle activation
+    per particle."""
 
     collider_velocity: wp.array  #: vec3, linear velocity [m/s]
     collider_angular_velocity: wp.array  #: vec3, angular velocity in world axes [rad/s]
+    #: float, activation of each particle's active stress [-] (typically in [-1, 1]; positive
+    #: contracts along the fibre, see :class:`Actuation`)
+    particle_actuation: wp.array
+
+
+@dataclass(frozen=True)
+class Actuation:
+    """Active stress of a group of particles (a muscle of a soft robot, as in DiffTaichi).
+
+    A particle with activation ``a`` (``MPMControl.particle_actuation``) adds the Kirchhoff stress
+    ``tau_a = a * strength * (F d)(F d)^T`` to its elastic stress, with ``d`` its fibre direction in
+    the reference shape and ``F`` its deformation gradient: positive ``a`` pulls along the fibre
+    (a free bar contracts by ``a * strength / E`` at small strain), negative ``a`` pushes.
+
+    Attributes:
+        group: actuation group id (>= 0): the action component that drives these particles.
+        strength: active stress at activation 1 [Pa] (>= 0).
+        fiber: fibre direction (normalised here), one (3,) for all particles or (N, 3).
+    """
+
+    group: int
+    strength: float
+    fiber: tuple[float, float, float] | np.ndarray = (0.0, 0.0, 1.0)
+
+    def __post_init__(self):
+        if not isinstance(self.group, (int, np.integer)) or self.group < 0:
+            raise InvalidParameter("actuation group", self.group, "integers >= 0")
+        if not (self.strength >= 0 and math.isfinite(self.strength)):
+            raise InvalidParameter("actuation strength", self.strength, "[0, inf) Pa")
+
+    def fibers(self, count: int) -> np.ndarray:
+        """Unit fibre directions of ``count`` particles, (count, 3)."""
+        d = np.asarray(self.fiber, dtype=np.float64)
+        if d.shape not in ((3,), (count, 3)):
+            raise InvalidParameter("fiber", f"an array of shape {d.shape}", f"shape (3,) or ({count}, 3)")
+        d = np.broadcast_to(d, (count, 3))
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        if not np.all(np.isfinite(d)) or np.any(norm < 1e-12):
+            raise InvalidParameter("fiber", "a zero or non-finite direction", "non-zero finite directions")
+        return d / norm
 
 
 def _positive(name: str, value: float) -> float:
@@ -218,6 +277,10 @@ class MPMBuilder:
         self._volume: list[np.ndarray] = []
         self._world: list[np.ndarray] = []
         self._material_index: list[np.ndarray] = []
+        self._group: list[np.ndarray] = []
+        self._fiber: list[np.ndarray] = []
+        self._strength: list[np.ndarray] = []
+        self._chunks_of: dict[int, list[int]] = {}  # first particle of an add call -> its chunks
         self.materials: list[Material] = []
         self.colliders: list[Collider] = []
 
@@ -238,10 +301,12 @@ class MPMBuilder:
         volume: float | np.ndarray,
         velocity: tuple[float, float, float] | np.ndarray = (0.0, 0.0, 0.0),
         world: int | None = None,
+        actuation: Actuation | None = None,
     ) -> slice:
         """Add particles at ``positions`` [m] (N, 3), each of reference ``volume`` [m^3].
 
-        ``world=None`` adds the particles to every world. Returns the index range of the
+        ``world=None`` adds the particles to every world. ``actuation`` makes them a muscle (see
+        :class:`Actuation`); by default they are passive. Returns the index range of the
         particles added to the first world they went to (the others follow in order).
         """
         x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
@@ -271,47 +336,74 @@ class MPMBuilder:
             self.materials.append(material)
         mat_index = self.materials.index(material)
         worlds = range(self.num_worlds) if world is None else [world]
-        first = self.particle_count
         for w in worlds:
             if not 0 <= w < self.num_worlds:
                 raise InvalidParameter("world", w, f"integers in [0, {self.num_worlds - 1}]")
+        first = self.particle_count
+        self._chunks_of[first] = list(range(len(self._x), len(self._x) + len(worlds)))
+        for w in worlds:
             self._x.append(x.copy())
+            self._group.append(np.full(x.shape[0], -1, dtype=np.int32))
+            self._fiber.append(np.tile(np.array([0.0, 0.0, 1.0]), (x.shape[0], 1)))
+            self._strength.append(np.zeros(x.shape[0]))
             self._v.append(np.array(v))
             self._volume.append(np.array(vol))
             self._world.append(np.full(x.shape[0], w, dtype=np.int32))
             self._material_index.append(np.full(x.shape[0], mat_index, dtype=np.int32))
-        return slice(first, first + x.shape[0])
+        added = slice(first, first + x.shape[0])
+        if actuation is not None:
+            self.set_actuation(added, actuation)
+        return added
+
+    def set_actuation(self, particles: slice, actuation: Actuation | None) -> None:
+        """Make ``particles`` (a range within what one ``add_*`` call returned) a muscle, or passive
+        again with ``None``; the same particles of every world that call filled change too."""
+        start, stop, step = particles.indices(self.particle_count)
+        call = max((f for f in self._chunks_of if f <= start), default=None)
+        chunks = self._chunks_of.get(call, [])
+        if step != 1 or not chunks or stop - call > len(self._x[chunks[0]]) or stop <= start:
+            raise InvalidParameter("particles", particles, "a non-empty range within the particles one add_* call "
+                                   "returned")
+        local = slice(start - call, stop - call)
+        count = stop - start
+        fibers = actuation.fibers(count) if actuation is not None else np.tile([0.0, 0.0, 1.0], (count, 1))
+        for c in chunks:
+            self._group[c][local] = -1 if actuation is None else int(actuation.group)
+            self._strength[c][local] = 0.0 if actuation is None else float(actuation.strength)
+            self._fiber[c][local] = fibers
 
     def _spacing(self, spacing: float | None) -> float:
         return _positive("spacing", spacing) if spacing is not None else 0.5 * self.dx
 
     def add_box(self, center, half_extents, material: Material, *, spacing=None, velocity=(0, 0, 0), world=None,
-                jitter: float = 0.0, seed: int = 0) -> slice:
+                jitter: float = 0.0, seed: int = 0, actuation: Actuation | None = None) -> slice:
         """Fill a box with particles, ``spacing`` [m] apart (default: half a grid cell)."""
         h = self._spacing(spacing)
         x = sampling.sample_box(center, half_extents, h, jitter=jitter, seed=seed)
-        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world, actuation=actuation)
 
     def add_sphere(self, center, radius, material: Material, *, spacing=None, velocity=(0, 0, 0), world=None,
-                   jitter: float = 0.0, seed: int = 0) -> slice:
+                   jitter: float = 0.0, seed: int = 0, actuation: Actuation | None = None) -> slice:
         """Fill a sphere of ``radius`` [m] with particles."""
         h = self._spacing(spacing)
         x = sampling.sample_sphere(center, radius, h, jitter=jitter, seed=seed)
-        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world, actuation=actuation)
 
     def add_cylinder(self, center, radius, half_height, material: Material, *, axis: int = 2, spacing=None,
-                     velocity=(0, 0, 0), world=None, jitter: float = 0.0, seed: int = 0) -> slice:
+                     velocity=(0, 0, 0), world=None, jitter: float = 0.0, seed: int = 0,
+                     actuation: Actuation | None = None) -> slice:
         """Fill a cylinder (``radius``, ``half_height`` [m], along ``axis``) with particles."""
         h = self._spacing(spacing)
         x = sampling.sample_cylinder(center, radius, half_height, h, axis=axis, jitter=jitter, seed=seed)
-        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world, actuation=actuation)
 
     def add_mesh(self, mesh: TriangleMesh, material: Material, *, position=(0, 0, 0), rotation=(0, 0, 0, 1),
-                 scale: float = 1.0, spacing=None, velocity=(0, 0, 0), world=None) -> slice:
+                 scale: float = 1.0, spacing=None, velocity=(0, 0, 0), world=None,
+                 actuation: Actuation | None = None) -> slice:
         """Fill the inside of a closed triangle mesh with particles."""
         h = self._spacing(spacing)
         x = sampling.sample_mesh(mesh, h, position=position, rotation=rotation, scale=scale)
-        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world)
+        return self.add_particles(x, material, volume=h**3, velocity=velocity, world=world, actuation=actuation)
 
     # -- colliders -------------------------------------------------------------------------
     def add_collider(self, collider: Collider) -> int:
@@ -331,8 +423,8 @@ class MPMBuilder:
     def finalize(self, device: str | None = None, *, requires_grad: bool = False) -> MPMModel:
         """Build the Model on ``device`` (see :func:`diffsim.core.resolve_device`).
 
-        ``requires_grad`` makes the material parameter and collider friction arrays carry
-        gradients (needed to differentiate with respect to them).
+        ``requires_grad`` makes the material parameter, actuation strength and fibre, and collider
+        friction arrays carry gradients (needed to differentiate with respect to them).
         """
         if self.particle_count == 0:
             raise ConfigError("the scene has no particles; add some with add_box, add_sphere, ... first.")
@@ -374,6 +466,9 @@ class MPMBuilder:
             particle_friction_angle=farr(per_particle("friction_angle")),
             particle_viscosity=farr(per_particle("viscosity")),
             particle_bulk_modulus=farr(per_particle("bulk_modulus")),
+            particle_fiber=wp.array(np.concatenate(self._fiber).astype(np.float32), dtype=wp.vec3, **grad),
+            particle_actuation_strength=farr(np.concatenate(self._strength)),
+            particle_actuation_group=wp.array(np.concatenate(self._group), dtype=wp.int32, device=device),
             gravity=wp.array([self.gravity], dtype=wp.vec3, **grad),
             **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
             initial_x=x.astype(np.float32),

@@ -242,6 +242,8 @@ class MPMSolver(Solver):
         res = model.grid_res
         origin = wp.vec3(*model.domain_origin)
         inv_dx = 1.0 / model.dx
+        wp.launch(kernels.advance_time, dim=model.num_worlds, inputs=[state_in.world_time, dt],
+                  outputs=[state_out.world_time], device=device)
         nc = model.collider_count
         if nc:
             wp.launch(
@@ -260,7 +262,8 @@ class MPMSolver(Solver):
             inputs=[state_in.particle_F, state_in.particle_C, model.particle_material, model.particle_mass,
                     model.particle_volume, model.particle_young_modulus, model.particle_poisson_ratio,
                     model.particle_yield_stress, model.particle_friction_angle, model.particle_viscosity,
-                    model.particle_bulk_modulus, inv_dx, dt],
+                    model.particle_bulk_modulus, model.particle_fiber, model.particle_actuation_strength,
+                    control.particle_actuation, inv_dx, dt],
             outputs=[scratch.particle_F_new, scratch.particle_affine],
             device=device,
         )
