@@ -9,6 +9,7 @@ import warp as wp
 from diffsim.geometry import ShapeType, shape_query
 from diffsim.geometry.motion import integrate_colliders  # noqa: F401 -- part of the step
 from diffsim.materials import MaterialParams, constitutive_update
+from diffsim.materials.models import FLUID
 
 wp.set_module_options({"default_grid_stride": False})
 
@@ -160,7 +161,7 @@ def particle_to_grid(
     mass = particle_mass[p]
     affine = particle_affine[p]
     momentum = mass * particle_v[p]
-    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    is_fluid = has_fluid != 0 and particle_material[p] == FLUID
     fluid_J = float(1.0)
     if is_fluid:
         fluid_J = wp.determinant(particle_F_new[p])
@@ -350,7 +351,7 @@ def grid_to_particle(
     st = particle_stencil(x, origin, inv_dx, grid_res, grid_offset)
     local = st.local  # the grid arrays cover the active box only
     fx = st.fx
-    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    is_fluid = has_fluid != 0 and particle_material[p] == FLUID
     v = wp.vec3(0.0)
     C = wp.mat33(0.0)
     J = float(0.0)
@@ -513,7 +514,7 @@ def particle_to_grid_adjoint(
     mass = particle_mass[p]
     v = particle_v[p]
     affine = particle_affine[p]
-    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    is_fluid = has_fluid != 0 and particle_material[p] == FLUID
     fluid_J = float(1.0)
     if is_fluid:
         fluid_J = wp.determinant(particle_F_new[p])
@@ -592,7 +593,7 @@ def grid_to_particle_adjoint(
     p = wp.tid() + offset
     x = particle_x[p]
     world = particle_world[p]
-    is_fluid = has_fluid != 0 and particle_material[p] == 4
+    is_fluid = has_fluid != 0 and particle_material[p] == FLUID
     # outputs' adjoints are consumed, as in Warp's generated adjoints
     adj_x_out = adj_particle_x_out[p]
     adj_C = adj_particle_C_out[p]

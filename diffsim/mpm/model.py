@@ -16,7 +16,7 @@ from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.geometry import Collider, TriangleMesh, collider_model_fields, sampling
 from diffsim.geometry.motion import rotation_vector
-from diffsim.materials import Material
+from diffsim.materials import Material, MaterialModel
 
 
 class Boundary(enum.IntEnum):
@@ -139,7 +139,7 @@ class MPMModel(Model):
         nu = self.particle_poisson_ratio.numpy().astype(np.float64)
         K = self.particle_bulk_modulus.numpy().astype(np.float64)
         rho = self.particle_mass.numpy().astype(np.float64) / self.particle_volume.numpy().astype(np.float64)
-        fluid = self.particle_material.numpy() == 4
+        fluid = self.particle_material.numpy() == MaterialModel.FLUID
         lam = E * nu / ((1 + nu) * (1 - 2 * nu))
         mu = E / (2 * (1 + nu))
         modulus = np.where(fluid, K, lam + 2 * mu) + self.particle_actuation_strength.numpy().astype(np.float64)

@@ -14,6 +14,7 @@ import warp as wp
 from diffsim.core.parallel import launch_items
 from diffsim.core.protocol import Solver
 from diffsim.errors import InvalidParameter, SimulationDiverged
+from diffsim.materials import MaterialModel
 from diffsim.mpm import kernels
 from diffsim.mpm.model import BOUNDARY_CELLS, MPMControl, MPMModel, MPMState
 
@@ -123,7 +124,7 @@ class MPMSolver(Solver):
             "particle_F_new": wp.zeros(model.particle_count, dtype=wp.mat33, device=model.device),
             "particle_affine": wp.zeros(model.particle_count, dtype=wp.mat33, device=model.device),
         }
-        self._has_fluid = bool(np.any(model.particle_material.numpy() == 4))
+        self._has_fluid = bool(np.any(model.particle_material.numpy() == MaterialModel.FLUID))
         self._free_slots: list[_ScratchSlot] = []
         self._claims: list[list] = []
         self._slots_taken = 0  # scratch slots handed out to taped steps, ever (for tests)
