@@ -5,7 +5,7 @@ Importing this package registers every task with gymnasium, so that
 build them. ``diffsim.core.env.task_type(name)`` gives a task's class.
 """
 
-from diffsim.tasks import cable, fluid, locomotion, plasticine  # noqa: F401  (registers their tasks)
+from diffsim.tasks import cable, fluid, locomotion, plasticine, tactile  # noqa: F401  (registers their tasks)
 
 from diffsim.core.env import TASKS, DiffTaskEnv, TaskEnv, TaskVectorEnv, task_type
 
