@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffsim.core.env import TaskVectorEnv, task_type
 from diffsim.errors import ConfigError
+from diffsim.tasks.env import TaskVectorEnv, task_type
 
 try:
     from stable_baselines3.common.vec_env import VecEnv
@@ -25,7 +25,7 @@ class SB3VecEnv(VecEnv):
     task vector env's SAME_STEP ``final_obs`` maps onto exactly that.
 
     Args:
-        env: a :class:`~diffsim.core.env.TaskVectorEnv`, or a task name such as ``"Pinch-v0"``.
+        env: a :class:`~diffsim.tasks.env.TaskVectorEnv`, or a task name such as ``"Pinch-v0"``.
         num_envs: worlds, when ``env`` is a name.
         **options: task options, when ``env`` is a name.
     """

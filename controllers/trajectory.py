@@ -164,7 +164,7 @@ def optimize(
         rollout: the differentiable simulation; its loss is what is minimised. Or any function
             of the (mapped) parameters returning a differentiable torch scalar, e.g. a task's
             whole-horizon loss ``lambda p: env.rollout(p["actions"])``
-            (:meth:`diffsim.core.env.DiffTaskEnv.rollout`).
+            (:meth:`diffsim.tasks.env.DiffTaskEnv.rollout`).
         parameters: the tensors to optimise, updated in place (``requires_grad`` is set here).
             Without ``inputs`` the names must be rollout input names, e.g.
             ``"controls.collider_velocity"`` shaped (frames, worlds * colliders, 3) or

@@ -20,8 +20,8 @@ import torch
 from diffsim import visualize
 from diffsim.controllers.trajectory import Bounds, optimize
 from diffsim.core.device import resolve_device
-from diffsim.core.env import DiffTaskEnv
 from diffsim.errors import InvalidParameter
+from diffsim.tasks.env import DiffTaskEnv
 from diffsim.tasks.plasticine import Push, PushConfig
 
 PLASTICINE_RGB = (0.95, 0.55, 0.2)

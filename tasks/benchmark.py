@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from diffsim.core.env import TASKS, DiffTaskEnv, TaskVectorEnv, task_type
+from diffsim.tasks.env import TASKS, DiffTaskEnv, TaskVectorEnv, task_type
 
 
 def _median_time(fn, repeats: int) -> float:

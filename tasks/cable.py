@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffsim.core.env import register_task
 from diffsim.core.scene import Scene, velocity_actuator
-from diffsim.core.task import Gather, Observation, Task, TaskConfig
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_cylinder
 from diffsim.rod import RodBuilder, RodSolver
 from diffsim.rod.losses import VertexTargetLoss
+from diffsim.tasks.env import register_task
+from diffsim.tasks.task import Gather, Observation, Task, TaskConfig
 
 
 def _arc_half_angle(chord_over_length: float) -> float:

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import warp as wp
 
-from diffsim.core.task import Gather, Observation, subsample
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import TriangleMesh
 from diffsim.mpm.losses import (
@@ -22,6 +21,7 @@ from diffsim.mpm.losses import (
     grid_l1,
 )
 from diffsim.mpm.model import MPMModel, MPMState
+from diffsim.tasks.task import Gather, Observation, subsample
 
 #: largest share of a grid cell a particle or tool may cross in one substep
 ADVECTIVE_CFL = 0.3

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import warp as wp
+
+from diffsim.core.scene import Scene, velocity_actuator
+from diffsim.errors import InvalidParameter
+from diffsim.geometry import collider_box, collider_mesh, collider_plane
 from diffsim.materials import preset
+from diffsim.mpm import MPMBuilder, MPMSolver
+from diffsim.mpm.model import BOUNDARY_CELLS
 from diffsim.tasks.common import (
     RegionTarget,
     mpm_substeps,
@@ -27,14 +33,8 @@ from diffsim.tasks.common import (
     place_world,
     tool_rotations,
 )
-
-from diffsim.core.env import register_task
-from diffsim.core.scene import Scene, velocity_actuator
-from diffsim.core.task import Observation, Task, TaskConfig
-from diffsim.errors import InvalidParameter
-from diffsim.geometry import collider_box, collider_mesh, collider_plane
-from diffsim.mpm import MPMBuilder, MPMSolver
-from diffsim.mpm.model import BOUNDARY_CELLS
+from diffsim.tasks.env import register_task
+from diffsim.tasks.task import Observation, Task, TaskConfig
 
 #: edge of the cubic simulation domain of both tasks [m]
 DOMAIN_SIZE = 0.5

@@ -30,16 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import warp as wp
-from diffsim.materials import Material, MaterialModel
-from diffsim.tasks.common import mpm_substeps, place_world
 
-from diffsim.core.env import register_task
 from diffsim.core.scene import Scene, group_actuator
-from diffsim.core.task import Gather, Task, TaskConfig, subsample
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.geometry import collider_plane
+from diffsim.materials import Material, MaterialModel
 from diffsim.mpm import MPMBuilder, MPMSolver
 from diffsim.mpm.model import BOUNDARY_CELLS, Actuation
+from diffsim.tasks.common import mpm_substeps, place_world
+from diffsim.tasks.env import register_task
+from diffsim.tasks.task import Gather, Task, TaskConfig, subsample
 
 #: the robot's parts [m]: body half extents, leg height, leg half extents (x, y)
 BODY_HALF = (0.08, 0.04, 0.02)

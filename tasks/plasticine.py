@@ -18,17 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import warp as wp
-from diffsim.materials import preset
-from diffsim.tasks.common import ShapeTarget, mpm_substeps, particle_observation, place_world
 
-from diffsim.core.env import register_task
 from diffsim.core.scene import Scene, velocity_actuator
-from diffsim.core.task import Task, TaskConfig
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_box, collider_capsule, collider_plane, collider_sphere
+from diffsim.materials import preset
 from diffsim.mpm import MPMBuilder, MPMSolver
 from diffsim.mpm.losses import CenterOfMassLoss
 from diffsim.mpm.model import BOUNDARY_CELLS
+from diffsim.tasks.common import ShapeTarget, mpm_substeps, particle_observation, place_world
+from diffsim.tasks.env import register_task
+from diffsim.tasks.task import Task, TaskConfig
 
 
 @dataclass

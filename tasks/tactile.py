@@ -15,20 +15,20 @@ from typing import ClassVar
 
 import numpy as np
 import warp as wp
-from diffsim.materials import preset
-from diffsim.tasks.common import WorldMean, pack_rows, place_world
 
-from diffsim.core.env import register_task
 from diffsim.core.scene import Scene, opening_actuator, velocity_actuator
-from diffsim.core.task import Task, TaskConfig
 from diffsim.coupling import CoupledModel, CoupledSolver
 from diffsim.coupling.scenes import PAD_SIZE, PAD_THICKNESS, add_sensor_pad
 from diffsim.errors import InvalidParameter
 from diffsim.fem import FEMBuilder, FEMSolver
 from diffsim.fem.tactile import TactileSensor
 from diffsim.geometry import collider_plane, collider_sphere
+from diffsim.materials import preset
 from diffsim.mpm import MPMBuilder, MPMSolver
 from diffsim.mpm.model import BOUNDARY_CELLS
+from diffsim.tasks.common import WorldMean, pack_rows, place_world
+from diffsim.tasks.env import register_task
+from diffsim.tasks.task import Task, TaskConfig
 
 
 @dataclass

@@ -173,9 +173,8 @@ def test_non_finite_controls_are_refused_by_name():
 
 
 def test_simulate_never_writes_its_input_state():
-    from diffsim.materials import preset
-
     from diffsim.core.validation import simulate
+    from diffsim.materials import preset
     from diffsim.mpm import MPMBuilder, MPMSolver
 
     builder = MPMBuilder(grid_res=16, domain_size=0.3)

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffsim.tasks.locomotion import SoftWalker
 
-from diffsim.core.env import DiffTaskEnv
-from diffsim.core.task import TaskBatch
 from diffsim.errors import InvalidParameter
+from diffsim.tasks.env import DiffTaskEnv
+from diffsim.tasks.locomotion import SoftWalker
+from diffsim.tasks.task import TaskBatch
 
 
 def test_scene_loss_and_score_at_rest():

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import warp as wp
+
+from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.materials import (
     PRESETS,
     Material,
@@ -23,8 +25,6 @@ from diffsim.materials import (
     strain_energy_density,
     svd3_guarded,
 )
-
-from diffsim.errors import ConfigError, InvalidParameter
 
 FD_STEP = 1.0e-3
 GRAD_TOL = 0.02

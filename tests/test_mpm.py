@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import warp as wp
-from diffsim.materials import Material, MaterialModel, preset
 
 from diffsim.core import Rollout
 from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged, UnstableTimeStep
 from diffsim.geometry import collider_box, collider_plane
+from diffsim.materials import Material, MaterialModel, preset
 from diffsim.mpm import Boundary, MPMBuilder, MPMSolver
 from diffsim.mpm import validation as V
 from diffsim.mpm.losses import CenterOfMassLoss, LinearStateLoss

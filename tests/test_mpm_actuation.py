@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import warp as wp
-from diffsim.materials import Material, MaterialModel
 
 from diffsim.core import Rollout
 from diffsim.core.validation import rollout_gradient_check
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_plane
+from diffsim.materials import Material, MaterialModel
 from diffsim.mpm import MPMBuilder, MPMSolver
 from diffsim.mpm.losses import LinearStateLoss
 from diffsim.mpm.model import Actuation

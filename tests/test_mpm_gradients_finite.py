@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import warp as wp
-from diffsim.materials import preset
 
 from diffsim.core import Rollout
 from diffsim.errors import DiffsimError, GradientDiverged, SimulationDiverged
@@ -19,6 +18,7 @@ from diffsim.geometry import (
     collider_plane,
     collider_sphere,
 )
+from diffsim.materials import preset
 from diffsim.mpm import Boundary, MPMBuilder, MPMSolver
 from diffsim.mpm.losses import CenterOfMassLoss, LinearStateLoss
 

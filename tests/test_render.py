@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from diffsim.materials import preset
 
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.geometry import (
@@ -17,6 +16,7 @@ from diffsim.geometry import (
     collider_plane,
     collider_sphere,
 )
+from diffsim.materials import preset
 from diffsim.mpm import MPMBuilder
 from diffsim.render import Camera, Renderer, SceneRenderer, render_state, write_video
 

@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("stable_baselines3")
 
-import diffsim.tasks  # noqa: E402,F401
-from diffsim.controllers.sb3 import SB3VecEnv  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
 
-from diffsim.core.env import TASKS  # noqa: E402
+import diffsim.tasks  # noqa: E402,F401
+from diffsim.controllers.sb3 import SB3VecEnv  # noqa: E402
+from diffsim.tasks.env import TASKS  # noqa: E402
 
 
 def test_adapter_hands_sb3_the_terminal_observation():

@@ -4,15 +4,15 @@ and the differentiable face's gradients match finite differences."""
 
 from __future__ import annotations
 
-import diffsim.tasks  # noqa: F401  (registers the tasks)
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from diffsim.core.env import TASKS, DiffTaskEnv, task_type
+import diffsim.tasks  # noqa: F401  (registers the tasks)
 from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.tasks.env import TASKS, DiffTaskEnv, task_type
 
 TASK_IDS = sorted(TASKS)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import warp as wp
+
 from diffsim.controllers import Bounds, optimize
 from diffsim.controllers.trajectory import load_checkpoint
-
 from diffsim.core import Rollout
 from diffsim.errors import ConfigError
 from tests.toy_solver import make_toy
@@ -153,7 +153,6 @@ def test_bad_arguments_are_refused():
 def test_loss_decreases_on_tiny_mpm_scene():
     """A real MPM rollout: the initial velocity of a small elastic block is tuned to hit a target."""
     from diffsim.materials import Material, MaterialModel
-
     from diffsim.mpm import MPMBuilder, MPMSolver
     from diffsim.mpm.losses import CenterOfMassLoss
 

@@ -1,7 +1,7 @@
 """The core every solver shares: the Model/State/Control/Solver protocol, the Scene (a solver with
 its frames and actuators), checkpointed rollouts, finite-difference gradient checks and device
-selection (the torch bridge is ``diffsim.core.torch``; tasks and their gymnasium faces are
-``diffsim.core.task`` and ``diffsim.core.env``).
+selection (the torch bridge is ``diffsim.core.torch``). Tasks and their gymnasium faces stand on
+the Scene one layer up, in ``diffsim.tasks``.
 """
 
 from diffsim.core.device import init_warp, resolve_device

@@ -292,8 +292,8 @@ GRADIENT_CHECKS = {
                                                relative=True, device=d, proportional=True),
     "friction": lambda d: _gradient_check("friction coefficient", "model.collider_friction", eps=0.02,
                                           relative=True, device=d, directions=1),
-    "sensor_pose": lambda d: _gradient_check("sensor trajectory (backing velocity, frame 2)", "controls[2].body_velocity",
-                                             eps=2e-4, relative=False, device=d),
+    "sensor_pose": lambda d: _gradient_check("sensor trajectory (backing velocity, frame 2)",
+                                             "controls[2].body_velocity", eps=2e-4, relative=False, device=d),
     "indenter_pose": lambda d: _gradient_check("indenter pose (initial position)", "state0.collider_position",
                                                eps=2e-6, relative=False, device=d),
 }

@@ -2,7 +2,7 @@
 and ``TaskBatch``, the batched simulation of one task that every face of the task layer steps.
 
 A task file describes its scene, actuators, observation and loss by subclassing :class:`Task`;
-the gymnasium faces (:mod:`diffsim.core.env`) and the differentiable face add nothing task-specific.
+the gymnasium faces (:mod:`diffsim.tasks.env`) and the differentiable face add nothing task-specific.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The three faces of every task: a ``gymnasium.Env`` (one world), a ``gymnasium.vector.VectorEnv``
 (many worlds in one simulation) and a differentiable torch face for controllers.
 
-All three step a :class:`~diffsim.core.task.TaskBatch`; none holds task-specific code.
+All three step a :class:`~diffsim.tasks.task.TaskBatch`; none holds task-specific code.
 Out-of-bound actions are clipped to the action space; an action of the wrong shape, dtype or with
 NaN/inf raises :class:`~diffsim.errors.InvalidParameter`.
 """
@@ -20,8 +20,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffsim.core.rollout import Rollout
-from diffsim.core.task import Task, TaskBatch
 from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.tasks.task import Task, TaskBatch
 
 _FLOAT_TYPES = (float, wp.float32, wp.vec3, wp.vec2, wp.vec4, wp.quat, wp.mat33)
 
