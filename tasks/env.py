@@ -313,6 +313,7 @@ class DiffTaskEnv:
         reward = self._loss - loss
         self._loss = loss
         self.elapsed += 1
+        self.task.after_step(self._last_state)
         terminated = torch.as_tensor(self.task.terminated(self._last_state))
         truncated = torch.full((self.num_envs,), self.elapsed >= self.task.horizon)
         return obs, reward, terminated, truncated, {"loss": loss}

@@ -258,6 +258,8 @@ class TactileGrasp(TactileTask):
         self._mass = mpm_model.particle_mass.numpy()[particle_world == 0].astype(np.float64)
         self._peak_grip = np.zeros(num_worlds)
         self._lifted = np.zeros(num_worlds, bool)
+        self._dropped = np.zeros(num_worlds, bool)
+        self._grip = np.zeros(num_worlds)
         return Scene(model, solver, frame_dt=c.frame_dt, substeps="auto", actuators=actuators)
 
     # -- episodes ----------------------------------------------------------------------------
@@ -280,6 +282,8 @@ class TactileGrasp(TactileTask):
     def begin_episode(self, state, mask) -> None:
         self._peak_grip[mask] = 0.0
         self._lifted[mask] = False
+        self._dropped[mask] = False
+        self._grip[mask] = 0.0
 
     # -- observation, loss, score ------------------------------------------------------------
     @property
@@ -313,14 +317,19 @@ class TactileGrasp(TactileTask):
                           c.crush_weight],
                   outputs=[out], device=out.device)
 
-    def terminated(self, state) -> np.ndarray:
+    def after_step(self, state) -> None:
+        """Track the episode's peak grip and whether the cube was lifted (for score and drop)."""
         terms = self._terms(state).numpy().astype(np.float64)
         rise, grip = terms[:, 0], terms[:, 1]
         lift = self._host["lift"].astype(np.float64)
         self._peak_grip = np.maximum(self._peak_grip, grip)
-        dropped = self._lifted & (rise < 0.1 * lift)
+        self._dropped = self._lifted & (rise < 0.1 * lift)
         self._lifted |= rise >= 0.5 * lift
-        return dropped | (grip > self.config.crush_force)
+        self._grip = grip
+
+    def terminated(self, state) -> np.ndarray:
+        """Dropped after a lift, or crushed (grip above ``crush_force``)."""
+        return self._dropped | (self._grip > self.config.crush_force)
 
     def score(self, state) -> np.ndarray:
         rise = self._terms(state).numpy()[:, 0].astype(np.float64)
@@ -520,11 +529,11 @@ class SurfaceFollow(TactileTask):
         progress = np.clip(1.0 - terms[:, 1] / self._host["length"], 0.0, 1.0)
         return tracking, progress
 
-    def terminated(self, state) -> np.ndarray:
+    def after_step(self, state) -> None:
+        """Accumulate the force-tracking measure the score averages over the episode."""
         tracking, _ = self._measure(state)
         self._tracking += tracking
         self._steps += 1
-        return np.zeros(self.num_worlds, dtype=bool)
 
     def score(self, state) -> np.ndarray:
         _, progress = self._measure(state)

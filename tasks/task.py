@@ -118,8 +118,13 @@ class Task(abc.ABC):
             self._initial_loss = loss.copy()
         self._initial_loss[mask] = loss[mask]
 
+    def after_step(self, state: State) -> None:  # noqa: B027 -- optional hook, a no-op by default
+        """Called once after every env step with the new state, before its loss, termination and
+        score are read: the place for per-episode bookkeeping (peaks, running means)."""
+
     def terminated(self, state: State) -> np.ndarray:
-        """Worlds whose episode ended for a task reason (success or failure); none by default."""
+        """Worlds whose episode ended for a task reason (success or failure); none by default.
+        May be called more than once per step: keep it free of side effects."""
         return np.zeros(self.num_worlds, dtype=bool)
 
     def render_options(self, world: int) -> dict:
@@ -272,6 +277,7 @@ class TaskBatch:
         self.scene.advance(self.state, self._next, self.control)
         self.state, self._next = self._next, self.state
         self.scene.solver.check_finite(self.scene.model, self.state, int(self.elapsed.max()))
+        self.task.after_step(self.state)
         loss = self.task.evaluate_loss(self.state)
         reward = self.loss - loss
         self.loss = loss
