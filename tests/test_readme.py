@@ -1,10 +1,12 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written."""
 
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
+
+import numpy as np
 
 
 def test_readme_python_example_runs():
@@ -47,3 +49,15 @@ def test_readme_coupled_example_runs():
     exec(compile(blocks[3], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
     support, weight = namespace["support"], namespace["weight"]
     assert abs(sum(support[-len(support) // 2:]) / (len(support) - len(support) // 2) / weight - 1.0) < 0.02
+
+
+def test_readme_environment_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 5, "the README has no environment example"
+    namespace: dict = {}
+    exec(compile(blocks[4], "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    assert namespace["frame"].shape == (256, 256, 3)
+    assert namespace["obs"].shape == (4, namespace["envs"].single_observation_space.shape[0])
+    grad = namespace["press"].grad.numpy()
+    assert np.all(np.isfinite(grad)) and abs(grad).sum() > 0  # the press moves the reward
