@@ -94,6 +94,50 @@ def point_candidates(
 
 
 @wp.kernel
+def face_normals_to_vertices(faces: wp.array(dtype=wp.vec3i), node_x: wp.array(dtype=wp.vec3),
+                             normal_sum: wp.array(dtype=wp.vec3)):
+    """Area-weighted normals of the contact faces summed at their vertices (cross products are
+    twice the area times the normal)."""
+    i = wp.tid()
+    f = faces[i]
+    a = node_x[f[0]]
+    n = wp.cross(node_x[f[1]] - a, node_x[f[2]] - a)
+    wp.atomic_add(normal_sum, f[0], n)
+    wp.atomic_add(normal_sum, f[1], n)
+    wp.atomic_add(normal_sum, f[2], n)
+
+
+@wp.kernel
+def normalize_vec3(v: wp.array(dtype=wp.vec3), out: wp.array(dtype=wp.vec3)):
+    """Unit vectors (zero stays zero: nodes of no contact face)."""
+    i = wp.tid()
+    x = v[i]
+    if wp.dot(x, x) > 0.0:
+        out[i] = wp.normalize(x)
+    else:
+        out[i] = wp.vec3()
+
+
+@wp.func
+def contact_normal(offset: wp.vec3, surface_normal: wp.vec3, width: float):
+    """Unit normal of a ball's contact at ``offset`` = centre - closest surface point [m]: the
+    direction of the offset once the centre is ``width`` [m] or more above the surface (exact for a
+    ball on faces, edges and corners alike), blended into ``surface_normal`` (the vertex normals
+    interpolated at the closest point) below that and used alone at and under the surface, where
+    the offset's direction is lost. Both are continuous where the closest point is, so the force
+    does not jump when the nearest face changes (a flat face normal flips by 90 degrees at the
+    pad's edges and so did the penetration measured along it)."""
+    height = wp.dot(offset, surface_normal)
+    if height <= 0.0:
+        return surface_normal
+    if height >= width:
+        return wp.normalize(offset)
+    s = height / width
+    t = s * s * (3.0 - 2.0 * s)
+    return wp.normalize(t * wp.normalize(offset) + (1.0 - t) * surface_normal)
+
+
+@wp.kernel
 def point_face_forces(
     candidate: wp.array(dtype=int),
     point_x: wp.array(dtype=wp.vec3),
@@ -108,19 +152,23 @@ def point_face_forces(
     node_v: wp.array(dtype=wp.vec3),
     node_mass: wp.array(dtype=float),
     node_fixed: wp.array(dtype=int),
+    vertex_normal: wp.array(dtype=wp.vec3),
     stiffness: float,
     damping_ratio: float,
     friction: wp.array(dtype=float),
     friction_velocity: float,
     smoothing_ratio: float,
+    normal_blend_ratio: float,
     dt: float,
     point_force: wp.array(dtype=wp.vec3),
     node_force: wp.array(dtype=wp.vec3),
 ):
     """Contact of a ball (a particle, half its spacing wide, or a rod vertex of the rod's contact
     radius) with its candidate face by :func:`coupled_contact_force`, with the reduced mass of
-    the point and the face's contact point. The force goes to ``point_force``, the opposite
-    force to the face's nodes by the barycentric weights of the closest point."""
+    the point and the face's contact point, along :func:`contact_normal` (blended over
+    ``normal_blend_ratio`` radii from the ``vertex_normal`` surface normal). The force goes to
+    ``point_force``, the opposite force to the face's nodes by the barycentric weights of the
+    closest point."""
     p = wp.tid()
     point_force[p] = wp.vec3()
     face = candidate[p]
@@ -134,11 +182,13 @@ def point_face_forces(
     radius = point_radius[p]
     smoothing = smoothing_ratio * radius
     q = closest_point_on_triangle(a, b, c, x)
-    normal = wp.normalize(wp.cross(b - a, c - a))
+    w = barycentric(a, b, c, q)
+    surface_normal = wp.normalize(w[0] * vertex_normal[f[0]] + w[1] * vertex_normal[f[1]]
+                                  + w[2] * vertex_normal[f[2]])
+    normal = contact_normal(x - q, surface_normal, normal_blend_ratio * radius)
     penetration = smooth_penetration(radius - wp.dot(x - q, normal), smoothing)
     if penetration <= 0.0:
         return
-    w = barycentric(a, b, c, q)
     surface_velocity = w[0] * node_v[f[0]] + w[1] * node_v[f[1]] + w[2] * node_v[f[2]]
     # inverse mass of the contact point: a force f spread by w accelerates it by f sum(w^2 / m)
     inverse_mass = float(0.0)

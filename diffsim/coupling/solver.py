@@ -18,6 +18,10 @@ from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.fem.model import FEMModel
 from diffsim.fem.solver import FEMSolver
 
+#: height above the surface, in ball radii, below which a contact normal turns from the direction
+#: of the ball's centre to the interpolated surface normal (:func:`kernels.contact_normal`)
+NORMAL_BLEND = 0.25
+
 
 class CoupledState(BundleGroup, State):
     """The states of every solver of a coupled scene (parts ``fem``, ``mpm``, ``rod``)."""
@@ -93,8 +97,10 @@ class CoupledSolver(PooledScratchSolver, Solver):
     Per step, from the states at its start: the sensor's contact faces are put in a BVH per world
     (refitted each step); every MPM particle (a ball of half its spacing) and every rod vertex (a
     ball of the rod's contact radius) finds its nearest face there and meets it through one
-    contact law (:func:`diffsim.coupling.kernels.coupled_contact_force`); the opposite forces go
-    to the face's nodes. A particle's force enters the MPM grid through its B-spline stencil (the
+    contact law (:func:`diffsim.coupling.kernels.coupled_contact_force`) along a normal that is
+    continuous over the surface (the direction from the closest point to the ball, or the
+    interpolated vertex normal close to and under the surface); the opposite forces go to the
+    face's nodes. A particle's force enters the MPM grid through its B-spline stencil (the
     MPM solver's grid-force hook); a vertex's is an external force of the rod step. Then each
     solver takes its step. Searches give indices only (untaped); forces are recomputed with
     differentiable math from the indices. (Contact measured at grid nodes instead would start a
@@ -130,7 +136,8 @@ class CoupledSolver(PooledScratchSolver, Solver):
             raise InvalidParameter("friction_velocity", friction_velocity, "(0, inf) m/s")
         self.friction_velocity = float(friction_velocity)
         fem_model = model.fem
-        fields = {"fem_coupling_force": (wp.vec3, fem_model.node_count)}
+        fields = {"fem_coupling_force": (wp.vec3, fem_model.node_count),
+                  "normal_sum": (wp.vec3, fem_model.node_count), "vertex_normal": (wp.vec3, fem_model.node_count)}
         if mpm is not None:
             fields["particle_force"] = (wp.vec3, model.mpm.particle_count)
             self._particles = _particle_points(model.mpm)
@@ -178,6 +185,16 @@ class CoupledSolver(PooledScratchSolver, Solver):
         for mesh in self._meshes:
             if mesh is not None:
                 mesh.refit()
+
+    def _vertex_normals(self, node_x: wp.array, s) -> None:
+        """Area-weighted vertex normals of the deformed contact faces (taped: contact normals are
+        interpolated from them)."""
+        s.normal_sum.zero_()
+        if self._faces.shape[0]:
+            wp.launch(kernels.face_normals_to_vertices, dim=self._faces.shape[0], inputs=[self._faces, node_x],
+                      outputs=[s.normal_sum], device=node_x.device)
+        wp.launch(kernels.normalize_vec3, dim=node_x.shape[0], inputs=[s.normal_sum], outputs=[s.vertex_normal],
+                  device=node_x.device)
 
     # -- protocol ----------------------------------------------------------------------------
     def new_state(self, model: CoupledModel, *, requires_grad: bool = False) -> CoupledState:
@@ -230,6 +247,7 @@ class CoupledSolver(PooledScratchSolver, Solver):
         s = self._scratch.take()
         s.fem_coupling_force.zero_()
         self._refit(fem_in.node_x)
+        self._vertex_normals(fem_in.node_x, s)
         if self.mpm is not None:
             self._step_context = (model, state_in, s)
             try:
@@ -276,8 +294,8 @@ class CoupledSolver(PooledScratchSolver, Solver):
         wp.launch(kernels.point_face_forces, dim=x.shape[0],
                   inputs=[candidate, x, v, points.world, mass, points.kinematic, points.radius,
                           self._world_face_start, self._faces, fem_in.node_x, fem_in.node_v, fem_model.node_mass,
-                          fem_model.node_fixed, self._stiffness(dt), self.damping_ratio, friction,
-                          self.friction_velocity, 0.05, dt],
+                          fem_model.node_fixed, s.vertex_normal, self._stiffness(dt), self.damping_ratio, friction,
+                          self.friction_velocity, 0.05, NORMAL_BLEND, dt],
                   outputs=[point_force, s.fem_coupling_force], device=device)
 
     def _stiffness(self, dt: float) -> float:
