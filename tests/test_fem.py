@@ -164,6 +164,24 @@ def _two_world_scene(num_worlds):
     return model
 
 
+def test_collider_contact_spring_limits_the_step_only_when_there_are_colliders():
+    mesh = tet_mesh_pad((0.02, 0.02, 0.004), (3, 3, 1))
+
+    def limit(contact_stiffness, with_collider):
+        builder = FEMBuilder()
+        builder.add_body(mesh, young_modulus=1e5, contact_stiffness=contact_stiffness,
+                         fixed_nodes=mesh.vertices[:, 2] == 0)
+        if with_collider:
+            builder.add_collider(collider_sphere(0.005, position=(0.0, 0.0, 0.01)))
+        model = builder.finalize("cpu")
+        return FEMSolver(model).max_stable_dt(model)
+
+    elastic = limit(1e7, False)
+    assert limit(1e13, False) == elastic  # the spring pushes against no collider
+    assert limit(1e7, True) == elastic  # a soft spring does not set the step ...
+    assert limit(1e13, True) < 0.2 * elastic  # ... a stiff one does, when it meets a collider
+
+
 def test_batched_worlds_equal_single_runs():
     batched, single = _two_world_scene(2), _two_world_scene(1)
     pos = single.initial_collider_position.copy()

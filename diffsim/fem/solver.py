@@ -57,7 +57,9 @@ class FEMSolver(PooledScratchSolver, Solver):
 
     def max_stable_dt(self, model: FEMModel) -> float:
         """Largest stable step [s]: the fastest elastic wave across the thinnest tet (with its
-        Rayleigh damping), the stiffest contact spring on its node, and mass damping."""
+        Rayleigh damping), the stiffest collider contact spring on its node (only when the model
+        has colliders: the spring acts on nothing else; coupled contact scales its own stiffness
+        to the step), and mass damping."""
         E = model.tet_young_modulus.numpy().astype(np.float64)
         nu = model.tet_poisson_ratio.numpy().astype(np.float64)
         mu = E / (2 * (1 + nu))
@@ -69,7 +71,7 @@ class FEMSolver(PooledScratchSolver, Solver):
         limit = float(np.min(2.0 / omega * (np.sqrt(1.0 + zeta**2) - zeta)))
         area = model.node_contact_area.numpy().astype(np.float64)
         contact = area > 0
-        if np.any(contact):
+        if model.collider_count and np.any(contact):
             k = model.body_contact_stiffness.numpy().astype(np.float64)[model.node_body.numpy()] * area
             omega_c = np.sqrt(k[contact] / model.node_mass.numpy().astype(np.float64)[contact])
             limit = min(limit, float(2.0 / omega_c.max()))
