@@ -375,6 +375,41 @@ def _sum_into(values: wp.array(dtype=float), total: wp.array(dtype=float)):
     wp.atomic_add(total, 0, values[i])
 
 
+def record_episode(task: str | type[Task], path, *, policy: Callable[[np.ndarray], np.ndarray] | None = None,
+                   actions: np.ndarray | None = None, seed: int = 0, fps: int | None = None,
+                   render_size: tuple[int, int] = (256, 256), **options) -> dict:
+    """Run one episode of ``task`` in one world and write it as a GIF or MP4 (by ``path``'s suffix).
+
+    Actions come from ``policy(observation)`` or from ``actions`` (steps, action_dim); with neither,
+    the episode holds every actuator at zero. Returns the episode's ``return``, final ``score``,
+    ``steps`` and the ``path`` written.
+    """
+    from diffsim.render import write_video
+
+    task_cls = task_type(task) if isinstance(task, str) else task
+    env = TaskEnv(task_cls, render_mode="rgb_array", render_size=render_size, **options)
+    obs, info = env.reset(seed=seed)
+    frames = [env.render()]
+    total, steps = 0.0, 0
+    for k in range(env.task.horizon):
+        if actions is not None and k >= len(actions):
+            break
+        if policy is not None:
+            action = policy(obs)
+        elif actions is not None:
+            action = actions[k]
+        else:
+            action = np.zeros(env.action_space.shape, np.float32)
+        obs, reward, terminated, truncated, info = env.step(action)
+        frames.append(env.render())
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    written = write_video(frames, path, fps=fps or env.metadata["render_fps"])
+    return {"return": total, "score": info["score"], "steps": steps, "path": str(written)}
+
+
 # ------------------------------------------------------------------------------------ registry
 def register_task(task_type: type[Task]) -> type[Task]:
     """Register ``task_type`` with gymnasium under ``task_type.id`` (single and vector entry points)."""

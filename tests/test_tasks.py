@@ -199,3 +199,15 @@ def test_bench_tasks_prints_json_keyed_by_task_id(capsys):
     for key in ("steps_per_s_1", "steps_per_s_16", "diff_step_ms", "overhead", "particles_per_world"):
         assert key in result
     assert result["steps_per_s_1"] > 0 and result["diff_step_ms"] > 0 and result["overhead"] > -0.5
+
+
+def test_record_episode_writes_a_gif(tmp_path):
+    from PIL import Image
+
+    from diffsim.tasks.env import record_episode
+
+    press = np.tile(np.array([0.0, 0.0, -0.4], np.float32), (3, 1))
+    result = record_episode("Pinch-v0", tmp_path / "pinch.gif", actions=press, **_tiny("diffsim/Pinch-v0"))
+    assert result["steps"] == 3 and 0.0 <= result["score"] <= 1.0
+    with Image.open(result["path"]) as gif:
+        assert gif.n_frames == 4 and gif.size == (256, 256)  # the start and three steps
