@@ -13,8 +13,12 @@ import warp as wp
 
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.geometry import (
+    MAX_COLLIDERS,
     NO_SURFACE_DISTANCE,
     Collider,
+    ColliderSet,
+    ColliderSetBuilder,
+    ColliderSetCache,
     ShapeType,
     TriangleMesh,
     collider_box,
@@ -22,8 +26,11 @@ from diffsim.geometry import (
     collider_cylinder,
     collider_mesh,
     collider_plane,
+    collider_query,
     collider_sphere,
+    collider_surface_velocity,
     mesh_query,
+    pack_colliders,
     particle_volume,
     sample_box,
     sample_cylinder,
@@ -32,6 +39,7 @@ from diffsim.geometry import (
     shape_query,
     shape_query_world,
 )
+from diffsim.geometry.colliders import collider_slot
 
 DEVICE = "cpu"
 
@@ -604,3 +612,106 @@ def test_inside_normal_turns_continuously_across_medial_planes(shape):
     assert np.all(np.isfinite(normal))
     assert steps.max() < 0.05, f"largest normal change between neighbouring points: {steps.max():.3f}"
     assert normal[0] @ np.array([0.0, 0.0, 1.0]) > 0.99 and normal[-1] @ np.array([1.0, 0.0, 0.0]) > 0.99
+
+
+# -- the shared collider set ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("builder", ["mpm", "rod", "fem"])
+def test_every_builder_holds_at_most_max_colliders(builder):
+    from diffsim.fem import FEMBuilder
+    from diffsim.mpm import MPMBuilder
+    from diffsim.rod import RodBuilder
+
+    b = {"mpm": lambda: MPMBuilder(grid_res=16), "rod": RodBuilder, "fem": FEMBuilder}[builder]()
+    assert b.add_ground(height=0.1, friction=0.3) == 0
+    assert b.colliders[0].shape == ShapeType.PLANE and b.colliders[0].position == (0.0, 0.0, 0.1)
+    for k in range(1, MAX_COLLIDERS):
+        assert b.add_collider(collider_sphere(0.01, position=(0.1 * k, 0.0, 0.5))) == k
+    with pytest.raises(ConfigError, match=f"at most {MAX_COLLIDERS} colliders"):
+        b.add_collider(collider_sphere(0.01))
+    with pytest.raises(ConfigError, match="Collider"):
+        b.add_collider("sphere")
+    assert len(b.colliders) == MAX_COLLIDERS
+
+
+@wp.kernel
+def _collider_set_probe(colliders: ColliderSet, points: wp.array(dtype=wp.vec3), world: int,
+                        loss: wp.array(dtype=float), distance: wp.array2d(dtype=float),
+                        normal: wp.array2d(dtype=wp.vec3)):
+    i = wp.tid()
+    x = points[i]
+    for c in range(wp.static(MAX_COLLIDERS)):
+        if c < colliders.count:
+            slot = collider_slot(colliders, world, c)
+            q = collider_query(colliders, c, slot, x)
+            distance[i, c] = q.distance
+            normal[i, c] = q.normal
+            # distance, friction and surface velocity all enter the loss
+            v = collider_surface_velocity(colliders, slot, x)
+            wp.atomic_add(loss, 0, q.distance + colliders.friction[c] * wp.dot(v, wp.vec3(1.0, 2.0, 3.0)))
+
+
+def test_collider_set_queries_and_gradients_reach_its_arrays():
+    """collider_query equals shape_query_world on the collider's pose, and the tape's gradients
+    land in the model's, state's and control's arrays that the struct holds."""
+    from types import SimpleNamespace
+
+
+    builder = ColliderSetBuilder("a test scene")
+    builder.add_ground(height=0.05, friction=0.4)
+    builder.add(collider_box((0.1, 0.2, 0.05), position=(0.3, 0.0, 0.2), rotation=(0.0, 0.0, 0.38268343, 0.9238795),
+                             friction=0.7))
+    fields = builder.model_fields(2, DEVICE, requires_grad=True)
+    model = SimpleNamespace(**fields, collider_count=len(builder))
+    grad = dict(device=DEVICE, requires_grad=True)
+    state = SimpleNamespace(collider_position=wp.array(fields["initial_collider_position"], dtype=wp.vec3, **grad),
+                            collider_rotation=wp.array(fields["initial_collider_rotation"], dtype=wp.quat, **grad))
+    rng = np.random.default_rng(0)
+    control = SimpleNamespace(
+        collider_velocity=wp.array(rng.standard_normal((4, 3)).astype(np.float32), dtype=wp.vec3, **grad),
+        collider_angular_velocity=wp.array(rng.standard_normal((4, 3)).astype(np.float32), dtype=wp.vec3, **grad))
+    points = rng.uniform(-0.2, 0.5, (16, 3)).astype(np.float32)
+    cache = ColliderSetCache()
+    colliders = cache.pack(model, state, control)
+    assert cache.pack(model, state, control) is colliders
+    loss = wp.zeros(1, dtype=float, **grad)
+    distance = wp.zeros((16, 2), dtype=float, device=DEVICE)
+    normal = wp.zeros((16, 2), dtype=wp.vec3, device=DEVICE)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(_collider_set_probe, dim=16,
+                  inputs=[colliders, wp.array(points, dtype=wp.vec3, device=DEVICE), 1, loss],
+                  outputs=[distance, normal], device=DEVICE)
+    tape.backward(loss=loss)
+    pos = state.collider_position.numpy()
+    rot = state.collider_rotation.numpy()
+    for c, shape, size in ((0, ShapeType.PLANE, (0.0, 0.0, 0.0)), (1, ShapeType.BOX, (0.1, 0.2, 0.05))):
+        d = wp.zeros(16, dtype=float, device=DEVICE)
+        n = wp.zeros(16, dtype=wp.vec3, device=DEVICE)
+        wp.launch(_world_query_kernel, dim=16,
+                  inputs=[int(shape), wp.vec3(*size), wp.uint64(0),
+                          wp.array([pos[2 + c]], dtype=wp.vec3, device=DEVICE), wp.quat(*rot[2 + c]),
+                          wp.array(points, dtype=wp.vec3, device=DEVICE)],
+                  outputs=[d, n], device=DEVICE)
+        d, n = d.numpy(), n.numpy()
+        np.testing.assert_allclose(distance.numpy()[:, c], d, atol=1e-6)
+        np.testing.assert_allclose(normal.numpy()[:, c], n, atol=1e-6)
+    v = control.collider_velocity.numpy()
+    w = control.collider_angular_velocity.numpy()
+    friction = model.collider_friction.numpy()
+    e = np.array([1.0, 2.0, 3.0])
+    # d loss / d friction = sum over points of the surface velocity along e (world 1's slots 2, 3)
+    expected = [sum(float((v[2 + c] + np.cross(w[2 + c], x - pos[2 + c])) @ e) for x in points) for c in (0, 1)]
+    np.testing.assert_allclose(model.collider_friction.grad.numpy(), expected, rtol=1e-4)
+    # d loss / d velocity = friction * e per point; world 0's slots are untouched
+    g_v = control.collider_velocity.grad.numpy()
+    np.testing.assert_allclose(g_v[2:], np.outer(16 * friction, e), rtol=1e-5)
+    assert not g_v[:2].any() and not state.collider_position.grad.numpy()[:2].any()
+    assert np.abs(state.collider_position.grad.numpy()[2:]).max() > 0
+    assert np.abs(state.collider_rotation.grad.numpy()[3]).max() > 0
+    assert np.abs(control.collider_angular_velocity.grad.numpy()[2:]).max() > 0
+    # a replaced array gives a new struct
+    state.collider_position = wp.array(fields["initial_collider_position"], dtype=wp.vec3, **grad)
+    assert cache.pack(model, state, control) is not colliders
+    assert pack_colliders(model, state, control).count == 2

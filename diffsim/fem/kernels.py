@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import warp as wp
 
-from diffsim.geometry import shape_query_world
+from diffsim.geometry.colliders import (
+    MAX_COLLIDERS,
+    ColliderSet,
+    collider_query,
+    collider_slot,
+    collider_surface_velocity,
+)
 from diffsim.materials.svd import polar_rotation
-
-MAX_COLLIDERS = 8
 
 #: ``tet_material`` ids
 STABLE_NEO_HOOKEAN = wp.constant(0)
@@ -155,15 +159,7 @@ def node_contacts(
     node_contact_area: wp.array(dtype=float),
     body_world: wp.array(dtype=int),
     body_contact_stiffness: wp.array(dtype=float),
-    collider_shape: wp.array(dtype=int),
-    collider_size: wp.array(dtype=wp.vec3),
-    collider_friction: wp.array(dtype=float),
-    collider_mesh: wp.array(dtype=wp.uint64),
-    collider_position: wp.array(dtype=wp.vec3),
-    collider_rotation: wp.array(dtype=wp.quat),
-    collider_velocity: wp.array(dtype=wp.vec3),
-    collider_angular_velocity: wp.array(dtype=wp.vec3),
-    collider_count: int,
+    colliders: ColliderSet,
     smoothing: float,
     friction_velocity: float,
     coupled_force: wp.array(dtype=wp.vec3),
@@ -177,16 +173,14 @@ def node_contacts(
         world = body_world[body]
         x = node_x[i]
         for c in range(wp.static(MAX_COLLIDERS)):
-            if c < collider_count:
-                slot = world * collider_count + c
-                p = collider_position[slot]
-                q = shape_query_world(collider_shape[c], collider_size[c], collider_mesh[c], p,
-                                      collider_rotation[slot], x)
+            if c < colliders.count:
+                slot = collider_slot(colliders, world, c)
+                q = collider_query(colliders, c, slot, x)
                 if q.distance < smoothing:
-                    surface_velocity = collider_velocity[slot] + wp.cross(collider_angular_velocity[slot], x - p)
                     total = total + contact_force(x, node_v[i], area, body_contact_stiffness[body],
-                                                  collider_friction[c], q.distance, q.normal, surface_velocity,
-                                                  smoothing, friction_velocity)
+                                                  colliders.friction[c], q.distance, q.normal,
+                                                  collider_surface_velocity(colliders, slot, x), smoothing,
+                                                  friction_velocity)
     contact_force_out[i] = total
 
 

@@ -14,9 +14,9 @@ import warp as wp
 from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
-from diffsim.fem.kernels import MAX_COLLIDERS
-from diffsim.geometry import Collider, collider_model_fields, collider_plane
+from diffsim.geometry import Collider
 from diffsim.geometry._validation import finite_number, finite_vector, positive_number, unit_quaternion
+from diffsim.geometry.colliders import ColliderSetBuilder
 from diffsim.geometry.motion import rotation_matrix
 from diffsim.geometry.tetmesh import TetMesh
 
@@ -192,7 +192,12 @@ class FEMBuilder:
         self.num_worlds = num_worlds
         self.gravity = tuple(float(g) for g in gravity)
         self.bodies: list[_Body] = []
-        self.colliders: list[Collider] = []
+        self._colliders = ColliderSetBuilder("an FEM scene")
+
+    @property
+    def colliders(self) -> list[Collider]:
+        """The colliders added so far, in index order."""
+        return self._colliders.colliders
 
     def add_body(
         self,
@@ -292,17 +297,12 @@ class FEMBuilder:
         return mask
 
     def add_ground(self, *, height: float = 0.0, friction: float = 0.5) -> int:
-        """Add the ground plane z = ``height`` [m]; returns its collider index."""
-        return self.add_collider(collider_plane(position=(0.0, 0.0, float(height)), friction=friction))
+        """Add the ground plane z = ``height`` [m] with Coulomb ``friction``; returns its collider index."""
+        return self._colliders.add_ground(height=height, friction=friction)
 
     def add_collider(self, collider: Collider) -> int:
         """Add a kinematic collider (see ``diffsim.geometry.collider_*``); returns its index."""
-        if not isinstance(collider, Collider):
-            raise ConfigError(f"add_collider expects a diffsim.geometry.Collider, got {type(collider).__name__}.")
-        if len(self.colliders) >= MAX_COLLIDERS:
-            raise ConfigError(f"an FEM scene holds at most {MAX_COLLIDERS} colliders (ground included).")
-        self.colliders.append(collider)
-        return len(self.colliders) - 1
+        return self._colliders.add(collider)
 
     def finalize(self, device: str | None = None, *, requires_grad: bool = False) -> FEMModel:
         """Build the model. ``requires_grad`` makes the fittable arrays (E, nu, damping, contact
@@ -377,7 +377,7 @@ class FEMBuilder:
             body_damping=param([b.damping for b in self.bodies]),
             body_contact_stiffness=param([b.contact_stiffness for b in self.bodies]),
             gravity=wp.array(np.array([self.gravity], dtype=np.float32), dtype=wp.vec3, device=device),
-            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
+            **self._colliders.model_fields(self.num_worlds, device, requires_grad=requires_grad),
             surface_faces=np.concatenate(faces),
             meshes=[b.mesh for b in self.bodies],
             tet_min_altitude=np.concatenate(altitudes),

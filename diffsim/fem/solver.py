@@ -16,6 +16,7 @@ from diffsim.errors import InvalidParameter
 from diffsim.fem import kernels
 from diffsim.fem.model import FEMControl, FEMModel, FEMState
 from diffsim.geometry import integrate_colliders
+from diffsim.geometry.colliders import ColliderSetCache
 
 
 class FEMSolver(PooledScratchSolver, Solver):
@@ -48,6 +49,7 @@ class FEMSolver(PooledScratchSolver, Solver):
         self.friction_velocity = float(friction_velocity)
         self._scratch = ScratchPool(model.device, {"elastic_force": (wp.vec3, model.node_count)})
         self._launches = LaunchCache()
+        self._colliders = ColliderSetCache()
         self._max_dt: dict[int, float] = {}
         self._zero_force: wp.array | None = None
 
@@ -112,9 +114,7 @@ class FEMSolver(PooledScratchSolver, Solver):
                      [s.elastic_force], device, state_in)
         self._launch("contacts", kernels.node_contacts, model.node_count,
                      [state_in.node_x, state_in.node_v, model.node_body, model.node_contact_area, model.body_world,
-                      model.body_contact_stiffness, model.collider_shape, model.collider_size,
-                      model.collider_friction, model.collider_mesh, state_in.collider_position,
-                      state_in.collider_rotation, control.collider_velocity, control.collider_angular_velocity, nc,
+                      model.body_contact_stiffness, self._colliders.pack(model, state_in, control),
                       self.contact_smoothing, self.friction_velocity,
                       coupled_contact_force if coupled_contact_force is not None else self._no_force(model)],
                      [state_out.node_contact_force], device, state_in)

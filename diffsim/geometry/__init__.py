@@ -1,10 +1,22 @@
 """Collision geometry: signed-distance colliders (analytic primitives and triangle meshes) for solvers,
 samplers that fill shapes with particles, and tetrahedral meshes for FEM bodies.
 
-Solver kernels call :func:`shape_query` (local frame) or :func:`shape_query_world`; Python code builds
-colliders with the ``collider_*`` factories and initial particle sets with the ``sample_*`` functions.
+Solver kernels take a scene's colliders as one :class:`ColliderSet` struct (packed by
+:func:`pack_colliders`) and call :func:`collider_query` and friends, or :func:`shape_query` (local
+frame) and :func:`shape_query_world` on bare shapes; Python code builds colliders with the
+``collider_*`` factories (collected by :class:`ColliderSetBuilder`) and initial particle sets with
+the ``sample_*`` functions.
 """
 
+from diffsim.geometry.colliders import (
+    MAX_COLLIDERS,
+    ColliderSet,
+    ColliderSetBuilder,
+    ColliderSetCache,
+    collider_query,
+    collider_surface_velocity,
+    pack_colliders,
+)
 from diffsim.geometry.mesh import TriangleMesh
 from diffsim.geometry.motion import integrate_colliders, rotation_vector
 from diffsim.geometry.sampling import (
@@ -45,9 +57,13 @@ from diffsim.geometry.tetmesh import (
 )
 
 __all__ = [
+    "MAX_COLLIDERS",
     "MESH_MAX_DISTANCE",
     "NO_SURFACE_DISTANCE",
     "Collider",
+    "ColliderSet",
+    "ColliderSetBuilder",
+    "ColliderSetCache",
     "ShapeType",
     "SurfaceQuery",
     "TetMesh",
@@ -59,11 +75,14 @@ __all__ = [
     "collider_mesh",
     "collider_model_fields",
     "collider_plane",
+    "collider_query",
     "collider_sphere",
+    "collider_surface_velocity",
     "integrate_colliders",
     "local_to_world_point",
     "local_to_world_vector",
     "mesh_query",
+    "pack_colliders",
     "particle_volume",
     "rotation_vector",
     "sample_box",

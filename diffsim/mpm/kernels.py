@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import warp as wp
 
-from diffsim.geometry import ShapeType, shape_query
+from diffsim.geometry import ShapeType
+from diffsim.geometry.colliders import (
+    MAX_COLLIDERS,
+    ColliderSet,
+    collider_contact_normal,
+    collider_local_point,
+    collider_local_query,
+    collider_slot,
+    collider_surface_velocity,
+)
 from diffsim.geometry.motion import integrate_colliders  # noqa: F401 -- part of the step
-from diffsim.geometry.shapes import shape_contact_normal
 from diffsim.materials import MaterialParams, constitutive_update
 from diffsim.materials.models import FLUID
 
 wp.set_module_options({"default_grid_stride": False})
-
-#: Colliders per scene. The grid update applies them in a loop unrolled at compile time: Warp's
-#: adjoint of a loop with a run-time trip count does not replay the loop's forward sweep, so a
-#: velocity carried through such a loop gets a wrong gradient.
-MAX_COLLIDERS = 8
 
 #: Fluid mass [kg] below which a node's fluid volume ratio is divided by this floor instead: keeps
 #: the grid-averaged J of G2P finite at nodes a particle reaches with (near) zero weight.
@@ -222,44 +225,26 @@ def friction_scale(ratio: float):
 
 
 @wp.func
-def collider_response(
-    v: wp.vec3,
-    x: wp.vec3,
-    c: int,
-    slot: int,
-    collider_shape: wp.array(dtype=int),
-    collider_size: wp.array(dtype=wp.vec3),
-    collider_friction: wp.array(dtype=float),
-    collider_mesh: wp.array(dtype=wp.uint64),
-    collider_position: wp.array(dtype=wp.vec3),
-    collider_rotation: wp.array(dtype=wp.quat),
-    collider_velocity: wp.array(dtype=wp.vec3),
-    collider_angular_velocity: wp.array(dtype=wp.vec3),
-    contact_distance: float,
-):
-    """Node velocity after contact with collider ``c`` (unchanged outside its skin).
+def collider_response(v: wp.vec3, x: wp.vec3, colliders: ColliderSet, c: int, slot: int, contact_distance: float):
+    """Node velocity after contact with collider ``c`` posed at ``slot`` (unchanged outside its skin).
 
     Colliders act one after another; each blends in over its skin, so the result stays
     continuous when a node enters or leaves any of them.
     """
-    pos = collider_position[slot]
-    rot = collider_rotation[slot]
-    local = wp.quat_rotate_inv(rot, x - pos)
-    q = shape_query(collider_shape[c], collider_size[c], collider_mesh[c], local)
+    local = collider_local_point(colliders, slot, x)
+    q = collider_local_query(colliders, c, local)
     out = v
     if q.distance < contact_distance:
         # a mesh's nearest-face normal flips across concave edges; the contact normal turns smoothly
-        normal = shape_contact_normal(collider_shape[c], collider_size[c], collider_mesh[c], local, q,
-                                      contact_distance)
-        n = wp.quat_rotate(rot, normal)
-        v_collider = collider_velocity[slot] + wp.cross(collider_angular_velocity[slot], x - pos)
+        n = collider_contact_normal(colliders, c, slot, local, q, contact_distance)
+        v_collider = collider_surface_velocity(colliders, slot, x)
         v_rel = v - v_collider
         vn = wp.dot(v_rel, n)
         if vn < 0.0:
             # Coulomb friction: the tangential slip shrinks by mu * |vn|, never reversing.
             vt = v_rel - vn * n
             vt_norm = wp.sqrt(wp.dot(vt, vt) + 1.0e-20)
-            scale = friction_scale(collider_friction[c] * -vn / vt_norm)
+            scale = friction_scale(colliders.friction[c] * -vn / vt_norm)
             v_contact = v_collider + scale * vt
             # Full response inside the collider, fading out smoothly across a thin skin outside
             # it: the contact front then moves continuously with the collider's pose, which is
@@ -320,15 +305,7 @@ def grid_update(
     grid_momentum: wp.array4d(dtype=wp.vec3),
     grid_force: wp.array4d(dtype=wp.vec3),
     gravity: wp.array(dtype=wp.vec3),
-    collider_shape: wp.array(dtype=int),
-    collider_size: wp.array(dtype=wp.vec3),
-    collider_friction: wp.array(dtype=float),
-    collider_mesh: wp.array(dtype=wp.uint64),
-    collider_position: wp.array(dtype=wp.vec3),
-    collider_rotation: wp.array(dtype=wp.quat),
-    collider_velocity: wp.array(dtype=wp.vec3),
-    collider_angular_velocity: wp.array(dtype=wp.vec3),
-    num_colliders: int,
+    colliders: ColliderSet,
     contact_distance: float,
     origin: wp.vec3,
     dx: float,
@@ -353,10 +330,8 @@ def grid_update(
     x = origin + wp.vec3(float(i), float(j), float(k)) * dx
 
     for c in range(wp.static(MAX_COLLIDERS)):
-        if c < num_colliders:
-            v = collider_response(v, x, c, world * num_colliders + c, collider_shape, collider_size,
-                                  collider_friction, collider_mesh, collider_position, collider_rotation,
-                                  collider_velocity, collider_angular_velocity, contact_distance)
+        if c < colliders.count:
+            v = collider_response(v, x, colliders, c, collider_slot(colliders, world, c), contact_distance)
 
     v = wall_condition(v, i, 0, grid_res, boundary, boundary_cells)
     v = wall_condition(v, j, 1, grid_res, boundary, boundary_cells)
@@ -491,12 +466,7 @@ def max_particle_speed(particle_v: wp.array(dtype=wp.vec3), speed: wp.array(dtyp
 
 @wp.kernel(enable_backward=False)
 def max_collider_speed(
-    collider_shape: wp.array(dtype=int),
-    collider_size: wp.array(dtype=wp.vec3),
-    collider_position: wp.array(dtype=wp.vec3),
-    collider_velocity: wp.array(dtype=wp.vec3),
-    collider_angular_velocity: wp.array(dtype=wp.vec3),
-    num_colliders: int,
+    colliders: ColliderSet,
     contact_distance: float,
     lower: wp.vec3,
     upper: wp.vec3,
@@ -506,13 +476,13 @@ def max_collider_speed(
     speed + |angular velocity| x the distance from the collider's origin to its farthest surface
     point (plus the contact skin), or to the farthest domain corner when that is nearer."""
     slot = wp.tid()
-    c = slot % num_colliders
-    pos = collider_position[slot]
+    c = slot % colliders.count
+    pos = colliders.position[slot]
     far = wp.vec3(wp.max(wp.abs(pos[0] - lower[0]), wp.abs(upper[0] - pos[0])),
                   wp.max(wp.abs(pos[1] - lower[1]), wp.abs(upper[1] - pos[1])),
                   wp.max(wp.abs(pos[2] - lower[2]), wp.abs(upper[2] - pos[2])))
-    reach = wp.min(collider_extent(collider_shape[c], collider_size[c]) + contact_distance, wp.length(far))
-    v = wp.length(collider_velocity[slot]) + wp.length(collider_angular_velocity[slot]) * reach
+    reach = wp.min(collider_extent(colliders.shape[c], colliders.size[c]) + contact_distance, wp.length(far))
+    v = wp.length(colliders.velocity[slot]) + wp.length(colliders.angular_velocity[slot]) * reach
     if not (v <= 3.0e38):
         v = 3.0e38
     wp.atomic_max(speed, 1, v)

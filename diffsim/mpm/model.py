@@ -14,7 +14,8 @@ import warp as wp
 from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
-from diffsim.geometry import Collider, TriangleMesh, collider_model_fields, sampling
+from diffsim.geometry import Collider, TriangleMesh, sampling
+from diffsim.geometry.colliders import ColliderSetBuilder
 from diffsim.geometry.motion import rotation_vector
 from diffsim.materials import Material, MaterialModel
 
@@ -282,11 +283,16 @@ class MPMBuilder:
         self._strength: list[np.ndarray] = []
         self._chunks_of: dict[int, list[int]] = {}  # first particle of an add call -> its chunks
         self.materials: list[Material] = []
-        self.colliders: list[Collider] = []
+        self._colliders = ColliderSetBuilder("an MPM scene")
 
     @property
     def dx(self) -> float:
         return self.domain_size / self.grid_res
+
+    @property
+    def colliders(self) -> list[Collider]:
+        """The colliders added so far, in index order."""
+        return self._colliders.colliders
 
     @property
     def particle_count(self) -> int:
@@ -408,16 +414,11 @@ class MPMBuilder:
     # -- colliders -------------------------------------------------------------------------
     def add_collider(self, collider: Collider) -> int:
         """Add a kinematic collider (see ``diffsim.geometry.collider_*``); returns its index."""
-        if not isinstance(collider, Collider):
-            raise ConfigError(f"add_collider expects a diffsim.geometry.Collider, got {type(collider).__name__}.")
-        from diffsim.mpm.kernels import MAX_COLLIDERS
+        return self._colliders.add(collider)
 
-        if len(self.colliders) >= MAX_COLLIDERS:
-            raise ConfigError(
-                f"a scene holds at most {MAX_COLLIDERS} colliders; merge shapes into one mesh collider instead."
-            )
-        self.colliders.append(collider)
-        return len(self.colliders) - 1
+    def add_ground(self, *, height: float = 0.0, friction: float = 0.5) -> int:
+        """Add the ground plane z = ``height`` [m] with Coulomb ``friction``; returns its collider index."""
+        return self._colliders.add_ground(height=height, friction=friction)
 
     # -- finalize --------------------------------------------------------------------------
     def finalize(self, device: str | None = None, *, requires_grad: bool = False) -> MPMModel:
@@ -470,7 +471,7 @@ class MPMBuilder:
             particle_actuation_strength=farr(np.concatenate(self._strength)),
             particle_actuation_group=wp.array(np.concatenate(self._group), dtype=wp.int32, device=device),
             gravity=wp.array([self.gravity], dtype=wp.vec3, **grad),
-            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
+            **self._colliders.model_fields(self.num_worlds, device, requires_grad=requires_grad),
             initial_x=x.astype(np.float32),
             initial_v=v.astype(np.float32),
             materials=list(mats),

@@ -14,6 +14,7 @@ import warp as wp
 from diffsim.core.parallel import launch_items
 from diffsim.core.protocol import Solver
 from diffsim.errors import InvalidParameter, SimulationDiverged
+from diffsim.geometry.colliders import ColliderSetCache
 from diffsim.materials import MaterialModel
 from diffsim.mpm import kernels
 from diffsim.mpm.model import BOUNDARY_CELLS, MPMControl, MPMModel, MPMState
@@ -131,6 +132,7 @@ class MPMSolver(Solver):
         self._first_outside = wp.zeros(1, dtype=int, device=model.device)
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
+        self._colliders = ColliderSetCache()
         self.grid_force_hooks: list[Callable[[MPMModel, MPMState, GridView, float], None]] = []
 
     # -- protocol --------------------------------------------------------------------------
@@ -222,10 +224,8 @@ class MPMSolver(Solver):
         if nc:
             lower = np.asarray(model.domain_origin, dtype=np.float64)
             wp.launch(kernels.max_collider_speed, dim=model.num_worlds * nc,
-                      inputs=[model.collider_shape, model.collider_size, state.collider_position,
-                              control.collider_velocity, control.collider_angular_velocity, nc,
-                              float(model.contact_distance), wp.vec3(*lower),
-                              wp.vec3(*(lower + model.domain_size))],
+                      inputs=[self._colliders.pack(model, state, control), float(model.contact_distance),
+                              wp.vec3(*lower), wp.vec3(*(lower + model.domain_size))],
                       outputs=[speeds], device=model.device, record_tape=False)
         fastest = float(speeds.numpy().max())
         return self.advective_cfl * model.dx / fastest if fastest > 0 else math.inf
@@ -288,11 +288,9 @@ class MPMSolver(Solver):
         wp.launch(
             kernels.grid_update,
             dim=(model.num_worlds, *extent),
-            inputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity, model.collider_shape,
-                    model.collider_size, model.collider_friction, model.collider_mesh, state_out.collider_position,
-                    state_out.collider_rotation, control.collider_velocity, control.collider_angular_velocity,
-                    nc, model.contact_distance, origin, model.dx, dt, res, int(model.boundary), BOUNDARY_CELLS,
-                    offset],
+            inputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity,
+                    self._colliders.pack(model, state_out, control), model.contact_distance, origin, model.dx, dt, res,
+                    int(model.boundary), BOUNDARY_CELLS, offset],
             outputs=[scratch.grid_v],
             device=device,
         )

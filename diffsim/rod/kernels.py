@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import warp as wp
 
-from diffsim.geometry import local_to_world_vector, shape_query, world_to_local
+from diffsim.geometry.colliders import (
+    MAX_COLLIDERS,
+    ColliderSet,
+    collider_local_point,
+    collider_query,
+    collider_slot,
+    collider_start_point,
+)
 
 wp.set_module_options({"default_grid_stride": False})
-
-#: Colliders per scene (ground included), applied in a loop unrolled at compile time: Warp does
-#: not replay the forward sweep of a run-time loop in its adjoint.
-MAX_COLLIDERS = 8
 
 #: Bits of ``rod_twist_clamp``: the first / last edge's material angle follows the Control.
 CLAMP_FIRST = 1
@@ -353,15 +356,7 @@ def project_edges(
     edge_rest_length: wp.array(dtype=float),
     rod_contact_radius: wp.array(dtype=float),
     rod_world: wp.array(dtype=int),
-    collider_shape: wp.array(dtype=int),
-    collider_size: wp.array(dtype=wp.vec3),
-    collider_friction: wp.array(dtype=float),
-    collider_mesh: wp.array(dtype=wp.uint64),
-    collider_position_start: wp.array(dtype=wp.vec3),
-    collider_position: wp.array(dtype=wp.vec3),
-    collider_rotation_start: wp.array(dtype=wp.quat),
-    collider_rotation: wp.array(dtype=wp.quat),
-    num_colliders: int,
+    colliders: ColliderSet,
     contact_smoothing: float,
     relaxation: float,
     parity: int,
@@ -369,7 +364,8 @@ def project_edges(
     x_out: wp.array(dtype=wp.vec3),
 ):
     """One half-sweep of mass-weighted length projection (edges of one ``parity``; -1: none), then,
-    when ``contact`` is set, pushes the vertex out of every collider with Coulomb friction."""
+    when ``contact`` is set, pushes the vertex out of every collider with Coulomb friction
+    (``colliders`` posed at the end of the step, with their start poses)."""
     v = wp.tid()
     p = x_in[v]
     if vertex_driven[v] != 0:
@@ -404,21 +400,18 @@ def project_edges(
     if contact != 0:
         radius = rod_contact_radius[r]
         for c in range(wp.static(MAX_COLLIDERS)):
-            if c < num_colliders:
-                slot = rod_world[r] * num_colliders + c
-                pos = collider_position[slot]
-                rot = collider_rotation[slot]
-                q = shape_query(collider_shape[c], collider_size[c], collider_mesh[c], world_to_local(p, pos, rot))
+            if c < colliders.count:
+                slot = collider_slot(colliders, rod_world[r], c)
+                q = collider_query(colliders, c, slot, p)
                 push = contact_push(radius - q.distance, contact_smoothing)
                 if push > 0.0:
-                    normal = local_to_world_vector(q.normal, rot)
+                    normal = q.normal
                     # where the collider surface point under p was at the start of the step
-                    local_point = world_to_local(p, pos, rot)
-                    before = collider_position_start[slot] + wp.quat_rotate(collider_rotation_start[slot], local_point)
+                    before = collider_start_point(colliders, slot, collider_local_point(colliders, slot, p))
                     carried = p - before  # collider motion at this point during the step
                     p = p + push * normal
                     relative = p - x_start[v] - carried
-                    slip = friction_limit(relative, normal, push, collider_friction[c], contact_smoothing)
+                    slip = friction_limit(relative, normal, push, colliders.friction[c], contact_smoothing)
                     normal_part = wp.dot(relative, normal) * normal
                     p = x_start[v] + carried + normal_part + slip
     x_out[v] = p

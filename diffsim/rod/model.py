@@ -14,8 +14,9 @@ import warp as wp
 from diffsim.core.device import resolve_device
 from diffsim.core.protocol import Control, Model, State
 from diffsim.errors import ConfigError, InvalidParameter
-from diffsim.geometry import Collider, collider_model_fields, collider_plane
-from diffsim.rod.kernels import CLAMP_FIRST, CLAMP_LAST, MAX_COLLIDERS
+from diffsim.geometry import Collider
+from diffsim.geometry.colliders import ColliderSetBuilder
+from diffsim.rod.kernels import CLAMP_FIRST, CLAMP_LAST
 
 
 @dataclass
@@ -240,7 +241,12 @@ class RodBuilder:
         self.gravity = g
         self.num_worlds = num_worlds
         self.rods: list[dict] = []
-        self.colliders: list[Collider] = []
+        self._colliders = ColliderSetBuilder("a rod scene")
+
+    @property
+    def colliders(self) -> list[Collider]:
+        """The colliders added so far, in index order."""
+        return self._colliders.colliders
 
     def add_rod(
         self,
@@ -341,16 +347,11 @@ class RodBuilder:
 
     def add_ground(self, *, height: float = 0.0, friction: float = 0.5) -> int:
         """Add the ground plane z = ``height`` [m] with Coulomb ``friction``; returns its collider index."""
-        return self.add_collider(collider_plane(position=(0.0, 0.0, float(height)), friction=friction))
+        return self._colliders.add_ground(height=height, friction=friction)
 
     def add_collider(self, collider: Collider) -> int:
         """Add a kinematic collider (see ``diffsim.geometry.collider_*``); returns its index."""
-        if not isinstance(collider, Collider):
-            raise ConfigError(f"add_collider expects a diffsim.geometry.Collider, got {type(collider).__name__}.")
-        if len(self.colliders) >= MAX_COLLIDERS:
-            raise ConfigError(f"a rod scene holds at most {MAX_COLLIDERS} colliders (ground included).")
-        self.colliders.append(collider)
-        return len(self.colliders) - 1
+        return self._colliders.add(collider)
 
     def finalize(self, device: str | None = None, *, requires_grad: bool = False) -> RodModel:
         """Build the model. ``requires_grad`` gives the physical parameters gradient buffers."""
@@ -391,7 +392,7 @@ class RodBuilder:
             rod_air_drag=param([r["air_drag"] for r in self.rods]),
             rod_contact_radius=param([r["radius"] for r in self.rods]),
             gravity=wp.array(self.gravity.astype(np.float32)[None], dtype=wp.vec3, device=device),
-            **collider_model_fields(self.colliders, self.num_worlds, device, requires_grad=requires_grad),
+            **self._colliders.model_fields(self.num_worlds, device, requires_grad=requires_grad),
             initial_x=cat("x").astype(np.float32),
             initial_v=cat("v").astype(np.float32),
             initial_d1=cat("d1").astype(np.float32),

@@ -14,6 +14,7 @@ from diffsim.core.protocol import Solver
 from diffsim.core.scratch import PooledScratchSolver, ScratchPool
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import integrate_colliders
+from diffsim.geometry.colliders import ColliderSetCache
 from diffsim.rod import kernels
 from diffsim.rod.model import RodControl, RodModel, RodState
 
@@ -73,6 +74,7 @@ class RodSolver(PooledScratchSolver, Solver):
         self._scratch = ScratchPool(model.device, fields)
         self._max_dt: dict[int, float] = {}
         self._launches = LaunchCache()
+        self._colliders = ColliderSetCache()
 
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: RodModel, *, requires_grad: bool = False) -> RodState:
@@ -139,17 +141,14 @@ class RodSolver(PooledScratchSolver, Solver):
                       control.vertex_velocity, control.vertex_external_force, 0 if self.inextensible else 1, dt],
                      [s.x_predicted], device, state_in)
         x = s.x_predicted
-        collider_pose = [state_in.collider_position, state_out.collider_position,
-                         state_in.collider_rotation, state_out.collider_rotation]
+        colliders = self._colliders.pack(model, state_out, control, start_state=state_in)
         for k in range(self._passes):
             out = getattr(s, f"x_pass{k}")
             parity = k % 2 if self.inextensible else -1
             self._launch(("project_edges", k), kernels.project_edges, V,
                          [x, state_in.vertex_x, *topology, model.vertex_mass, model.vertex_driven,
-                          model.edge_rest_length, model.rod_contact_radius, model.rod_world,
-                          model.collider_shape, model.collider_size, model.collider_friction,
-                          model.collider_mesh, *collider_pose, nc, self.contact_smoothing, self.relaxation, parity,
-                          1 if (k == self._passes - 1 and nc) else 0],
+                          model.edge_rest_length, model.rod_contact_radius, model.rod_world, colliders,
+                          self.contact_smoothing, self.relaxation, parity, 1 if (k == self._passes - 1 and nc) else 0],
                          [out], device, state_in)
             x = out
         self._launch("finish_step", kernels.finish_step, V,
