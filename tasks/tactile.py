@@ -234,10 +234,6 @@ class TactileGrasp(TactileTask):
                     spacing=c.object_size / c.particles_per_edge)
         mpm_model = mpm.finalize(device, requires_grad=True)
         fem_model = fem.finalize(device, requires_grad=True)
-        # the pads meet no FEM collider here (the ground is the MPM part's), so their collider contact
-        # stiffness acts on nothing; at a tenth of the default its spring no longer sets the step
-        # (47 substeps per 2 ms frame instead of 143; the elastic and MPM limits remain)
-        fem_model.body_contact_stiffness.assign(0.1 * fem_model.body_contact_stiffness.numpy())
         model = CoupledModel(fem_model, mpm_model, material_friction=c.finger_friction, requires_grad=True)
         solver = CoupledSolver(model, mpm=MPMSolver(mpm_model))
         actuators = [velocity_actuator("gripper", "fem.body_velocity", fingers, limit=c.speed),
