@@ -145,14 +145,7 @@ class CableTask(Task):
     def score(self, state) -> np.ndarray:
         return np.clip(1.0 - self._distance(state) / np.maximum(self._start_distance, 1e-12), 0.0, 1.0)
 
-    # -- observation and loss ----------------------------------------------------------------
-    @property
-    def observation_dim(self) -> int:
-        return self.observation.dim
-
-    def observe(self, state, out) -> None:
-        self.observation(state, out)
-
+    # -- loss and score ----------------------------------------------------------------------
     def loss(self, state, out) -> None:
         self.targets(self.scene.model, state, out)
 

@@ -86,13 +86,7 @@ class RegionTask(Task):
     def begin_episode(self, state, mask) -> None:
         self.region.begin(state, mask)
 
-    @property
-    def observation_dim(self) -> int:
-        return self.observation.dim
-
-    def observe(self, state, out) -> None:
-        self.observation(state, out)
-
+    # -- loss and score ----------------------------------------------------------------------
     def loss(self, state, out) -> None:
         self.region.loss(state, out)
 

@@ -144,14 +144,7 @@ class PlasticineTask(Task):
     def begin_episode(self, state, mask) -> None:
         self.shape.begin(state, mask)
 
-    # -- observation, loss, score ------------------------------------------------------------
-    @property
-    def observation_dim(self) -> int:
-        return self.observation.dim
-
-    def observe(self, state, out) -> None:
-        self.observation(state, out)
-
+    # -- loss and score ----------------------------------------------------------------------
     def loss(self, state, out) -> None:
         self.shape.loss(state, out)
 
@@ -359,12 +352,6 @@ class Push(Task):
     def score(self, state) -> np.ndarray:
         return np.clip(1.0 - self._distance(state) / np.maximum(self._start, 1e-12), 0.0, 1.0)
 
-    @property
-    def observation_dim(self) -> int:
-        return self.observation.dim
-
-    def observe(self, state, out) -> None:
-        self.observation(state, out)
-
+    # -- loss and score ----------------------------------------------------------------------
     def loss(self, state, out) -> None:
         self.com.per_world(self.scene.model, state, out)

@@ -89,14 +89,21 @@ class Task(abc.ABC):
         """Write world ``world``'s initial state into ``state`` and its target into the task's
         per-world target arrays."""
 
+    #: the task's observation terms; tasks that set it need not override the two methods below
+    observation: Observation | None = None
+
     @property
-    @abc.abstractmethod
     def observation_dim(self) -> int:
         """Floats in one world's observation."""
+        if self.observation is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no observation and defines no observation_dim.")
+        return self.observation.dim
 
-    @abc.abstractmethod
     def observe(self, state: State, out: wp.array) -> None:
         """Launch (taped) kernels writing each world's observation into ``out`` (num_worlds, dim)."""
+        if self.observation is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no observation and defines no observe().")
+        self.observation(state, out)
 
     @abc.abstractmethod
     def loss(self, state: State, out: wp.array) -> None:
