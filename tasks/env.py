@@ -331,9 +331,9 @@ class DiffTaskEnv:
         if tuple(actions.shape) != expected:
             raise InvalidParameter("action", f"a tensor of shape {tuple(actions.shape)}", f"shape {expected}")
         if not actions.is_floating_point():
-            raise InvalidParameter("action", f"a tensor of dtype {actions.dtype}", "floating point")
+            raise InvalidParameter("action", f"a tensor of dtype {actions.dtype}", f"floats of shape {expected}")
         if not bool(torch.isfinite(actions).all()):
-            raise InvalidParameter("action", "a tensor with NaN or inf entries", "finite values")
+            raise InvalidParameter("action", "a tensor with NaN or inf entries", f"finite floats of shape {expected}")
 
     def rollout(self, actions: torch.Tensor, *, checkpoint_every: int | None = None) -> torch.Tensor:
         """The summed final task loss of a whole horizon from the last reset's initial states.

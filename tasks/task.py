@@ -270,10 +270,12 @@ class TaskBatch:
             raise InvalidParameter("action", f"an array of shape {a.shape}",
                                    f"shape {expected if self.num_worlds > 1 else (dim,)} floats")
         if a.dtype.kind not in "fiu":
-            raise InvalidParameter("action", f"an array of dtype {a.dtype}", "real numbers")
+            raise InvalidParameter("action", f"an array of dtype {a.dtype}",
+                                   f"real numbers of shape {expected if self.num_worlds > 1 else (dim,)}")
         a = a.astype(np.float32).reshape(expected)
         if not np.all(np.isfinite(a)):
-            raise InvalidParameter("action", "an array with NaN or inf entries", "finite values")
+            raise InvalidParameter("action", "an array with NaN or inf entries",
+                                   f"finite floats of shape {expected if self.num_worlds > 1 else (dim,)}")
         return np.clip(a, self.low, self.high)
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
