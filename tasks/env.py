@@ -20,10 +20,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffsim.core.rollout import Rollout
+from diffsim.core.scene import FLOAT_TYPES
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.tasks.task import Task, TaskBatch
-
-_FLOAT_TYPES = (float, wp.float32, wp.vec3, wp.vec2, wp.vec4, wp.quat, wp.mat33)
 
 
 def _spaces(task: Task) -> tuple[spaces.Box, spaces.Box]:
@@ -155,7 +154,7 @@ class TaskVectorEnv(VectorEnv):
 
 # ------------------------------------------------------------------------------------ differentiable
 def _float_arrays(state) -> list[tuple[str, wp.array]]:
-    return [(n, a) for n, a in state.arrays() if a.dtype in _FLOAT_TYPES]
+    return [(n, a) for n, a in state.arrays() if a.dtype in FLOAT_TYPES]
 
 
 def _inner(arr: wp.array) -> tuple[int, ...]:

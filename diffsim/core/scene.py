@@ -38,6 +38,10 @@ def flat_view(array: wp.array) -> wp.array:
     return view
 
 
+#: dtypes made of float32s: the State arrays that carry gradients and that reset copies
+FLOAT_TYPES = (float, wp.float32, wp.vec3, wp.vec2, wp.vec4, wp.quat, wp.mat33)
+
+
 def components(array: wp.array) -> int:
     """Floats per element of ``array`` (3 for vec3, 9 for mat33, 1 for float)."""
     return max(1, int(np.prod(getattr(array.dtype, "_shape_", ()) or (1,))))
@@ -414,15 +418,13 @@ class Scene:
             return
         device_mask = wp.array(mask.astype(np.int32), dtype=int, device=self.device)
         for name, arr in state.arrays():
-            if arr.size == 0 or arr.dtype not in _FLOAT_TYPES:
+            if arr.size == 0 or arr.dtype not in FLOAT_TYPES:
                 continue
             src = source.array(name)
             wp.launch(_copy_masked, dim=arr.capacity // 4,
                       inputs=[_values(arr), _values(src), self._worlds_of(name, arr), components(arr), device_mask],
                       device=arr.device, record_tape=False)
 
-
-_FLOAT_TYPES = (float, wp.float32, wp.vec3, wp.vec2, wp.vec4, wp.quat, wp.mat33)
 
 
 def _values(array: wp.array) -> wp.array:
