@@ -133,3 +133,24 @@ def rollout_gradient_check(name: str, rollout, array, bundles, *, eps: float, re
                        details={"fd": result.finite_difference.tolist(), "tape": result.analytic.tolist(),
                                 **(details or {})},
                        seconds=time.perf_counter() - start)
+
+
+def run_checks(checks: dict[str, Callable], *, device: str | None, only: list[str] | None,
+               known: list[str], gradients: bool = False) -> list[CheckResult]:
+    """Run the checks of ``checks`` (all, or those named in ``only``) and gather their results.
+
+    ``known`` are every name the solver's validation offers: a name outside it raises
+    :class:`~diffsim.errors.ConfigError` listing them. Physics checks take ``device=`` and may
+    return several results; gradient checks take the device positionally.
+    """
+    from diffsim.errors import ConfigError
+
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown check name(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
+    results: list[CheckResult] = []
+    for name, fn in checks.items():
+        if not only or name in only:
+            out = fn(device) if gradients else fn(device=device)
+            results += out if isinstance(out, list) else [out]
+    return results

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, simulate, timed
+from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, run_checks, simulate, timed
 from diffsim.geometry import collider_plane
 from diffsim.materials import Material, MaterialModel, preset
 from diffsim.mpm.model import BOUNDARY_CELLS, Boundary, MPMBuilder, MPMModel, MPMState
@@ -344,24 +344,9 @@ PHYSICS_CHECKS = {
 }
 
 
-def _check_names(only: list[str] | None, known) -> None:
-    from diffsim.errors import ConfigError
-
-    unknown = sorted(set(only or []) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown check name(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
-
-
 def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
     """Run the physics checks (all, or those named in ``only``) and return their results."""
-    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
-    results: list[CheckResult] = []
-    for name, fn in PHYSICS_CHECKS.items():
-        if only and name not in only:
-            continue
-        out = fn(device=device)
-        results.extend(out if isinstance(out, list) else [out])
-    return results
+    return run_checks(PHYSICS_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
 
 
 # -- gradients ---------------------------------------------------------------------------------
@@ -480,5 +465,5 @@ GRADIENT_CHECKS = {
 
 def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
     """Run the finite-difference gradient checks (all, or those named in ``only``)."""
-    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
-    return [fn(device) for name, fn in GRADIENT_CHECKS.items() if not only or name in only]
+    return run_checks(GRADIENT_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
+                      gradients=True)

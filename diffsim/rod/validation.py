@@ -11,8 +11,7 @@ import time
 
 import numpy as np
 
-from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, simulate, timed
-from diffsim.errors import ConfigError
+from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, run_checks, simulate, timed
 from diffsim.rod.model import RodBuilder, RodModel, RodState, controls_from_driven_positions
 from diffsim.rod.solver import RodSolver
 
@@ -274,19 +273,12 @@ GRADIENT_CHECKS = {
 }
 
 
-def _check_names(only: list[str] | None, known) -> None:
-    unknown = sorted(set(only or []) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown check name(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
-
-
 def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
     """Run the physics checks (all, or those named in ``only``) and return their results."""
-    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
-    return [fn(device=device) for name, fn in PHYSICS_CHECKS.items() if not only or name in only]
+    return run_checks(PHYSICS_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
 
 
 def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
     """Run the finite-difference gradient checks (all, or those named in ``only``)."""
-    _check_names(only, list(PHYSICS_CHECKS) + list(GRADIENT_CHECKS))
-    return [fn(device) for name, fn in GRADIENT_CHECKS.items() if not only or name in only]
+    return run_checks(GRADIENT_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
+                      gradients=True)
