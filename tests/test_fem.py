@@ -300,7 +300,7 @@ def test_warp_kernels_do_not_keep_stale_gradients():
     def loss_fn(m, s, loss):
         reading = sensor.read(m, s)
         weights = wp.array(np.ones((9, 3), dtype=np.float32), dtype=wp.vec3, device=m.device)
-        wp.launch(validation._weighted_vec3, dim=9, inputs=[reading.marker_position, weights], outputs=[loss],
+        wp.launch(validation.weighted_vec3, dim=9, inputs=[reading.marker_position, weights], outputs=[loss],
                   device=m.device)
 
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps="auto", final_loss=loss_fn)

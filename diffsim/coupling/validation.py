@@ -15,6 +15,7 @@ import warp as wp
 from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, run_checks, simulate, timed
 from diffsim.coupling.scenes import gripper, material_on_sensor, rod_on_sensor, sensor_support
 from diffsim.fem.tactile import TactileSensor
+from diffsim.fem.validation import weighted_vec3  # loss = sum_i <values_i, weights_i>
 
 GRAVITY = 9.81
 #: largest step [s] the coupled checks take. The coupled contact's stiffness, (0.1 / dt)^2 on the
@@ -110,12 +111,6 @@ PHYSICS_CHECKS = {
 
 
 @wp.kernel
-def _weighted_vec3(values: wp.array(dtype=wp.vec3), weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
-    i = wp.tid()
-    wp.atomic_add(loss, 0, wp.dot(values[i], weights[i]))
-
-
-@wp.kernel
 def _weighted_displacement(x: wp.array(dtype=wp.vec3), reference: wp.array(dtype=wp.vec3),
                            weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
     i = wp.tid()
@@ -155,7 +150,7 @@ def _coupled_gradient_check(name: str, target: str, *, scene: str, eps: float, r
         wp.launch(_weighted_displacement, dim=points.shape[0],
                   inputs=[s.array(f"{part}.{field_name}"), reference, w_points], outputs=[loss], device=m.device)
         reading = sensor.read(m.fem, s.fem)
-        wp.launch(_weighted_vec3, dim=9, inputs=[reading.marker_position, w_markers], outputs=[loss], device=m.device)
+        wp.launch(weighted_vec3, dim=9, inputs=[reading.marker_position, w_markers], outputs=[loss], device=m.device)
 
     substeps = math.ceil(1e-3 / (0.8 * check_dt(solver, model)))
     rollout = Rollout(solver, model, state0, controls, frame_dt=1e-3, substeps=substeps, checkpoint_every=60,

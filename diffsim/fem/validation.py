@@ -196,7 +196,7 @@ PHYSICS_CHECKS = {
 
 
 @wp.kernel
-def _weighted_vec3(values: wp.array(dtype=wp.vec3), weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
+def weighted_vec3(values: wp.array(dtype=wp.vec3), weights: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
     i = wp.tid()
     wp.atomic_add(loss, 0, wp.dot(values[i], weights[i]))
 
@@ -261,7 +261,7 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool, devic
             reading = sensor.read(m, s)
             for values, weights in ((reading.marker_position, w_markers), (reading.force, w_force),
                                     (reading.torque, w_torque), (reading.rgb, w_rgb)):
-                wp.launch(_weighted_vec3, dim=values.shape[0], inputs=[values, weights], outputs=[loss],
+                wp.launch(weighted_vec3, dim=values.shape[0], inputs=[values, weights], outputs=[loss],
                           device=m.device)
             wp.launch(_weighted_vec2, dim=markers, inputs=[reading.marker_displacement, w_uv], outputs=[loss],
                       device=m.device)
