@@ -29,10 +29,11 @@ class LaunchCache:
         self.max_commands = max_commands
         self._commands: OrderedDict = OrderedDict()
 
-    def launch(self, site, kernel, dim: int, inputs: list, outputs: list, device, *, variant=None) -> None:
-        if taping():
-            wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=device)
-            return
+    def command(self, site, kernel, dim: int, inputs: list, outputs: list, device, *, variant=None):
+        """The recorded ``wp.Launch`` for ``site``, its arguments up to date (call off any tape).
+
+        Lets a caller prepare several commands on one thread and run them on others.
+        """
         args = [*inputs, *outputs]
         key = (site, id(variant))
         entry = self._commands.get(key)
@@ -49,4 +50,10 @@ class LaunchCache:
                 if not _same(new, old):
                     command.set_param_at_index(i, new)
                     previous[i] = new
-        entry[0].launch()
+        return entry[0]
+
+    def launch(self, site, kernel, dim: int, inputs: list, outputs: list, device, *, variant=None) -> None:
+        if taping():
+            wp.launch(kernel, dim=dim, inputs=inputs, outputs=outputs, device=device)
+            return
+        self.command(site, kernel, dim, inputs, outputs, device, variant=variant).launch()

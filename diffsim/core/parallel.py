@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import warp as wp
 
+from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import accumulate
 
 #: Below this many items per chunk, thread hand-off costs more than it saves.
@@ -47,23 +48,29 @@ def _chunks(count: int, threads: int) -> list[tuple[int, int]]:
 
 
 def _run(jobs):
-    if len(jobs) == 1:
-        jobs[0]()
-        return
-    futures = [_pool(len(jobs)).submit(job) for job in jobs]
+    # the calling thread runs the first chunk itself: one hand-off fewer per launch
+    futures = [_pool(len(jobs) - 1).submit(job) for job in jobs[1:]]
+    jobs[0]()
     for f in futures:
         f.result()
 
 
 def _private_buffer(role: str, index: int, like: wp.array, slot: int) -> wp.array:
-    """A zeroed array shaped like ``like``, private to (role, argument index, chunk slot)."""
+    """A zeroed array shaped like ``like``, private to (role, argument index, chunk slot).
+
+    The same view object comes back while the shape stays, so cached launch commands holding it
+    need no re-packing.
+    """
     key = (role, index, like.dtype, str(like.device), slot)
-    base = _private.get(key)
+    base, views = _private.get(key, (None, {}))
     if base is None or base.shape[0] < like.size:
-        base = wp.zeros(max(like.size, 1), dtype=like.dtype, device=like.device)
-        _private[key] = base
-    view = wp.array(ptr=base.ptr, dtype=like.dtype, shape=like.shape, device=like.device)
-    view._keepalive = base  # a view does not own its memory
+        base, views = wp.zeros(max(like.size, 1), dtype=like.dtype, device=like.device), {}
+        _private[key] = (base, views)
+    view = views.get(like.shape)
+    if view is None:
+        view = wp.array(ptr=base.ptr, dtype=like.dtype, shape=like.shape, device=like.device)
+        view._keepalive = base  # a view does not own its memory
+        views[like.shape] = view
     view.zero_()
     return view
 
@@ -80,6 +87,9 @@ def launch_items(
     scattered_adjoints: Sequence[int] = (),
     adjoint_kernel=None,
     adjoint_of: Sequence[int] = (),
+    cache: LaunchCache | None = None,
+    site=None,
+    variant=None,
 ) -> None:
     """Launch ``kernel`` over ``count`` items, split across CPU threads where that helps.
 
@@ -102,9 +112,27 @@ def launch_items(
             are the forward inputs (offset included), then the adjoints of every output, then the
             adjoints of the inputs listed in ``adjoint_of``, in that order.
         adjoint_of: indices into ``inputs`` whose adjoints ``adjoint_kernel`` accumulates.
+        cache, site, variant: off the tape, forward launches re-use the commands of ``cache``
+            recorded under (``site``, chunk) and ``variant`` (see :class:`LaunchCache`), which saves
+            most of the Python cost of a launch with many arguments.
     """
     device = wp.get_device(device)
     chunks = _chunks(count, cpu_threads()) if device.is_cpu else [(0, count)]
+    tape = _runtime().tape
+    if tape is not None or not parallel_forward:
+        cache = None
+
+    def forward(slot: int, start: int, size: int, chunk_outputs: list):
+        # prepared here, on the calling thread; the returned callable may run on any
+        if cache is not None:
+            return cache.command((site, slot), kernel, size, [*inputs, start], chunk_outputs, device,
+                                 variant=variant).launch
+        return lambda: wp.launch(kernel, dim=size, inputs=[*inputs, start], outputs=chunk_outputs, device=device,
+                                 record_tape=False)
+
+    if len(chunks) == 1 and adjoint_kernel is None and tape is None:
+        forward(0, 0, count, list(outputs))()
+        return
     if len(chunks) == 1 and adjoint_kernel is None:
         wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device)
         return
@@ -113,18 +141,13 @@ def launch_items(
         for slot in range(1, len(chunks)):
             chunk_outputs.append([_private_buffer("output", i, a, slot) for i, a in enumerate(outputs)]
                                  if scattered_outputs else list(outputs))
-        _run([
-            (lambda s=start, n=size, o=chunk_outputs[slot]: wp.launch(
-                kernel, dim=n, inputs=[*inputs, s], outputs=o, device=device, record_tape=False))
-            for slot, (start, size) in enumerate(chunks)
-        ])
+        _run([forward(slot, start, size, chunk_outputs[slot]) for slot, (start, size) in enumerate(chunks)])
         if scattered_outputs:
             for private in chunk_outputs[1:]:
                 for target, part in zip(outputs, private, strict=True):
                     accumulate(target, part)
     else:
         wp.launch(kernel, dim=count, inputs=[*inputs, 0], outputs=list(outputs), device=device, record_tape=False)
-    tape = _runtime().tape
     if tape is None:
         return
     inputs, outputs = list(inputs), list(outputs)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import warp as wp
 
+from diffsim.core.launch import LaunchCache
 from diffsim.core.parallel import launch_items
 from diffsim.core.protocol import Solver
 from diffsim.errors import InvalidParameter, SimulationDiverged
@@ -133,6 +134,8 @@ class MPMSolver(Solver):
         self._bounds = wp.zeros(6, dtype=int, device=model.device)
         self._max_dt: dict[int, float] = {}
         self._colliders = ColliderSetCache()
+        self._launches = LaunchCache()
+        self._views: dict[tuple, wp.array] = {}
         self.grid_force_hooks: list[Callable[[MPMModel, MPMState, GridView, float], None]] = []
 
     # -- protocol --------------------------------------------------------------------------
@@ -163,8 +166,12 @@ class MPMSolver(Solver):
         device = model.device
 
         def grid(name, dtype, grid_shape):
-            view = wp.array(ptr=self._buffers[name].ptr, dtype=dtype, shape=grid_shape, device=device)
-            view._keepalive = self._buffers[name]  # a view does not own its memory
+            # one view object per (array, shape): cached launch commands then need no re-packing
+            view = self._views.get((name, grid_shape))
+            if view is None:
+                view = wp.array(ptr=self._buffers[name].ptr, dtype=dtype, shape=grid_shape, device=device)
+                view._keepalive = self._buffers[name]  # a view does not own its memory
+                self._views[(name, grid_shape)] = view
             view.zero_()
             return view
 
@@ -243,20 +250,18 @@ class MPMSolver(Solver):
         res = model.grid_res
         origin = wp.vec3(*model.domain_origin)
         inv_dx = 1.0 / model.dx
-        wp.launch(kernels.advance_time, dim=model.num_worlds, inputs=[state_in.world_time, dt],
-                  outputs=[state_out.world_time], device=device)
+        launch = self._launches.launch
+        launch("time", kernels.advance_time, model.num_worlds, [state_in.world_time, dt], [state_out.world_time],
+               device, variant=state_in)
         nc = model.collider_count
         if nc:
-            wp.launch(
-                kernels.integrate_colliders,
-                dim=model.num_worlds * nc,
-                inputs=[state_in.collider_position, state_in.collider_rotation, control.collider_velocity,
-                        control.collider_angular_velocity, dt],
-                outputs=[state_out.collider_position, state_out.collider_rotation],
-                device=device,
-            )
+            launch("colliders", kernels.integrate_colliders, model.num_worlds * nc,
+                   [state_in.collider_position, state_in.collider_rotation, control.collider_velocity,
+                    control.collider_angular_velocity, dt],
+                   [state_out.collider_position, state_out.collider_rotation], device, variant=state_in)
         offset, extent = self._active_box(model, state_in)
         scratch = self._scratch(model, extent)
+        cached = {"cache": self._launches, "variant": state_in}
         launch_items(
             kernels.particle_stress,
             model.particle_count,
@@ -266,7 +271,7 @@ class MPMSolver(Solver):
                     model.particle_bulk_modulus, model.particle_fiber, model.particle_actuation_strength,
                     control.particle_actuation, inv_dx, dt],
             outputs=[scratch.particle_F_new, scratch.particle_affine],
-            device=device,
+            device=device, site="stress", **cached,
         )
         launch_items(
             kernels.particle_to_grid,
@@ -279,21 +284,18 @@ class MPMSolver(Solver):
             scattered_outputs=True,  # atomic adds into the shared grid
             adjoint_kernel=kernels.particle_to_grid_adjoint if self.hand_adjoints else None,
             adjoint_of=(0, 1, 2, 3, 6),
+            site="p2g", **cached,
         )
         if self.grid_force_hooks:
             grid = GridView(scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, offset, extent, origin,
                             model.dx, res)
             for hook in self.grid_force_hooks:
                 hook(model, state_in, grid, dt)
-        wp.launch(
-            kernels.grid_update,
-            dim=(model.num_worlds, *extent),
-            inputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity,
-                    self._colliders.pack(model, state_out, control), model.contact_distance, origin, model.dx, dt, res,
-                    int(model.boundary), BOUNDARY_CELLS, offset],
-            outputs=[scratch.grid_v],
-            device=device,
-        )
+        launch("grid", kernels.grid_update, (model.num_worlds, *extent),
+               [scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity,
+                self._colliders.pack(model, state_out, control), model.contact_distance, origin, model.dx, dt, res,
+                int(model.boundary), BOUNDARY_CELLS, offset],
+               [scratch.grid_v], device, variant=state_in)
         launch_items(
             kernels.grid_to_particle,
             model.particle_count,
@@ -305,6 +307,7 @@ class MPMSolver(Solver):
             scattered_adjoints=(4, 5, 6),  # every particle reads the grid: its adjoint scatters there
             adjoint_kernel=kernels.grid_to_particle_adjoint if self.hand_adjoints else None,
             adjoint_of=(0, 3, 4, 5, 6),
+            site="g2p", **cached,
         )
 
     def _active_box(self, model: MPMModel, state: MPMState) -> tuple[wp.vec3i, tuple[int, int, int]]:
@@ -316,9 +319,13 @@ class MPMSolver(Solver):
         res = model.grid_res
         self._bounds.assign(np.array([res, res, res, -1, -1, -1], dtype=np.int32))
         # integers only, nothing to differentiate: keep it off the tape
-        wp.launch(kernels.stencil_bounds, dim=model.particle_count,
-                  inputs=[state.particle_x, wp.vec3(*model.domain_origin), 1.0 / model.dx, res],
-                  outputs=[self._bounds], device=model.device, record_tape=False)
+        inputs = [state.particle_x, wp.vec3(*model.domain_origin), 1.0 / model.dx, res]
+        if _taping():
+            wp.launch(kernels.stencil_bounds, dim=model.particle_count, inputs=inputs, outputs=[self._bounds],
+                      device=model.device, record_tape=False)
+        else:
+            self._launches.launch("bounds", kernels.stencil_bounds, model.particle_count, inputs, [self._bounds],
+                                  model.device, variant=state)
         b = self._bounds.numpy()
         lo = np.maximum(b[:3], 0)
         hi = np.minimum(b[3:] + 3, res)  # the stencil spans base .. base + 2
