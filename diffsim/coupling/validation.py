@@ -46,7 +46,8 @@ def _mean_support(model, solver, settle_seconds: float, window_seconds: float) -
 def material_resting(*, device: str | None = None) -> CheckResult:
     """A rubber cube (MPM, two-way contact) resting on a sensor pad: the pad's summed contact
     force, averaged over 0.1 s, equals the cube's weight (2%)."""
-    model, solver = material_on_sensor(device=device)
+    scene = material_on_sensor(device=device)
+    model, solver = scene.model, scene.solver
     support, spread = _mean_support(model, solver, 0.15, 0.1)
     weight = float(model.mpm.particle_mass.numpy().astype(np.float64).sum() * GRAVITY)
     return CheckResult("equilibrium: MPM cube on sensor, support / weight", support, weight,
@@ -64,7 +65,8 @@ RESTING_CABLE_DAMPING = 200.0
 def rod_resting(*, device: str | None = None) -> CheckResult:
     """A cable (rod, two-way contact) dropped onto a sensor pad and damped to rest: the pad's summed
     contact force, averaged over 0.1 s, equals the cable's weight (2%)."""
-    model, solver = rod_on_sensor(device=device, linear_damping=RESTING_CABLE_DAMPING)
+    scene = rod_on_sensor(device=device, linear_damping=RESTING_CABLE_DAMPING)
+    model, solver = scene.model, scene.solver
     support, spread = _mean_support(model, solver, 0.1, 0.1)
     weight = float(model.rod.vertex_mass.numpy().astype(np.float64).sum() * GRAVITY)
     return CheckResult("equilibrium: cable on sensor, support / weight", support, weight,
@@ -78,7 +80,8 @@ def gripper_lift(*, device: str | None = None, lift: float = 0.005) -> CheckResu
     by ``lift`` [m]: the cube must rise with them (its centre of mass within 10% of the lift),
     stay between the pads and keep finite, moderate speeds."""
     gap, squeeze_speed, lift_speed = 0.002, 0.03, 0.05
-    model, solver, (left, right) = gripper(device=device, gap=gap)
+    scene, (left, right) = gripper(device=device, gap=gap)
+    model, solver = scene.model, scene.solver
     dt = check_dt(solver, model)
     state = model.state()
     x0 = state.mpm.particle_x.numpy().astype(np.float64)
@@ -127,11 +130,12 @@ def _coupled_gradient_check(name: str, target: str, *, scene: str, eps: float, r
 
     start = time.perf_counter()
     if scene == "material":
-        model, solver = material_on_sensor(device=device, requires_grad=True)
+        built = material_on_sensor(device=device, requires_grad=True)
         part, field_name = "mpm", "particle_x"
     else:
-        model, solver = rod_on_sensor(device=device, requires_grad=True, drop=0.0)  # touching from the start
+        built = rod_on_sensor(device=device, requires_grad=True, drop=0.0)  # touching from the start
         part, field_name = "rod", "vertex_x"
+    model, solver = built.model, built.solver
     sensor = TactileSensor(model.fem, 0, marker_grid=(3, 3), image_shape=(2, 2))
     controls = []
     for _ in range(12):
@@ -167,9 +171,12 @@ GRADIENT_CHECKS = {
     "material_friction": lambda d: _coupled_gradient_check("sensor-MPM friction (two-way contact)",
                                                            "model.coupling.material_friction", scene="material",
                                                            eps=0.02, relative=True, device=d, directions=1),
+    # eps = 3e-3 m/s: the centre of the plateau where the finite difference has converged. At
+    # 1e-3 and below the float32 loss noise moves it by up to 3% (0.5e-3: 2.9%, 1e-3: 2.0%);
+    # 2e-3 to 4e-3 agree with the tape to 0.14-0.28%; from 6e-3 truncation grows (0.37%, 0.66% at 8e-3).
     "sensor_pose_material": lambda d: _coupled_gradient_check("sensor trajectory against MPM (frame 5)",
                                                               "controls[5].fem.body_velocity", scene="material",
-                                                              eps=1e-3, relative=False, device=d),
+                                                              eps=3e-3, relative=False, device=d),
     "sensor_pose_rod": lambda d: _coupled_gradient_check("sensor trajectory against a cable (frame 5)",
                                                          "controls[5].fem.body_velocity", scene="rod", eps=1e-3,
                                                          relative=False, device=d),
