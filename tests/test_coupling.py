@@ -13,7 +13,8 @@ from diffsim.errors import ConfigError
 
 
 def test_grouped_bundles_name_clone_and_assign():
-    model, solver = material_on_sensor(device="cpu")
+    scene = material_on_sensor(device="cpu")
+    model, solver = scene.model, scene.solver
     state = model.state()
     names = [name for name, _ in state.arrays()]
     assert "fem.node_x" in names and "mpm.particle_x" in names
@@ -29,8 +30,8 @@ def test_grouped_bundles_name_clone_and_assign():
 
 
 def test_coupled_models_need_the_same_worlds():
-    one, _ = material_on_sensor(device="cpu")
-    two, _ = material_on_sensor(device="cpu", num_worlds=2)
+    one = material_on_sensor(device="cpu").model
+    two = material_on_sensor(device="cpu", num_worlds=2).model
     with pytest.raises(ConfigError, match="same worlds"):
         CoupledModel(one.fem, two.mpm)
 
@@ -44,7 +45,8 @@ def test_coupled_physics(check):
 def test_batched_coupled_worlds_equal_single_world():
     finals = []
     for worlds in (1, 2):
-        model, solver = material_on_sensor(device="cpu", num_worlds=worlds)
+        scene = material_on_sensor(device="cpu", num_worlds=worlds)
+        model, solver = scene.model, scene.solver
         state = simulate(model, solver, model.state(), 1500, solver.max_stable_dt(model))
         x = state.mpm.particle_x.numpy()
         finals.append(x[: len(x) // worlds])
@@ -62,7 +64,7 @@ def test_gradients_through_two_way_contact(name):
 
 
 def test_grouped_model_swaps_arrays_by_part():
-    model, _ = material_on_sensor(device="cpu")
+    model = material_on_sensor(device="cpu").model
     import warp as wp
 
     stiffer = wp.clone(model.fem.tet_young_modulus)

@@ -176,7 +176,7 @@ def test_coupled_scene_draws_fem_pad_particles_and_tactile_inset():
     from diffsim.coupling.scenes import material_on_sensor
     from diffsim.render.scene import FEM_COLOR
 
-    model, _ = material_on_sensor()
+    model = material_on_sensor().model
     state = model.state()
     cam = Camera(eye=(0.0, -0.06, 0.03), target=(0.0, 0.0, 0.004), width=128, height=96)
     tactile = np.zeros((8, 12, 3))

@@ -9,16 +9,13 @@ from __future__ import annotations
 import statistics
 import time
 
-from diffsim.core.rollout import Rollout
-
 
 def _time_rollouts(recordings, *, repeats: int, backward: bool, device) -> tuple[float, int]:
-    from diffsim.calibrate.cable import CableParameters, build_cable_batch, replay_controls
-    from diffsim.rod import RodSolver
+    from diffsim.calibrate.cable import CableParameters, cable_scene, replay_controls
     from diffsim.rod.losses import MarkerLoss
 
-    model, layout = build_cable_batch(recordings, CableParameters(), device=device, requires_grad=backward)
-    solver = RodSolver(model)
+    scene, layout = cable_scene(recordings, CableParameters(), device=device, requires_grad=backward)
+    model = scene.model
     controls = replay_controls(model, layout, recordings)
     frames = len(controls)
     loss = None
@@ -33,8 +30,8 @@ def _time_rollouts(recordings, *, repeats: int, backward: bool, device) -> tuple
     times = []
     substeps = 0
     for _ in range(repeats + 1):  # the first run compiles and warms up
-        rollout = Rollout(solver, model, state0, controls, frame_dt=1.0 / recordings.fps, substeps="auto",
-                          checkpoint_every=None if backward else 10**9, frame_loss=loss, check_every=0)
+        rollout = scene.rollout(state0, controls, checkpoint_every=None if backward else 10**9, frame_loss=loss,
+                                check_every=0)
         start = time.perf_counter()
         rollout.forward()
         if backward:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from diffsim.calibrate.recordings import CableRecordings
+from diffsim.core.scene import Scene
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.rod import RodBuilder, RodModel, RodSolver, controls_from_driven_positions
 from diffsim.rod.model import material_curvature, spatial_frames
@@ -212,6 +213,16 @@ def build_cable_batch(recordings: CableRecordings, params: CableParameters, *, s
     return model, layout
 
 
+def cable_scene(recordings: CableRecordings, params: CableParameters, *, substeps: int | str = "auto",
+                solver_options: dict | None = None, **batch_options) -> tuple[Scene, CableLayout]:
+    """The :func:`build_cable_batch` model as a :class:`~diffsim.core.Scene`: one frame per
+    recorded frame (1 / fps), a :class:`~diffsim.rod.RodSolver` with ``solver_options``, and
+    ``substeps`` per frame. Returns (scene, layout)."""
+    model, layout = build_cable_batch(recordings, params, **batch_options)
+    solver = RodSolver(model, **(solver_options or {}))
+    return Scene(model, solver, frame_dt=1.0 / recordings.fps, substeps=substeps), layout
+
+
 def replay_controls(model: RodModel, layout: CableLayout, recordings: CableRecordings, *, frames: int | None = None,
                     requires_grad: bool = False):
     """Controls that move the driven vertices with the recorded end markers, frame by frame."""
@@ -229,11 +240,9 @@ def simulate_recordings(recordings: CableRecordings, params: CableParameters, *,
                         solver_options: dict | None = None, initial_velocity: str = "ends") -> np.ndarray:
     """Roll every recording out from its first frame with its ends replayed; returns the simulated
     marker positions, shape (recordings, frames, markers, 3) [m] (frame 0 = the recording's)."""
-    from diffsim.core.rollout import Rollout
-
-    model, layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
-                                      initial_velocity=initial_velocity)
-    solver = RodSolver(model, **(solver_options or {}))
+    scene, layout = cable_scene(recordings, params, substeps=substeps, solver_options=solver_options,
+                                subdivisions=subdivisions, device=device, initial_velocity=initial_velocity)
+    model = scene.model
     controls = replay_controls(model, layout, recordings)
     out = np.empty_like(recordings.positions)
     out[:, 0] = recordings.positions[:, 0]
@@ -242,9 +251,7 @@ def simulate_recordings(recordings: CableRecordings, params: CableParameters, *,
     def record(frame, state):
         out[:, frame + 1] = state.vertex_x.numpy()[idx]
 
-    rollout = Rollout(solver, model, model.state(), controls, frame_dt=1.0 / recordings.fps, substeps=substeps,
-                      checkpoint_every=10**9)
-    rollout.forward(on_frame=record)
+    scene.rollout(model.state(), controls, checkpoint_every=10**9).forward(on_frame=record)
     return out
 
 
@@ -280,7 +287,10 @@ def synthetic_recordings(num_recordings: int = 4, *, frames: int = 100, markers:
     t = np.arange(frames + 1) / fps
     still = np.repeat(np.array(first, dtype=np.float32)[:, None], frames + 1, axis=1)
     # the rod is built from the still cable, so its rest lengths are the first frame's gaps
-    model, layout = build_cable_batch(CableRecordings(still, fps=fps), params, device=device)
+    # a reference cable that does not stretch: many more length sweeps than a replay uses
+    scene, layout = cable_scene(CableRecordings(still, fps=fps), params, device=device,
+                                solver_options={"projection_iterations": 16})
+    model = scene.model
     moving = still.copy()
     # move the two grippers a few centimetres on smooth paths that start at rest (as the cable does)
     for r in range(num_recordings):
@@ -290,16 +300,11 @@ def synthetic_recordings(num_recordings: int = 4, *, frames: int = 100, markers:
             shift = amp * (1.0 - np.cos(2 * np.pi * freq * t[:, None]))
             held = [0, 1] if side == 0 else [markers - 2, markers - 1]
             moving[r][:, held] += shift[:, None].astype(np.float32)
-    # a reference cable that does not stretch: many more length sweeps than a replay uses
-    solver = RodSolver(model, projection_iterations=16)
     controls = replay_controls(model, layout, CableRecordings(moving, fps=fps))
-    from diffsim.core.rollout import Rollout
-
     positions[:, 0] = moving[:, 0]
 
     def record(frame, state):
         positions[:, frame + 1] = state.vertex_x.numpy()[layout.marker_vertex]
 
-    Rollout(solver, model, model.state(), controls, frame_dt=1.0 / fps, substeps="auto",
-            checkpoint_every=10**9).forward(on_frame=record)
+    scene.rollout(model.state(), controls, checkpoint_every=10**9).forward(on_frame=record)
     return CableRecordings(positions, fps=fps, ids=np.arange(num_recordings), name="synthetic")

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffsim.calibrate.cable import CableParameters, build_cable_batch, measure_marker_gaps, replay_controls
+from diffsim.calibrate.cable import CableParameters, cable_scene, measure_marker_gaps, replay_controls
 from diffsim.calibrate.recordings import CableRecordings
-from diffsim.core.rollout import Rollout
 from diffsim.errors import InvalidParameter
-from diffsim.rod import RodSolver
 from diffsim.rod.losses import MarkerLoss
 
 #: Fitted scalars, each through its logarithm (they are positive and span decades).
@@ -129,15 +127,14 @@ class CableObjective:
                  initial_velocity: str = "ends"):
         self.recordings = recordings
         self.base = params
-        self.model, self.layout = build_cable_batch(recordings, params, subdivisions=subdivisions, device=device,
-                                                    requires_grad=True, initial_velocity=initial_velocity)
-        self.vertices = int(self.model.rod_vertex_count.numpy()[0])
-        self.slices = _slices(self.vertices)
-        self.solver = RodSolver(self.model)
-        self.checkpoint_every = checkpoint_every
         #: solver steps per frame; "auto" (the fewest stable ones) changes with the stiffness, so the
         #: loss jumps where it does: fix it to compare with finite differences
-        self.substeps = substeps
+        self.scene, self.layout = cable_scene(recordings, params, substeps=substeps, subdivisions=subdivisions,
+                                              device=device, requires_grad=True, initial_velocity=initial_velocity)
+        self.model, self.solver = self.scene.model, self.scene.solver
+        self.vertices = int(self.model.rod_vertex_count.numpy()[0])
+        self.slices = _slices(self.vertices)
+        self.checkpoint_every = checkpoint_every
         self._state0 = self.model.state(requires_grad=True)
         #: each recording's share of the last call's gradient, shape (recordings, vector size)
         self.recording_gradients: np.ndarray | None = None
@@ -166,9 +163,8 @@ class CableObjective:
         model, layout = self.model, self.layout
         controls, loss_fn = self._controls_and_loss(frames)
         _assign(model, layout, self.parameters(vector), self.recordings.num_recordings)
-        rollout = Rollout(self.solver, model, self._state0, controls, frame_dt=1.0 / self.recordings.fps,
-                          substeps=self.substeps, checkpoint_every=self.checkpoint_every,
-                          frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss))
+        rollout = self.scene.rollout(self._state0, controls, checkpoint_every=self.checkpoint_every,
+                                     frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss))
         model.zero_grad()
         loss = rollout.forward()
         rollout.backward()

@@ -1,5 +1,8 @@
 """Small coupled scenes shared by the checks, tests and examples: material or a cable resting on a
 sensor pad, and a parallel-jaw gripper of two sensor pads that squeezes and lifts an elastic block.
+
+Each builder returns a :class:`~diffsim.core.Scene` with 1 ms frames (a tactile camera's rate) and
+``substeps="auto"``; checks that need a particular step use ``scene.model`` and ``scene.solver``.
 """
 
 from __future__ import annotations
@@ -8,12 +11,14 @@ import math
 
 import numpy as np
 
+from diffsim.core.scene import Scene
 from diffsim.coupling.solver import CoupledModel, CoupledSolver
 from diffsim.fem.model import FEMBuilder, FEMModel
 from diffsim.geometry import collider_plane, tet_mesh_pad
 
 PAD_SIZE = 0.02  #: width and depth of the sensor pads [m]
 PAD_THICKNESS = 0.004  #: [m]
+FRAME_DT = 1e-3  #: frame of the scenes below [s]
 
 
 def add_sensor_pad(builder: FEMBuilder, *, position, rotation=(0.0, 0.0, 0.0, 1.0), resolution=(6, 6, 2),
@@ -25,9 +30,8 @@ def add_sensor_pad(builder: FEMBuilder, *, position, rotation=(0.0, 0.0, 0.0, 1.
                             fixed_nodes=pad.vertices[:, 2] == 0.0, world=world)
 
 
-def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requires_grad: bool = False):
-    """A 12 mm rubber cube (MPM) dropped from 1 mm onto an upward-facing pad.
-    Returns (model, solver)."""
+def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requires_grad: bool = False) -> Scene:
+    """A 12 mm rubber cube (MPM) dropped from 1 mm onto an upward-facing pad."""
     from diffsim.materials import preset
     from diffsim.mpm import MPMBuilder, MPMSolver
 
@@ -40,13 +44,13 @@ def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requir
     mpm_model = mpm.finalize(device, requires_grad=requires_grad)
     model = CoupledModel(fem.finalize(device, requires_grad=requires_grad), mpm_model, material_friction=0.5,
                          requires_grad=requires_grad)
-    return model, CoupledSolver(model, mpm=MPMSolver(mpm_model))
+    return Scene(model, CoupledSolver(model, mpm=MPMSolver(mpm_model)), frame_dt=FRAME_DT)
 
 
 def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, drop: float = 0.5e-3,
-                  linear_damping: float = 5.0):
+                  linear_damping: float = 5.0) -> Scene:
     """A free 14 mm cable (radius 2 mm, 8 vertices) dropped from ``drop`` [m] onto an upward-facing
-    pad, its motion damped at ``linear_damping`` [1/s] (mass-proportional). Returns (model, solver)."""
+    pad, its motion damped at ``linear_damping`` [1/s] (mass-proportional)."""
     from diffsim.rod import RodBuilder, RodSolver
 
     fem = FEMBuilder()
@@ -60,12 +64,12 @@ def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, dro
     rod_model = rods.finalize(device, requires_grad=requires_grad)
     model = CoupledModel(fem.finalize(device, requires_grad=requires_grad), rod=rod_model, rod_friction=0.5,
                          requires_grad=requires_grad)
-    return model, CoupledSolver(model, rod=RodSolver(rod_model))
+    return Scene(model, CoupledSolver(model, rod=RodSolver(rod_model)), frame_dt=FRAME_DT)
 
 
-def gripper(*, device: str | None = None, gap: float = 0.002):
+def gripper(*, device: str | None = None, gap: float = 0.002) -> tuple[Scene, tuple[int, int]]:
     """Two sensor pads face a 20 mm rubber cube (MPM) on the ground from either side, ``gap`` [m]
-    away. Returns (model, solver, fingers), ``fingers`` the two body indices (left, right)."""
+    away. Returns (scene, fingers), ``fingers`` the two body indices (left, right)."""
     from diffsim.materials import preset
     from diffsim.mpm import MPMBuilder, MPMSolver
 
@@ -82,7 +86,7 @@ def gripper(*, device: str | None = None, gap: float = 0.002):
     mpm.add_box((0.0, 0.0, ground + half), (half, half, half), preset("rubber"))
     mpm_model = mpm.finalize(device)
     model = CoupledModel(fem.finalize(device), mpm_model, material_friction=0.8)
-    return model, CoupledSolver(model, mpm=MPMSolver(mpm_model)), (left, right)
+    return Scene(model, CoupledSolver(model, mpm=MPMSolver(mpm_model)), frame_dt=FRAME_DT), (left, right)
 
 
 def sensor_support(fem: FEMModel, node_contact_force: np.ndarray, body: int = 0) -> float:

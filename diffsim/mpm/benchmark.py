@@ -13,7 +13,7 @@ import numpy as np
 import warp as wp
 
 from diffsim.core.device import init_warp
-from diffsim.core.rollout import Rollout
+from diffsim.core.scene import Scene
 from diffsim.geometry import collider_box, collider_plane
 from diffsim.materials import preset
 from diffsim.mpm.losses import CenterOfMassLoss
@@ -27,8 +27,10 @@ def _peak_rss_bytes() -> int:
     return int(peak if platform.system() == "Darwin" else peak * 1024)
 
 
-def build_scene(particles: int, grid_res: int, *, device: str | None = None):
-    """A cube of plasticine holding about ``particles`` particles (8 per cell) and a box pusher."""
+def build_scene(particles: int, grid_res: int, *, dt: float = 1e-4, substeps: int = 19,
+                device: str | None = None) -> Scene:
+    """A cube of plasticine holding about ``particles`` particles (8 per cell) and a box pusher,
+    stepped in frames of ``substeps`` steps of ``dt`` [s]."""
     b = MPMBuilder(grid_res=grid_res)
     spacing = 0.5 * b.dx
     side = max(2, round(particles ** (1 / 3)))
@@ -37,7 +39,8 @@ def build_scene(particles: int, grid_res: int, *, device: str | None = None):
     b.add_collider(collider_plane(position=(0, 0, floor), friction=0.8))
     b.add_box((0.5, 0.5, floor + half + 1e-4), (half, half, half), preset("plasticine"), spacing=spacing)
     b.add_collider(collider_box((0.6 * half, 0.6 * half, 0.1), position=(0.5, 0.5, floor + 2 * half + 0.1)))
-    return b.finalize(device, requires_grad=True)
+    model = b.finalize(device, requires_grad=True)
+    return Scene(model, MPMSolver(model), frame_dt=dt * substeps, substeps=substeps)
 
 
 def run_benchmark(*, particles: int = 10_000, grid_res: int = 64, dt: float = 1e-4, substeps: int = 19,
@@ -45,8 +48,8 @@ def run_benchmark(*, particles: int = 10_000, grid_res: int = 64, dt: float = 1e
                   device: str | None = None) -> dict:
     """Time forward and forward+backward of a ``frames`` x ``substeps`` rollout; medians of
     ``repeats`` runs after one warm-up (which compiles the kernels)."""
-    model = build_scene(particles, grid_res, device=device)
-    solver = MPMSolver(model)
+    scene = build_scene(particles, grid_res, dt=dt, substeps=substeps, device=device)
+    model = scene.model
     controls = []
     for _ in range(frames):
         c = model.control(requires_grad=True)
@@ -54,8 +57,8 @@ def run_benchmark(*, particles: int = 10_000, grid_res: int = 64, dt: float = 1e
         controls.append(c)
     state0 = model.state(requires_grad=True)
     loss = CenterOfMassLoss(model, (0.55, 0.5, 0.1))
-    rollout = Rollout(solver, model, state0, controls, frame_dt=dt * substeps, substeps=substeps,
-                      checkpoint_every=checkpoint_every, final_loss=loss, check_every=substeps * 10)
+    rollout = scene.rollout(state0, controls, checkpoint_every=checkpoint_every, final_loss=loss,
+                            check_every=substeps * 10)
     steps = frames * substeps
     forward_times, backward_times = [], []
     for attempt in range(repeats + 1):
