@@ -459,8 +459,11 @@ GRADIENT_CHECKS = {
                                                eps=0.02, uniform=True, device=d),
     "poisson_ratio": lambda d: _gradient_check("Poisson's ratio", _elastic(), "model.particle_poisson_ratio",
                                                eps=0.02, uniform=True, device=d),
+    # yield stress: from eps 0.05 the uniform direction's difference drifts up with eps (1.6% at
+    # 0.05, 2.6% at 0.1: the plastic zone changes), below 0.02 float32 noise enters (1.5% at 0.01);
+    # over 0.02-0.035 the check reads 0.66-0.89%
     "yield_stress": lambda d: _gradient_check("yield stress (plasticine)", preset("plasticine"),
-                                              "model.particle_yield_stress", eps=0.05, uniform=True, device=d,
+                                              "model.particle_yield_stress", eps=0.03, uniform=True, device=d,
                                               push_speed=0.8),
     "friction_angle": lambda d: _gradient_check("friction angle (sand)", preset("sand"),
                                                 "model.particle_friction_angle", eps=0.01, uniform=True, device=d),
