@@ -1,0 +1,333 @@
+"""Implicit steps differentiated by the implicit function theorem, not by taping their iterations.
+
+A step defined by a condition ``r(x*, theta) = 0`` (the gradient of an incremental potential for
+backward Euler, of the elastic energy for a quasi-static equilibrium) is solved by Newton's method
+with a matrix-free conjugate-gradient solve per iteration. Its backward pass needs no record of
+those iterations: differentiating ``r(x*(theta), theta) = 0`` gives
+
+    dr/dx . dx*/dtheta = -dr/dtheta,   so   theta_bar = -(dr/dtheta)^T lambda,   (dr/dx)^T lambda = x_bar,
+
+one adjoint linear system with the converged Jacobian, solved by the same CG, then one
+vector-Jacobian product of ``r`` (Blondel et al. 2022, "Efficient and Modular Implicit
+Differentiation"). Memory is that of ``x`` and a few CG vectors, whatever the iteration count.
+
+The mechanism asks for one thing: ``residual(x, out)``, a function that launches Warp kernels
+writing ``r(x, theta)`` into ``out`` and reads ``theta`` from arrays of its own. Jacobian-vector
+products are taken by Warp's reverse mode (``(dr/dx)^T v`` from one taped residual), so the
+Jacobian must be symmetric, as it is when ``r`` is the gradient of an energy; CG further needs it
+positive definite near the solution (a stable equilibrium). ``params`` lists every array with
+gradients that ``residual`` reads besides ``x``: the Jacobian products of the solve run under
+their own tapes, and those arrays' gradients are restored after each, so only the backward pass
+adds to them.
+
+``ImplicitSolve.solve`` records itself on an active ``wp.Tape`` as a single entry whose backward
+is the adjoint solve, so an implicit step sits inside a taped rollout like any kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import warp as wp
+
+from diffsim.errors import DiffsimError
+
+__all__ = ["ImplicitSolve", "NewtonReport", "NotConverged"]
+
+
+class NotConverged(DiffsimError, RuntimeError):
+    """An implicit solve stopped before its residual met the tolerance."""
+
+    def __init__(self, what: str, iterations: int, residual: float, tolerance: float, hint: str = ""):
+        self.iterations, self.residual, self.tolerance = iterations, residual, tolerance
+        message = (f"{what} did not converge: residual {residual:.3g} after {iterations} iterations, "
+                   f"tolerance {tolerance:.3g}.")
+        super().__init__(message + (f" {hint}" if hint else ""))
+
+
+@dataclass
+class NewtonReport:
+    """What one solve took: Newton iterations, CG iterations in all, and the final residual
+    (largest absolute entry, in the residual's own unit)."""
+
+    newton_iterations: int = 0
+    cg_iterations: int = 0
+    residual: float = math.inf
+    adjoint_cg_iterations: int = 0
+
+
+@wp.kernel
+def _axpy(x: wp.array(dtype=float), y: wp.array(dtype=float), a: float, out: wp.array(dtype=float)):
+    i = wp.tid()
+    out[i] = x[i] + a * y[i]
+
+
+@wp.kernel
+def _scale_by(x: wp.array(dtype=float), d: wp.array(dtype=float), out: wp.array(dtype=float)):
+    i = wp.tid()
+    out[i] = x[i] * d[i]
+
+
+def _flat(array: wp.array) -> wp.array:
+    """A float view of all scalar components of ``array`` (vec3 arrays become 3 floats per item)."""
+    if array.dtype is float:
+        return array
+    view = wp.array(ptr=array.ptr, dtype=float, shape=(array.size * _components(array),), device=array.device)
+    view._keepalive = array  # a view does not own its memory
+    return view
+
+
+def _components(array: wp.array) -> int:
+    length = getattr(array.dtype, "_length_", None)
+    return int(length) if length else 1
+
+
+class ImplicitSolve:
+    """Newton-CG for ``r(x, theta) = 0`` with a symmetric Jacobian, differentiated implicitly.
+
+    Args:
+        residual: ``residual(x, out)`` writes r(x, theta) into ``out`` (same shape and dtype as x)
+            by Warp launches; it must not write ``x``.
+        params: every array with gradients that ``residual`` reads besides ``x``.
+        energy: optional ``energy(x) -> float``, the potential whose gradient is ``r``; when given,
+            the line search asks for a decrease of it (Armijo), else of ``|r|^2``.
+        preconditioner: optional ``preconditioner(x, out)`` writing a positive estimate of the
+            Jacobian's diagonal (Jacobi preconditioning).
+        tolerance: Newton stops when ``max |r| <= tolerance`` (the residual's unit, e.g. N).
+        max_iterations: Newton iterations before :class:`NotConverged` is raised.
+        cg_tolerance: each CG solve stops at this relative residual.
+        cg_max_iterations: CG iterations per linear solve.
+        name: how errors name the solve.
+    """
+
+    def __init__(self, residual: Callable[[wp.array, wp.array], None], *, params: Sequence[wp.array] = (),
+                 energy: Callable[[wp.array], float] | None = None,
+                 preconditioner: Callable[[wp.array, wp.array], None] | None = None,
+                 tolerance: float = 1e-6, max_iterations: int = 30, cg_tolerance: float = 1e-4,
+                 cg_max_iterations: int = 200, name: str = "implicit solve"):
+        self.residual = residual
+        self.params = list(params)
+        self.energy = energy
+        self.preconditioner = preconditioner
+        self.tolerance = float(tolerance)
+        self.max_iterations = int(max_iterations)
+        self.cg_tolerance = float(cg_tolerance)
+        self.cg_max_iterations = int(cg_max_iterations)
+        self.name = name
+        self.report = NewtonReport()
+
+    # -- Jacobian products -----------------------------------------------------------------
+    def _jacobian_transpose_product(self, x: wp.array, v: wp.array, out: wp.array) -> None:
+        """out = (dr/dx)^T v at x (= dr/dx v for a symmetric Jacobian); params' gradients untouched."""
+        saved = [wp.clone(p.grad) for p in self.params if p.grad is not None]
+        probe = wp.clone(x, requires_grad=True)
+        r = wp.zeros_like(x, requires_grad=True)
+        tape = wp.Tape()
+        with tape:
+            self.residual(probe, r)
+        tape.backward(grads={r: _unflat(v, x)})
+        wp.copy(out, _flat(probe.grad))
+        for p, g in zip([p for p in self.params if p.grad is not None], saved, strict=True):
+            wp.copy(p.grad, g)
+
+    def _evaluate(self, x: wp.array) -> wp.array:
+        out = wp.zeros_like(x)
+        with _no_tape():
+            self.residual(x, out)
+        return out
+
+    # -- linear solve ----------------------------------------------------------------------
+    def _cg(self, x: wp.array, b: wp.array, diag: wp.array | None) -> tuple[wp.array, int]:
+        """Solve J s = b (flat float arrays) by preconditioned CG; stops at negative curvature
+        (then returns the iterate so far, or the preconditioned b if there is none)."""
+        n = b.shape[0]
+        device = b.device
+        s = wp.zeros(n, dtype=float, device=device)
+        r = wp.clone(b)
+        z = wp.zeros_like(r)
+        self._precondition(r, diag, z)
+        p = wp.clone(z)
+        Ap = wp.zeros_like(r)
+        rz = _dot(r, z)
+        b_norm = math.sqrt(max(_dot(b, b), 0.0))
+        if b_norm == 0.0:
+            return s, 0
+        for k in range(1, self.cg_max_iterations + 1):
+            self._jacobian_transpose_product(x, p, Ap)
+            curvature = _dot(p, Ap)
+            if not curvature > 0.0:
+                if k == 1:
+                    wp.copy(s, z)  # no curvature information: a preconditioned gradient step
+                return s, k
+            alpha = rz / curvature
+            wp.launch(_axpy, n, [s, p, alpha], [s], device=device)
+            wp.launch(_axpy, n, [r, Ap, -alpha], [r], device=device)
+            if math.sqrt(max(_dot(r, r), 0.0)) <= self.cg_tolerance * b_norm:
+                return s, k
+            self._precondition(r, diag, z)
+            rz_new = _dot(r, z)
+            wp.launch(_axpy, n, [z, p, rz_new / rz], [p], device=device)
+            rz = rz_new
+        return s, self.cg_max_iterations
+
+    def _precondition(self, r: wp.array, diag: wp.array | None, out: wp.array) -> None:
+        if diag is None:
+            wp.copy(out, r)
+        else:
+            wp.launch(_scale_by, r.shape[0], [r, diag], [out], device=r.device)
+
+    def _inverse_diagonal(self, x: wp.array) -> wp.array | None:
+        if self.preconditioner is None:
+            return None
+        d = wp.zeros_like(x)
+        with _no_tape():
+            self.preconditioner(x, d)
+        values = _flat(d).numpy().astype(np.float64)
+        safe = np.where(values > 0, 1.0 / np.maximum(values, 1e-30), 1.0)
+        return wp.array(safe.astype(np.float32), dtype=float, device=x.device)
+
+    # -- Newton ----------------------------------------------------------------------------
+    def _merit(self, x: wp.array, r: wp.array | None = None) -> float:
+        if self.energy is not None:
+            with _no_tape():
+                return float(self.energy(x))
+        r = self._evaluate(x) if r is None else r
+        return 0.5 * _dot(_flat(r), _flat(r))
+
+    def _newton(self, x: wp.array) -> None:
+        report = NewtonReport()
+        flat_x = _flat(x)
+        n = flat_x.shape[0]
+        trial = wp.zeros_like(x)
+        flat_trial = _flat(trial)
+        r = self._evaluate(x)
+        for it in range(self.max_iterations + 1):
+            report.residual = _max_abs(_flat(r))
+            if not math.isfinite(report.residual):
+                raise NotConverged(self.name, it, report.residual, self.tolerance,
+                                   hint="The residual is not finite: an element inverted or a step diverged.")
+            if report.residual <= self.tolerance:
+                report.newton_iterations = it
+                self.report = report
+                return
+            if it == self.max_iterations:
+                break
+            minus_r = wp.zeros(n, dtype=float, device=x.device)
+            wp.launch(_axpy, n, [minus_r, _flat(r), -1.0], [minus_r], device=x.device)
+            step, cg_its = self._cg(x, minus_r, self._inverse_diagonal(x))
+            report.cg_iterations += cg_its
+            # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
+            # for either, since J is positive definite along it (CG stops at negative curvature)
+            merit0 = self._merit(x, r)
+            slope = -_dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r = grad)
+            if self.energy is None:
+                jr = wp.zeros(n, dtype=float, device=x.device)
+                self._jacobian_transpose_product(x, _flat(r), jr)
+                slope = _dot(jr, step)
+            t = 1.0
+            accepted = False
+            for _ in range(30):
+                wp.launch(_axpy, n, [flat_x, step, t], [flat_trial], device=x.device)
+                r_trial = self._evaluate(trial)
+                merit = self._merit(trial, r_trial)
+                # Near the solution a float32 energy stops resolving the decrease (~r^2/k below
+                # its rounding): a step that shrinks the residual is then accepted instead.
+                if math.isfinite(merit) and (merit <= merit0 + 1e-4 * t * min(slope, 0.0)
+                                             or _max_abs(_flat(r_trial)) < (1.0 - 1e-4 * t) * report.residual):
+                    accepted = True
+                    break
+                t *= 0.5
+            if not accepted:
+                break
+            wp.copy(x, trial)
+            r = r_trial
+        report.newton_iterations = self.max_iterations
+        self.report = report
+        raise NotConverged(self.name, report.newton_iterations, report.residual, self.tolerance,
+                           hint="Raise max_iterations, start closer to the solution, or take a smaller step.")
+
+    # -- public ----------------------------------------------------------------------------
+    def solve(self, x: wp.array) -> NewtonReport:
+        """Solve r(x, theta) = 0 in place, starting from ``x``'s contents; returns the report.
+
+        Under an active ``wp.Tape`` the solve is recorded as one entry: backward reads
+        ``x.grad`` (d loss / d x*), solves the adjoint system and adds -(dr/dtheta)^T lambda to the
+        gradients of ``params`` (and of any other array ``residual`` reads with gradients).
+        """
+        from diffsim.core.scratch import taping
+
+        tape = _active_tape() if taping() else None
+        with _no_tape():
+            self._newton(x)
+        if tape is not None:
+            solution = wp.clone(x)  # the tape's x may be overwritten later by the caller
+            tape.record_func(lambda: self._backward(solution, x), [x, *self.params])
+        return self.report
+
+    def _backward(self, solution: wp.array, x: wp.array) -> None:
+        if x.grad is None:
+            return
+        x_bar = wp.clone(_flat(x.grad))
+        lam, its = self._adjoint_cg(solution, x_bar)
+        self.report.adjoint_cg_iterations = its
+        # theta_bar += -(dr/dtheta)^T lambda: one taped residual with -lambda as its adjoint
+        probe = wp.clone(solution, requires_grad=False)
+        r = wp.zeros_like(solution, requires_grad=True)
+        tape = wp.Tape()
+        with tape:
+            self.residual(probe, r)
+        minus_lam = wp.zeros_like(lam)
+        wp.launch(_axpy, lam.shape[0], [minus_lam, lam, -1.0], [minus_lam], device=lam.device)
+        tape.backward(grads={r: _unflat(minus_lam, solution)})
+        # (no tape.reset(): it would zero the gradients just accumulated)
+        x.grad.zero_()  # x* was produced here: its adjoint is consumed, not passed further back
+
+    def _adjoint_cg(self, solution: wp.array, x_bar: wp.array) -> tuple[wp.array, int]:
+        tolerance = self.cg_tolerance
+        self.cg_tolerance = min(tolerance, 1e-6)  # the gradient is as accurate as this solve
+        try:
+            return self._cg(solution, x_bar, self._inverse_diagonal(solution))
+        finally:
+            self.cg_tolerance = tolerance
+
+
+def _unflat(v: wp.array, like: wp.array) -> wp.array:
+    """``v`` (flat floats) viewed with the dtype and shape of ``like``."""
+    if like.dtype is float:
+        return v
+    view = wp.array(ptr=v.ptr, dtype=like.dtype, shape=like.shape, device=like.device)
+    view._keepalive = v
+    return view
+
+
+def _dot(a: wp.array, b: wp.array) -> float:
+    return float(np.dot(a.numpy().astype(np.float64), b.numpy().astype(np.float64)))
+
+
+def _max_abs(a: wp.array) -> float:
+    values = a.numpy()
+    return float(np.abs(values).max()) if values.size else 0.0
+
+
+def _active_tape():
+    from warp._src.context import runtime
+
+    return runtime.tape
+
+
+class _no_tape:
+    """Suspend the active tape: the solve's own launches are not the outer tape's business."""
+
+    def __enter__(self):
+        from warp._src.context import runtime
+
+        self._tape = runtime.tape
+        runtime.tape = None
+
+    def __exit__(self, *exc):
+        from warp._src.context import runtime
+
+        runtime.tape = self._tape

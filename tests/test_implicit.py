@@ -1,0 +1,254 @@
+"""The implicit-differentiation mechanism (diffsim.core.implicit) on spring networks at static
+equilibrium: gradients against finite differences and against a fully taped, unrolled Newton
+solve, composition with an outer tape, and a clear error when Newton does not converge."""
+
+import numpy as np
+import pytest
+import warp as wp
+
+from diffsim.core.implicit import ImplicitSolve, NotConverged
+
+
+@wp.func
+def _node(x: wp.array(dtype=wp.vec3), anchors: wp.array(dtype=wp.vec3), i: int, free: int):
+    if i < free:
+        return x[i]
+    return anchors[i - free]
+
+
+@wp.kernel
+def spring_gradient(x: wp.array(dtype=wp.vec3), anchors: wp.array(dtype=wp.vec3), springs: wp.array(dtype=wp.vec2i),
+                    stiffness: wp.array(dtype=float), rest: wp.array(dtype=float), free: int,
+                    out: wp.array(dtype=wp.vec3)):
+    """dE/dx of E = sum k/2 (|x_j - x_i| - L)^2 over springs (free nodes only)."""
+    s = wp.tid()
+    i = springs[s][0]
+    j = springs[s][1]
+    d = _node(x, anchors, j, free) - _node(x, anchors, i, free)
+    length = wp.length(d)
+    f = stiffness[s] * (length - rest[s]) * d / length
+    if i < free:
+        wp.atomic_add(out, i, -f)
+    if j < free:
+        wp.atomic_add(out, j, f)
+
+
+@wp.kernel
+def weight_gradient(weight: wp.array(dtype=wp.vec3), out: wp.array(dtype=wp.vec3)):
+    """d/dx of -w . x: the node's weight pulls it along w."""
+    i = wp.tid()
+    out[i] = out[i] - weight[i]
+
+
+@wp.kernel
+def spring_energy(x: wp.array(dtype=wp.vec3), anchors: wp.array(dtype=wp.vec3), springs: wp.array(dtype=wp.vec2i),
+                  stiffness: wp.array(dtype=float), rest: wp.array(dtype=float), free: int,
+                  energy: wp.array(dtype=float)):
+    s = wp.tid()
+    d = _node(x, anchors, springs[s][1], free) - _node(x, anchors, springs[s][0], free)
+    stretch = wp.length(d) - rest[s]
+    wp.atomic_add(energy, 0, 0.5 * stiffness[s] * stretch * stretch)
+
+
+@wp.kernel
+def weight_energy(x: wp.array(dtype=wp.vec3), weight: wp.array(dtype=wp.vec3), energy: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(energy, 0, -wp.dot(weight[i], x[i]))
+
+
+@wp.kernel
+def linear_loss(x: wp.array(dtype=wp.vec3), w: wp.array(dtype=wp.vec3), loss: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(loss, 0, wp.dot(w[i], x[i]))
+
+
+class Net:
+    """A hanging net: ``free`` nodes joined in a chain between two anchors, plus one spring from
+    each node to a third anchor above, all under gravity. Rest lengths are short enough that every
+    spring stays stretched, where its energy is convex: one equilibrium, which finite
+    differences cannot jump away from."""
+
+    def __init__(self, free: int = 6, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.free = free
+        self.anchors = wp.array(np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.3, 0.4]], np.float32),
+                                dtype=wp.vec3)
+        a0, a1, top = free, free + 1, free + 2
+        chain = [(a0, 0)] + [(i, i + 1) for i in range(free - 1)] + [(free - 1, a1)]
+        springs = chain + [(i, top) for i in range(free)]
+        self.springs = wp.array(np.array(springs, np.int32), dtype=wp.vec2i)
+        n = len(springs)
+        self.stiffness = wp.array(rng.uniform(80.0, 120.0, n).astype(np.float32), requires_grad=True)
+        self.rest = wp.array(rng.uniform(0.04, 0.07, n).astype(np.float32), requires_grad=True)
+        weights = np.tile([0.0, 0.0, -1.0], (free, 1)) * rng.uniform(0.5, 1.5, (free, 1))  # [N]
+        self.weight = wp.array(weights.astype(np.float32), dtype=wp.vec3, requires_grad=True)
+        t = np.linspace(0, 1, free + 2)[1:-1]
+        self.x0 = np.stack([t, np.zeros(free), -0.05 * np.ones(free)], axis=1).astype(np.float32)
+        self.loss_weights = wp.array(rng.standard_normal((free, 3)).astype(np.float32), dtype=wp.vec3)
+
+    def residual(self, x, out):
+        out.zero_()
+        wp.launch(spring_gradient, self.springs.shape[0],
+                  [x, self.anchors, self.springs, self.stiffness, self.rest, self.free], [out])
+        wp.launch(weight_gradient, self.free, [self.weight], [out])
+
+    def energy(self, x) -> float:
+        e = wp.zeros(1, dtype=float)
+        wp.launch(spring_energy, self.springs.shape[0],
+                  [x, self.anchors, self.springs, self.stiffness, self.rest, self.free], [e])
+        wp.launch(weight_energy, self.free, [x, self.weight], [e])
+        return float(e.numpy()[0])
+
+    def solver(self, **options) -> ImplicitSolve:
+        return ImplicitSolve(self.residual, params=[self.stiffness, self.rest, self.weight], energy=self.energy,
+                             tolerance=options.pop("tolerance", 2e-5), name="spring net equilibrium", **options)
+
+    def loss(self, x) -> wp.array:
+        loss = wp.zeros(1, dtype=float, requires_grad=True)
+        wp.launch(linear_loss, self.free, [x, self.loss_weights], [loss])
+        return loss
+
+    def equilibrium_loss(self) -> float:
+        x = wp.array(self.x0, dtype=wp.vec3)
+        self.solver().solve(x)
+        return float(self.loss(x).numpy()[0])
+
+
+def implicit_gradients(net: Net):
+    for p in (net.stiffness, net.rest, net.weight):
+        p.grad.zero_()
+    x = wp.array(net.x0, dtype=wp.vec3, requires_grad=True)
+    tape = wp.Tape()
+    solve = net.solver()
+    with tape:
+        solve.solve(x)
+        loss = net.loss(x)
+    tape.backward(loss)
+    return {name: p.grad.numpy().astype(np.float64).copy()
+            for name, p in (("stiffness", net.stiffness), ("rest", net.rest), ("weight", net.weight))}, solve
+
+
+def test_equilibrium_balances_forces_and_reports_iterations():
+    net = Net()
+    x = wp.array(net.x0, dtype=wp.vec3)
+    report = net.solver().solve(x)
+    r = wp.zeros_like(x)
+    net.residual(x, r)
+    assert np.abs(r.numpy()).max() <= 2e-5
+    assert report.residual <= 2e-5 and 1 <= report.newton_iterations <= 30 and report.cg_iterations >= 1
+
+
+@pytest.mark.parametrize("param", ["stiffness", "rest", "weight"])
+def test_implicit_gradient_matches_finite_differences(param):
+    net = Net()
+    grads, solve = implicit_gradients(net)
+    assert solve.report.adjoint_cg_iterations >= 1
+    array = getattr(net, param)
+    base = array.numpy().copy()
+    rng = np.random.default_rng(1)
+    # relative steps: a coherent change of every entry, and a random one
+    for direction in (base, base * rng.standard_normal(base.shape)):
+        eps = 1e-2
+        values = []
+        for sign in (1.0, -1.0):
+            array.assign((base + sign * eps * direction).astype(np.float32))
+            values.append(net.equilibrium_loss())
+        array.assign(base)
+        fd = (values[0] - values[1]) / (2 * eps)
+        tape = float(np.sum(grads[param] * direction))
+        assert abs(fd - tape) <= 0.02 * max(abs(fd), abs(tape)), (param, fd, tape)
+
+
+# -- a fully taped Newton solve of one node on three springs, for comparison -------------------
+
+@wp.kernel
+def newton_step_one_node(x: wp.array(dtype=wp.vec3), anchors: wp.array(dtype=wp.vec3), stiffness: wp.array(dtype=float),
+                         rest: wp.array(dtype=float), weight: wp.array(dtype=wp.vec3), x_out: wp.array(dtype=wp.vec3)):
+    """x_out = x - H^-1 r for one free node on three springs (dense 3x3 Hessian, exact inverse)."""
+    p = x[0]
+    r = -weight[0]
+    H = wp.mat33(0.0)
+    for s in range(3):
+        d = anchors[s] - p
+        length = wp.length(d)
+        n = d / length
+        k = stiffness[s]
+        r = r - k * (length - rest[s]) * n
+        H = H + k * ((1.0 - rest[s] / length) * wp.identity(3, dtype=float) + (rest[s] / length) * wp.outer(n, n))
+    x_out[0] = p - wp.inverse(H) @ r
+
+
+def test_implicit_gradient_equals_unrolled_newton_tape():
+    anchors = wp.array(np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.8, 0.3]], np.float32), dtype=wp.vec3)
+    stiffness = wp.array(np.array([100.0, 80.0, 120.0], np.float32), requires_grad=True)
+    rest = wp.array(np.array([0.5, 0.55, 0.6], np.float32), requires_grad=True)
+    weight = wp.array(np.array([[0.1, 0.0, -2.0]], np.float32), dtype=wp.vec3, requires_grad=True)
+    w = wp.array(np.array([[0.3, -0.7, 1.1]], np.float32), dtype=wp.vec3)
+    start = np.array([[0.5, 0.3, -0.3]], np.float32)
+
+    # unrolled: 12 Newton steps, every one on the tape
+    tape = wp.Tape()
+    with tape:
+        x = wp.array(start, dtype=wp.vec3, requires_grad=True)
+        for _ in range(12):
+            nxt = wp.zeros(1, dtype=wp.vec3, requires_grad=True)
+            wp.launch(newton_step_one_node, 1, [x, anchors, stiffness, rest, weight], [nxt])
+            x = nxt
+        loss = wp.zeros(1, dtype=float, requires_grad=True)
+        wp.launch(linear_loss, 1, [x, w], [loss])
+    tape.backward(loss)
+    unrolled = [a.grad.numpy().astype(np.float64).copy() for a in (stiffness, rest, weight)]
+    x_unrolled = x.numpy().copy()
+    tape.zero()
+    for a in (stiffness, rest, weight):
+        a.grad.zero_()
+
+    # implicit: the same equilibrium through ImplicitSolve (three springs to three anchors)
+    springs = wp.array(np.array([[1, 0], [2, 0], [3, 0]], np.int32), dtype=wp.vec2i)  # anchor i+1 -> node 0
+
+    def residual(xs, out):
+        out.zero_()
+        wp.launch(spring_gradient, 3, [xs, anchors, springs, stiffness, rest, 1], [out])
+        wp.launch(weight_gradient, 1, [weight], [out])
+
+    solve = ImplicitSolve(residual, params=[stiffness, rest, weight], tolerance=1e-5, name="one node")
+    tape = wp.Tape()
+    with tape:
+        x = wp.array(start, dtype=wp.vec3, requires_grad=True)
+        solve.solve(x)
+        loss = wp.zeros(1, dtype=float, requires_grad=True)
+        wp.launch(linear_loss, 1, [x, w], [loss])
+    tape.backward(loss)
+    np.testing.assert_allclose(x.numpy(), x_unrolled, atol=1e-5)
+    for implicit, taped in zip([a.grad.numpy() for a in (stiffness, rest, weight)], unrolled, strict=True):
+        np.testing.assert_allclose(implicit, taped, rtol=2e-3, atol=1e-5 * np.abs(taped).max())
+
+
+@wp.kernel
+def exp_kernel(log_k: wp.array(dtype=float), k: wp.array(dtype=float)):
+    i = wp.tid()
+    k[i] = wp.exp(log_k[i])
+
+
+def test_gradient_flows_through_an_outer_tape_to_upstream_arrays():
+    # stiffness = exp(log_stiffness) computed on the same tape: d loss / d log k = k * d loss / d k
+    net = Net(free=4)
+    direct, _ = implicit_gradients(net)
+    log_k = wp.array(np.log(net.stiffness.numpy()), requires_grad=True)
+    tape = wp.Tape()
+    with tape:
+        wp.launch(exp_kernel, log_k.shape[0], [log_k], [net.stiffness])
+        x = wp.array(net.x0, dtype=wp.vec3, requires_grad=True)
+        net.solver().solve(x)
+        loss = net.loss(x)
+    net.stiffness.grad.zero_()
+    tape.backward(loss)
+    np.testing.assert_allclose(log_k.grad.numpy(), direct["stiffness"] * net.stiffness.numpy(), rtol=1e-3,
+                               atol=1e-6 * np.abs(direct["stiffness"]).max())
+
+
+def test_non_convergence_is_a_clear_error():
+    net = Net()
+    x = wp.array(net.x0, dtype=wp.vec3)
+    with pytest.raises(NotConverged, match=r"spring net equilibrium did not converge: residual .* after 1 iterations"):
+        net.solver(max_iterations=1, tolerance=1e-9).solve(x)
