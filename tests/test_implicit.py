@@ -100,7 +100,7 @@ class Net:
         return float(e.numpy()[0])
 
     def solver(self, **options) -> ImplicitSolve:
-        return ImplicitSolve(self.residual, params=[self.stiffness, self.rest, self.weight], energy=self.energy,
+        return ImplicitSolve(self.residual, energy=self.energy,
                              tolerance=options.pop("tolerance", 2e-5), name="spring net equilibrium", **options)
 
     def loss(self, x) -> wp.array:

@@ -15,10 +15,10 @@ The mechanism asks for one thing: ``residual(x, out)``, a function that launches
 writing ``r(x, theta)`` into ``out`` and reads ``theta`` from arrays of its own. Jacobian-vector
 products are taken by Warp's reverse mode (``(dr/dx)^T v`` from one taped residual), so the
 Jacobian must be symmetric, as it is when ``r`` is the gradient of an energy; CG further needs it
-positive definite near the solution (a stable equilibrium). ``params`` lists every array with
-gradients that ``residual`` reads besides ``x``: the Jacobian products of the solve run under
-their own tapes, and those arrays' gradients are restored after each, so only the backward pass
-adds to them.
+positive definite near the solution (a stable equilibrium). The Jacobian products of the solve
+run under tapes of their own; every other array with gradients that ``residual``'s launches touch
+(found on the first probe's tape, struct fields included) has its gradient restored after each,
+so only the backward pass adds to them.
 
 ``ImplicitSolve.solve`` records itself on an active ``wp.Tape`` as a single entry whose backward
 is the adjoint solve, so an implicit step sits inside a taped rollout like any kernel.
@@ -91,7 +91,8 @@ class ImplicitSolve:
     Args:
         residual: ``residual(x, out)`` writes r(x, theta) into ``out`` (same shape and dtype as x)
             by Warp launches; it must not write ``x``.
-        params: every array with gradients that ``residual`` reads besides ``x``.
+        params: arrays with gradients that ``residual`` reads besides ``x``, if known; the ones
+            its launches touch are found in any case.
         energy: optional ``energy(x) -> float``, the potential whose gradient is ``r``; when given,
             the line search asks for a decrease of it (Armijo), else of ``|r|^2``.
         preconditioner: optional ``preconditioner(x, out)`` writing a positive estimate of the
@@ -121,17 +122,19 @@ class ImplicitSolve:
 
     # -- Jacobian products -----------------------------------------------------------------
     def _jacobian_transpose_product(self, x: wp.array, v: wp.array, out: wp.array) -> None:
-        """out = (dr/dx)^T v at x (= dr/dx v for a symmetric Jacobian); params' gradients untouched."""
-        saved = [wp.clone(p.grad) for p in self.params if p.grad is not None]
+        """out = (dr/dx)^T v at x (= dr/dx v for a symmetric Jacobian); other gradients untouched."""
         probe = wp.clone(x, requires_grad=True)
         r = wp.zeros_like(x, requires_grad=True)
         tape = wp.Tape()
         with tape:
             self.residual(probe, r)
+        touched = _arrays_with_gradients(tape, exclude=(probe, r)) + [p for p in self.params if p.grad is not None]
+        unique = list({id(a): a for a in touched}.values())
+        saved = [wp.clone(a.grad) for a in unique]
         tape.backward(grads={r: _unflat(v, x)})
         wp.copy(out, _flat(probe.grad))
-        for p, g in zip([p for p in self.params if p.grad is not None], saved, strict=True):
-            wp.copy(p.grad, g)
+        for a, g in zip(unique, saved, strict=True):
+            wp.copy(a.grad, g)
 
     def _evaluate(self, x: wp.array) -> wp.array:
         out = wp.zeros_like(x)
@@ -264,7 +267,8 @@ class ImplicitSolve:
             self._newton(x)
         if tape is not None:
             solution = wp.clone(x)  # the tape's x may be overwritten later by the caller
-            tape.record_func(lambda: self._backward(solution, x), [x, *self.params])
+            tape.record_func(lambda: self._backward(solution, x),
+                             [a for a in (x, *self.params) if a.grad is not None])
         return self.report
 
     def _backward(self, solution: wp.array, x: wp.array) -> None:
@@ -301,6 +305,26 @@ def _unflat(v: wp.array, like: wp.array) -> wp.array:
     view = wp.array(ptr=v.ptr, dtype=like.dtype, shape=like.shape, device=like.device)
     view._keepalive = v
     return view
+
+
+def _arrays_with_gradients(tape, exclude=()) -> list:
+    """Arrays with gradients among the arguments of the tape's launches (struct fields included)."""
+    skip = {id(a) for a in exclude}
+    found = []
+
+    def visit(value):
+        if isinstance(value, wp.array):
+            if value.grad is not None and id(value) not in skip:
+                found.append(value)
+        elif hasattr(getattr(value, "_cls", None), "vars"):  # a wp.struct instance
+            for name in value._cls.vars:
+                visit(getattr(value, name))
+
+    for entry in tape.launches:
+        if isinstance(entry, list):  # [kernel, dim, max_blocks, inputs, outputs, ...]
+            for value in (*entry[3], *entry[4]):
+                visit(value)
+    return found
 
 
 def _dot(a: wp.array, b: wp.array) -> float:
