@@ -297,12 +297,12 @@ class TactileGrasp(TactileTask):
     def _terms(self, state) -> wp.array:
         c = self.config
         model = self.scene.model
-        reading = self.sensor.read(model.fem, state.fem)
+        force, _ = self.sensor.wrench(model.fem, state.fem)
         grad = state.fem.node_x.requires_grad
         terms = wp.zeros((self.num_worlds, 3), dtype=float, device=model.device, requires_grad=grad)
         wp.launch(_grasp_terms, dim=self.num_worlds,
                   inputs=[self.object_mean(state.mpm.particle_x), self.gripper_mean(state.fem.body_position),
-                          reading.force, self._device["rest_height"], self._device["start_offset"], c.slip_length],
+                          force, self._device["rest_height"], self._device["start_offset"], c.slip_length],
                   outputs=[terms], device=model.device)
         return terms
 
@@ -501,11 +501,11 @@ class SurfaceFollow(TactileTask):
 
     def _terms(self, state) -> wp.array:
         model = self.scene.model
-        reading = self.sensor.read(model, state)
+        force, _ = self.sensor.wrench(model, state)
         terms = wp.zeros((self.num_worlds, 2), dtype=float, device=model.device,
                          requires_grad=state.node_x.requires_grad)
         wp.launch(_follow_terms, dim=self.num_worlds,
-                  inputs=[reading.force, state.body_position, state.body_rotation, state.collider_position,
+                  inputs=[force, state.body_position, state.body_rotation, state.collider_position,
                           model.collider_count, self.sphere, PAD_THICKNESS, self.config.sphere_radius,
                           self._device["direction"]],
                   outputs=[terms], device=model.device)

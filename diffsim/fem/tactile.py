@@ -316,6 +316,7 @@ class TactileSensor:
         self._faces = wp.array(top.astype(np.int32), dtype=wp.vec3i, device=device)
         self._sensor_body = wp.array(np.array(bodies, dtype=np.int32), dtype=int, device=device)
         self._offset = wp.array(np.array(offsets, dtype=np.int32), dtype=int, device=device)
+        self._nodes_per_sensor: int | None = None
         self._markers = self._sample_set(mesh, _grid(self.sensing_size, self.marker_grid), top)
         self._pixels = self._sample_set(mesh, _grid(self.sensing_size, self.image_shape), top)
         elevation = math.radians(light_elevation)
@@ -370,6 +371,22 @@ class TactileSensor:
                   outputs=[position, normal, pressure, uv], device=model.device)
         return position, normal, pressure, uv
 
+    def wrench(self, model: FEMModel, state: FEMState) -> tuple[wp.array, wp.array]:
+        """Net contact force [N] and torque [N m] on each sensor, in its frame: the part of
+        :meth:`read` a task's loss often needs alone, at a fraction of its cost."""
+        device = model.device
+        grad = state.node_x.requires_grad
+        force = wp.zeros(self.num_sensors, dtype=wp.vec3, device=device, requires_grad=grad)
+        torque = wp.zeros(self.num_sensors, dtype=wp.vec3, device=device, requires_grad=grad)
+        if self._nodes_per_sensor is None:
+            self._nodes_per_sensor = int(model.body_node_count.numpy()[self.bodies[0]])
+        count = self._nodes_per_sensor
+        wp.launch(_wrench, dim=self.num_sensors * count,
+                  inputs=[state.node_x, state.node_contact_force, state.body_position, state.body_rotation,
+                          self._sensor_body, self._offset, count],
+                  outputs=[force, torque], device=device)
+        return force, torque
+
     def read(self, model: FEMModel, state: FEMState) -> TactileReading:
         """Every output for ``state`` (differentiable when the state's arrays require grad)."""
         device = model.device
@@ -383,12 +400,6 @@ class TactileSensor:
         rgb = wp.zeros(normal.shape[0], dtype=wp.vec3, device=device, requires_grad=grad)
         wp.launch(_shade, dim=normal.shape[0], inputs=[normal, self._light_direction, self._light_color, self._ambient],
                   outputs=[rgb], device=device)
-        force = wp.zeros(self.num_sensors, dtype=wp.vec3, device=device, requires_grad=grad)
-        torque = wp.zeros(self.num_sensors, dtype=wp.vec3, device=device, requires_grad=grad)
-        count = int(model.body_node_count.numpy()[self.bodies[0]])
-        wp.launch(_wrench, dim=self.num_sensors * count,
-                  inputs=[state.node_x, state.node_contact_force, state.body_position, state.body_rotation,
-                          self._sensor_body, self._offset, count],
-                  outputs=[force, torque], device=device)
+        force, torque = self.wrench(model, state)
         return TactileReading(marker_position, marker_uv, displacement, pressure, normal, rgb, force, torque,
                               self.marker_grid, self.image_shape)
