@@ -51,11 +51,12 @@ class NotConverged(DiffsimError, RuntimeError):
 @dataclass
 class NewtonReport:
     """What one solve took: Newton iterations, CG iterations in all, and the final residual
-    (largest absolute entry, in the residual's own unit)."""
+    (largest absolute entry, in the residual's own unit) and its Jacobi-scaled size."""
 
     newton_iterations: int = 0
     cg_iterations: int = 0
     residual: float = math.inf
+    scaled_residual: float = math.inf  #: max |r_i / J_ii| (x's unit), with a preconditioner
     adjoint_cg_iterations: int = 0
 
 
@@ -93,11 +94,19 @@ class ImplicitSolve:
             by Warp launches; it must not write ``x``.
         params: arrays with gradients that ``residual`` reads besides ``x``, if known; the ones
             its launches touch are found in any case.
-        energy: optional ``energy(x) -> float``, the potential whose gradient is ``r``; when given,
-            the line search asks for a decrease of it (Armijo), else of ``|r|^2``.
+        energy: optional ``energy(x)``, the potential whose gradient is ``r``, as a float or as
+            (value, rounding): when given, the line search asks for a decrease of it (Armijo), else
+            of ``|r|^2``; within ``rounding`` (default 1e-6 of the value) a decrease of the
+            residual is accepted instead.
         preconditioner: optional ``preconditioner(x, out)`` writing a positive estimate of the
             Jacobian's diagonal (Jacobi preconditioning).
         tolerance: Newton stops when ``max |r| <= tolerance`` (the residual's unit, e.g. N).
+        step_tolerance: with a preconditioner, Newton also stops once the Jacobi-scaled residual
+            ``max |r_i / J_ii|`` (about the remaining correction, in x's unit, e.g. m) is at most
+            this and the last two iterations no longer halved the residual (it has reached
+            float32's floor: positions rounded by an ulp move each of a node's ~20 element forces,
+            so a 10 cm part with a 3 kN/m nodal stiffness floors near 1e-5 N). Default: 2^-18 of
+            ``max |x|`` (about 32 float32 ulps; 40 nm for a 1 cm part).
         max_iterations: Newton iterations before :class:`NotConverged` is raised.
         cg_tolerance: each CG solve stops at this relative residual.
         cg_max_iterations: CG iterations per linear solve.
@@ -107,13 +116,14 @@ class ImplicitSolve:
     def __init__(self, residual: Callable[[wp.array, wp.array], None], *, params: Sequence[wp.array] = (),
                  energy: Callable[[wp.array], float] | None = None,
                  preconditioner: Callable[[wp.array, wp.array], None] | None = None,
-                 tolerance: float = 1e-6, max_iterations: int = 30, cg_tolerance: float = 1e-4,
-                 cg_max_iterations: int = 200, name: str = "implicit solve"):
+                 tolerance: float = 1e-6, step_tolerance: float | None = None, max_iterations: int = 30,
+                 cg_tolerance: float = 1e-4, cg_max_iterations: int = 200, name: str = "implicit solve"):
         self.residual = residual
         self.params = list(params)
         self.energy = energy
         self.preconditioner = preconditioner
         self.tolerance = float(tolerance)
+        self.step_tolerance = step_tolerance
         self.max_iterations = int(max_iterations)
         self.cg_tolerance = float(cg_tolerance)
         self.cg_max_iterations = int(cg_max_iterations)
@@ -193,12 +203,17 @@ class ImplicitSolve:
         return wp.array(safe.astype(np.float32), dtype=float, device=x.device)
 
     # -- Newton ----------------------------------------------------------------------------
-    def _merit(self, x: wp.array, r: wp.array | None = None) -> float:
+    def _merit(self, x: wp.array, r: wp.array | None = None) -> tuple[float, float]:
+        """(merit, its rounding): the energy if given, else |r|^2 / 2."""
         if self.energy is not None:
             with _no_tape():
-                return float(self.energy(x))
+                value = self.energy(x)
+            if isinstance(value, tuple):
+                return float(value[0]), float(value[1])
+            return float(value), 1e-6 * abs(float(value))
         r = self._evaluate(x) if r is None else r
-        return 0.5 * _dot(_flat(r), _flat(r))
+        merit = 0.5 * _dot(_flat(r), _flat(r))
+        return merit, 1e-6 * merit
 
     def _newton(self, x: wp.array) -> None:
         report = NewtonReport()
@@ -207,12 +222,24 @@ class ImplicitSolve:
         trial = wp.zeros_like(x)
         flat_trial = _flat(trial)
         r = self._evaluate(x)
+        history = [math.inf, math.inf]
         for it in range(self.max_iterations + 1):
-            report.residual = _max_abs(_flat(r))
+            values = _flat(r).numpy().astype(np.float64)
+            report.residual = float(np.abs(values).max()) if values.size else 0.0
             if not math.isfinite(report.residual):
                 raise NotConverged(self.name, it, report.residual, self.tolerance,
                                    hint="The residual is not finite: an element inverted or a step diverged.")
-            if report.residual <= self.tolerance:
+            inverse_diagonal = self._inverse_diagonal(x)
+            converged = report.residual <= self.tolerance
+            if inverse_diagonal is not None and values.size:
+                report.scaled_residual = float(np.abs(values * inverse_diagonal.numpy()).max())
+                limit = self.step_tolerance
+                if limit is None:
+                    limit = 2.0**-18 * float(np.abs(flat_x.numpy()).max())
+                stalled = report.residual > 0.5 * history[-1] and history[-1] > 0.5 * history[-2]
+                converged |= report.scaled_residual <= limit and stalled
+            history.append(report.residual)
+            if converged:
                 report.newton_iterations = it
                 self.report = report
                 return
@@ -220,11 +247,11 @@ class ImplicitSolve:
                 break
             minus_r = wp.zeros(n, dtype=float, device=x.device)
             wp.launch(_axpy, n, [minus_r, _flat(r), -1.0], [minus_r], device=x.device)
-            step, cg_its = self._cg(x, minus_r, self._inverse_diagonal(x))
+            step, cg_its = self._cg(x, minus_r, inverse_diagonal)
             report.cg_iterations += cg_its
             # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
             # for either, since J is positive definite along it (CG stops at negative curvature)
-            merit0 = self._merit(x, r)
+            merit0, rounding = self._merit(x, r)
             slope = -_dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r = grad)
             if self.energy is None:
                 jr = wp.zeros(n, dtype=float, device=x.device)
@@ -235,11 +262,13 @@ class ImplicitSolve:
             for _ in range(30):
                 wp.launch(_axpy, n, [flat_x, step, t], [flat_trial], device=x.device)
                 r_trial = self._evaluate(trial)
-                merit = self._merit(trial, r_trial)
+                merit, _ = self._merit(trial, r_trial)
                 # Near the solution a float32 energy stops resolving the decrease (~r^2/k below
-                # its rounding): a step that shrinks the residual is then accepted instead.
-                if math.isfinite(merit) and (merit <= merit0 + 1e-4 * t * min(slope, 0.0)
-                                             or _max_abs(_flat(r_trial)) < (1.0 - 1e-4 * t) * report.residual):
+                # its rounding): a step whose energy change is within that rounding and that
+                # shrinks the residual is then accepted instead.
+                unresolved = abs(merit - merit0) <= rounding + 1e-30
+                if math.isfinite(merit) and (merit <= merit0 + 1e-4 * t * min(slope, 0.0) or (
+                        unresolved and _max_abs(_flat(r_trial)) < (1.0 - 1e-4 * t) * report.residual)):
                     accepted = True
                     break
                 t *= 0.5

@@ -12,8 +12,9 @@ import warp as wp
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
 from diffsim.core.scratch import PooledScratchSolver, ScratchPool
-from diffsim.errors import InvalidParameter
+from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.fem import kernels
+from diffsim.fem.implicit import INTEGRATORS, ImplicitFEMStep
 from diffsim.fem.model import FEMControl, FEMModel, FEMState
 from diffsim.geometry import integrate_colliders
 from diffsim.geometry.colliders import ColliderSetCache
@@ -28,16 +29,44 @@ class FEMSolver(PooledScratchSolver, Solver):
     friction; free nodes integrate, backing nodes follow their body's new pose. The contact
     force of each node is kept in the State for the sensor outputs.
 
+    With ``integrator="implicit"`` (backward Euler) or ``"quasistatic"`` (equilibrium at every
+    step, inertia dropped) each step is a Newton-CG solve of the step's force balance instead,
+    differentiated by the implicit function theorem (:mod:`diffsim.fem.implicit`): any step
+    length is stable, and the backward pass stores no iterations.
+
     Args:
         model: the bodies.
+        integrator: "explicit", "implicit" or "quasistatic".
         stability: fraction of the explicit stability limit that ``max_stable_dt`` allows.
         contact_smoothing: width [m] over which contact onset is rounded (smooth gradients).
         friction_velocity: slip speed [m/s] below which friction is viscous (proportional to the
             slip) rather than at the Coulomb limit.
+        newton_tolerance: implicit steps converge when no node's force balance is off by more
+            than this [N].
+        newton_iterations: Newton iterations per implicit step before it raises
+            :class:`~diffsim.core.implicit.NotConverged`.
+        cg_tolerance: relative residual of each conjugate-gradient solve.
+        cg_iterations: CG iterations per linear solve.
     """
 
-    def __init__(self, model: FEMModel, *, stability: float = 0.5, contact_smoothing: float = 1e-6,
-                 friction_velocity: float = 1e-3):
+    def __init__(self, model: FEMModel, *, integrator: str = "explicit", stability: float = 0.5,
+                 contact_smoothing: float = 1e-6, friction_velocity: float = 1e-3, newton_tolerance: float = 1e-5,
+                 newton_iterations: int = 50, cg_tolerance: float = 1e-3, cg_iterations: int = 500):
+        if integrator not in INTEGRATORS:
+            raise InvalidParameter("integrator", integrator, ", ".join(f"'{i}'" for i in INTEGRATORS))
+        if not (newton_tolerance > 0 and math.isfinite(newton_tolerance)):
+            raise InvalidParameter("newton_tolerance", newton_tolerance, "(0, inf) N")
+        for name, value in (("newton_iterations", newton_iterations), ("cg_iterations", cg_iterations)):
+            if not (isinstance(value, int) and value >= 1):
+                raise InvalidParameter(name, value, "positive integers")
+        if not (0 < cg_tolerance < 1):
+            raise InvalidParameter("cg_tolerance", cg_tolerance, "(0, 1)")
+        self.integrator = integrator
+        self.newton_tolerance = float(newton_tolerance)
+        self.newton_iterations = newton_iterations
+        self.cg_tolerance = float(cg_tolerance)
+        self.cg_iterations = cg_iterations
+        self._implicit = None if integrator == "explicit" else ImplicitFEMStep(self, model, integrator)
         if not (0 < stability <= 1):
             raise InvalidParameter("stability", stability, "(0, 1]")
         if not (contact_smoothing > 0 and math.isfinite(contact_smoothing)):
@@ -53,6 +82,12 @@ class FEMSolver(PooledScratchSolver, Solver):
         self._max_dt: dict[int, float] = {}
         self._zero_force: wp.array | None = None
 
+    @property
+    def last_report(self):
+        """The last implicit step's :class:`~diffsim.core.implicit.NewtonReport` (Newton and CG
+        iterations, final residual [N]); None for the explicit integrator."""
+        return None if self._implicit is None else self._implicit.report
+
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: FEMModel, *, requires_grad: bool = False) -> FEMState:
         return model.state(requires_grad=requires_grad)
@@ -61,7 +96,10 @@ class FEMSolver(PooledScratchSolver, Solver):
         """Largest stable step [s]: the fastest elastic wave across the thinnest tet (with its
         Rayleigh damping), the stiffest collider contact spring on its node (only when the model
         has colliders: the spring acts on nothing else; coupled contact scales its own stiffness
-        to the step), and mass damping."""
+        to the step), and mass damping. Implicit integrators: unlimited (inf)."""
+        if self.integrator != "explicit":
+            self._max_dt[id(model)] = math.inf
+            return math.inf
         E = model.tet_young_modulus.numpy().astype(np.float64)
         nu = model.tet_poisson_ratio.numpy().astype(np.float64)
         mu = E / (2 * (1 + nu))
@@ -94,6 +132,9 @@ class FEMSolver(PooledScratchSolver, Solver):
         limit = self._max_dt.get(id(model))
         if limit is None or dt > limit * (1 + 1e-6):
             self.validate_dt(model, dt)
+        if self._implicit is not None and coupled_contact_force is not None:
+            raise ConfigError(f"the {self.integrator} FEM integrator does not take coupled contact forces yet; "
+                              "couple with integrator='explicit'.")
         device = model.device
         nc = model.collider_count
         self._launch("bodies", integrate_colliders, model.num_bodies,
@@ -105,6 +146,11 @@ class FEMSolver(PooledScratchSolver, Solver):
                          [state_in.collider_position, state_in.collider_rotation, control.collider_velocity,
                           control.collider_angular_velocity, dt],
                          [state_out.collider_position, state_out.collider_rotation], device, state_in)
+        if self._implicit is not None:
+            self._implicit.step(model, state_in, state_out, control, dt,
+                                self._colliders.pack(model, state_out, control, start_state=state_in),
+                                self._colliders.pack(model, state_in, control))
+            return
         s = self._scratch.take()
         s.elastic_force.zero_()
         self._launch("tet_forces", kernels.tet_forces, model.tet_count,

@@ -213,7 +213,7 @@ def _weighted_vec2(values: wp.array(dtype=wp.vec2), weights: wp.array(dtype=wp.v
     wp.atomic_add(loss, 0, wp.dot(values[i], weights[i]))
 
 
-def indentation_scene(*, device: str | None = None, frames: int = 8):
+def indentation_scene(*, device: str | None = None, frames: int = 8, integrator: str = "explicit"):
     """A small sensor pad (12 x 12 x 3 mm) whose backing moves while a sphere presses and drags
     across it; every fittable array carries gradients. Returns (model, solver, sensor, state0,
     controls, frame_dt)."""
@@ -226,7 +226,7 @@ def indentation_scene(*, device: str | None = None, frames: int = 8):
                      stiffness_damping=3e-4, contact_stiffness=5e8, fixed_nodes=mesh.vertices[:, 2] < 1e-12)
     builder.add_collider(collider_sphere(4e-3, position=(0.5e-3, 0.3e-3, thickness + 4e-3 - 0.15e-3), friction=0.5))
     model = builder.finalize(device, requires_grad=True)
-    solver = FEMSolver(model, contact_smoothing=2e-5, friction_velocity=5e-3)
+    solver = FEMSolver(model, integrator=integrator, contact_smoothing=2e-5, friction_velocity=5e-3)
     sensor = TactileSensor(model, 0, marker_grid=(3, 3), image_shape=(4, 4))
     frame_dt = 1e-3
     controls = []
@@ -239,11 +239,12 @@ def indentation_scene(*, device: str | None = None, frames: int = 8):
 
 
 def _gradient_check(name: str, target: str, *, eps: float, relative: bool, device: str | None,
-                    proportional: bool = False, directions: int = 2, tolerance: float = 0.02) -> CheckResult:
+                    proportional: bool = False, directions: int = 2, tolerance: float = 0.02,
+                    integrator: str = "explicit") -> CheckResult:
     from diffsim.core.rollout import Rollout
 
     start = time.perf_counter()
-    model, solver, sensor, state0, controls, frame_dt = indentation_scene(device=device)
+    model, solver, sensor, state0, controls, frame_dt = indentation_scene(device=device, integrator=integrator)
     rng = np.random.default_rng(5)
     markers = sensor.marker_grid[0] * sensor.marker_grid[1]
     w_markers = wp.array(rng.standard_normal((markers, 3)).astype(np.float32) * 1e3, dtype=wp.vec3,
@@ -268,8 +269,9 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool, devic
             wp.launch(_weighted_float, dim=pixels, inputs=[reading.pressure, w_pressure], outputs=[loss],
                       device=m.device)
 
-    # a margin below the stable step: the finite differences stiffen the model a little
-    substeps = math.ceil(frame_dt / (0.8 * solver.max_stable_dt(model)))
+    # a margin below the stable step: the finite differences stiffen the model a little (implicit
+    # integrators: one step per frame)
+    substeps = max(1, math.ceil(frame_dt / (0.8 * solver.max_stable_dt(model))))
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=substeps, checkpoint_every=40,
                       frame_loss=frame_loss)
     array = rollout_input(model, state0, controls, target)
@@ -285,16 +287,21 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool, devic
 
 
 GRADIENT_CHECKS = {
-    "young_modulus": lambda d: _gradient_check("Young's modulus (per tet)", "model.tet_young_modulus", eps=0.01,
-                                               relative=True, device=d, proportional=True),
-    "poisson_ratio": lambda d: _gradient_check("Poisson's ratio (per tet)", "model.tet_poisson_ratio", eps=0.01,
-                                               relative=True, device=d, proportional=True),
-    "friction": lambda d: _gradient_check("friction coefficient", "model.collider_friction", eps=0.02,
-                                          relative=True, device=d, directions=1),
-    "sensor_pose": lambda d: _gradient_check("sensor trajectory (backing velocity, frame 2)",
-                                             "controls[2].body_velocity", eps=2e-4, relative=False, device=d),
-    "indenter_pose": lambda d: _gradient_check("indenter pose (initial position)", "state0.collider_position",
-                                               eps=2e-6, relative=False, device=d),
+    "young_modulus": lambda d, i="explicit": _gradient_check(
+        "Young's modulus (per tet)", "model.tet_young_modulus", eps=0.01, relative=True, device=d,
+        proportional=True, integrator=i),
+    "poisson_ratio": lambda d, i="explicit": _gradient_check(
+        "Poisson's ratio (per tet)", "model.tet_poisson_ratio", eps=0.01, relative=True, device=d,
+        proportional=True, integrator=i),
+    "friction": lambda d, i="explicit": _gradient_check(
+        "friction coefficient", "model.collider_friction", eps=0.02, relative=True, device=d, directions=1,
+        integrator=i),
+    "sensor_pose": lambda d, i="explicit": _gradient_check(
+        "sensor trajectory (backing velocity, frame 2)", "controls[2].body_velocity", eps=2e-4, relative=False,
+        device=d, integrator=i),
+    "indenter_pose": lambda d, i="explicit": _gradient_check(
+        "indenter pose (initial position)", "state0.collider_position", eps=2e-6, relative=False, device=d,
+        integrator=i),
 }
 
 
@@ -303,7 +310,10 @@ def run_physics_checks(*, device: str | None = None, only: list[str] | None = No
     return run_checks(PHYSICS_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
 
 
-def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
-    """Run the finite-difference gradient checks (all, or those named in ``only``)."""
-    return run_checks(GRADIENT_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
+def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None,
+                        integrator: str = "explicit") -> list[CheckResult]:
+    """Run the finite-difference gradient checks (all, or those named in ``only``) with the FEM
+    solver's ``integrator`` (implicit integrators take one step per 1 ms frame)."""
+    checks = {name: (lambda d, check=check: check(d, integrator)) for name, check in GRADIENT_CHECKS.items()}
+    return run_checks(checks, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
                       gradients=True)

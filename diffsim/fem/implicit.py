@@ -1,0 +1,446 @@
+"""Implicit FEM steps: backward Euler and quasi-static equilibrium, solved by Newton-CG and
+differentiated by the implicit function theorem (:mod:`diffsim.core.implicit`).
+
+The unknowns are the node positions x at the end of the step. A step solves r(x) = 0 with
+
+    r_i = m_i (1/h^2 + c/h) (x_i - x_i^n) - (m_i / h) v_i^n - m_i g - f_ext,i
+          - f_elastic,i(x) - f_damping,i(x) - f_contact,i(x)                        (free nodes)
+    r_i = k_i (x_i - target_i)                                                       (backing nodes)
+
+for backward Euler (h the step, c the body's mass damping), and without the inertia terms for
+quasi-static equilibrium. Every force is the negative gradient of a potential, so the Jacobian is
+symmetric:
+
+- elastic: the tet's strain energy (stable Neo-Hookean or fixed corotated);
+- damping: stiffness-proportional (Rayleigh) damping of the strain rate (x - x^n) / h, the
+  gradient of a quadratic dissipation potential;
+- contact: the explicit solver's penalty pressure (a potential of the smoothed penetration);
+- friction: **lagged**. The normal force and normal of each (node, collider) pair, and the
+  collider's surface velocity, are taken at the start of the step; the friction force
+  -mu lambda (u/h) / sqrt(|u/h|^2 + v_f^2) of the tangential slip u = P (x - x^n - h v_s) is
+  then the gradient of mu lambda h sqrt(|u/h|^2 + v_f^2), smooth and convex in x. The explicit
+  solver's friction law with its viscous core below v_f is thus kept, one step late in the normal
+  force: a contact that starts inside a step has no friction until the next.
+
+Backing nodes are not unknowns of the elastic and contact terms (those read their targets, the
+backing's pose at the end of the step), so pinning them keeps the Jacobian symmetric.
+
+The Jacobian may be indefinite far from rest (Neo-Hookean under strong compression): CG then stops
+at the first direction of negative curvature and the line search still descends (see
+:class:`~diffsim.core.implicit.ImplicitSolve`); no per-element projection is done.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import warp as wp
+
+from diffsim.core.implicit import ImplicitSolve
+from diffsim.fem.kernels import (
+    edge_matrix,
+    first_piola_stress,
+    lame_parameters,
+    smooth_penetration,
+    strain_energy_density,
+)
+from diffsim.geometry.colliders import (
+    MAX_COLLIDERS,
+    ColliderSet,
+    collider_query,
+    collider_slot,
+    collider_surface_velocity,
+)
+
+INTEGRATORS = ("explicit", "implicit", "quasistatic")
+
+
+@wp.func
+def _position(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3), fixed: wp.array(dtype=int), i: int):
+    # backing nodes are no unknowns: their position is the backing's
+    if fixed[i] != 0:
+        return target[i]
+    return x[i]
+
+
+@wp.kernel
+def backing_targets(node_x: wp.array(dtype=wp.vec3), node_body: wp.array(dtype=int), node_fixed: wp.array(dtype=int),
+                    node_rest_local: wp.array(dtype=wp.vec3), body_position: wp.array(dtype=wp.vec3),
+                    body_rotation: wp.array(dtype=wp.quat), target: wp.array(dtype=wp.vec3)):
+    """Where each backing node is at the end of the step (free nodes: their start position)."""
+    i = wp.tid()
+    if node_fixed[i] != 0:
+        b = node_body[i]
+        target[i] = wp.quat_rotate(body_rotation[b], node_rest_local[i]) + body_position[b]
+    else:
+        target[i] = node_x[i]
+
+
+@wp.kernel
+def node_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), v_start: wp.array(dtype=wp.vec3),
+                  target: wp.array(dtype=wp.vec3), node_body: wp.array(dtype=int), node_mass: wp.array(dtype=float),
+                  node_fixed: wp.array(dtype=int), body_damping: wp.array(dtype=float),
+                  external_force: wp.array(dtype=wp.vec3), gravity: wp.array(dtype=wp.vec3),
+                  pin_stiffness: wp.array(dtype=float), inertia: float, inv_dt: float, r: wp.array(dtype=wp.vec3)):
+    """Inertia, mass damping, gravity, external forces and backing pins; ``inertia`` is 1/h^2 and
+    ``inv_dt`` 1/h for backward Euler, both 0 for quasi-static equilibrium."""
+    i = wp.tid()
+    if node_fixed[i] != 0:
+        r[i] = pin_stiffness[i] * (x[i] - target[i])
+    else:
+        m = node_mass[i]
+        rate = inertia + body_damping[node_body[i]] * inv_dt
+        r[i] = (m * rate) * (x[i] - x_start[i]) - (m * inv_dt) * v_start[i] - m * gravity[0] - external_force[i]
+
+
+@wp.kernel
+def tet_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+                 node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dtype=wp.vec4i),
+                 tet_rest_inverse: wp.array(dtype=wp.mat33), tet_rest_volume: wp.array(dtype=float),
+                 tet_material: wp.array(dtype=int), tet_young_modulus: wp.array(dtype=float),
+                 tet_poisson_ratio: wp.array(dtype=float), tet_damping: wp.array(dtype=float), inv_dt: float,
+                 r: wp.array(dtype=wp.vec3)):
+    """Minus the elastic and Rayleigh-damping forces of each tet, on its free nodes."""
+    t = wp.tid()
+    n = tet_nodes[t]
+    p0 = _position(x, target, node_fixed, n[0])
+    p1 = _position(x, target, node_fixed, n[1])
+    p2 = _position(x, target, node_fixed, n[2])
+    p3 = _position(x, target, node_fixed, n[3])
+    Dm_inv = tet_rest_inverse[t]
+    F = edge_matrix(p0, p1, p2, p3) @ Dm_inv
+    lame = lame_parameters(tet_young_modulus[t], tet_poisson_ratio[t])
+    P = first_piola_stress(tet_material[t], F, lame[0], lame[1])
+    F_rate = (edge_matrix(p0 - x_start[n[0]], p1 - x_start[n[1]], p2 - x_start[n[2]], p3 - x_start[n[3]])
+              @ Dm_inv) * inv_dt
+    strain_rate = 0.5 * (F_rate + wp.transpose(F_rate))
+    P = P + tet_damping[t] * (2.0 * lame[0] * strain_rate + lame[1] * wp.trace(strain_rate) * wp.identity(3, float))
+    H = tet_rest_volume[t] * (P @ wp.transpose(Dm_inv))  # minus the forces on nodes 1..3 (columns)
+    g1 = wp.vec3(H[0, 0], H[1, 0], H[2, 0])
+    g2 = wp.vec3(H[0, 1], H[1, 1], H[2, 1])
+    g3 = wp.vec3(H[0, 2], H[1, 2], H[2, 2])
+    if node_fixed[n[0]] == 0:
+        wp.atomic_add(r, n[0], -(g1 + g2 + g3))
+    if node_fixed[n[1]] == 0:
+        wp.atomic_add(r, n[1], g1)
+    if node_fixed[n[2]] == 0:
+        wp.atomic_add(r, n[2], g2)
+    if node_fixed[n[3]] == 0:
+        wp.atomic_add(r, n[3], g3)
+
+
+@wp.kernel
+def lagged_contacts(x: wp.array(dtype=wp.vec3), node_body: wp.array(dtype=int),
+                    node_contact_area: wp.array(dtype=float), body_world: wp.array(dtype=int),
+                    body_contact_stiffness: wp.array(dtype=float), colliders: ColliderSet, smoothing: float,
+                    normal_force: wp.array2d(dtype=float), normal: wp.array2d(dtype=wp.vec3),
+                    surface_velocity: wp.array2d(dtype=wp.vec3)):
+    """Normal force [N], normal and collider surface velocity of each (node, collider) pair at the
+    start of the step: what the step's friction is lagged on."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    if area > 0.0:
+        body = node_body[i]
+        world = body_world[body]
+        for c in range(wp.static(MAX_COLLIDERS)):
+            if c < colliders.count:
+                slot = collider_slot(colliders, world, c)
+                q = collider_query(colliders, c, slot, x[i])
+                if q.distance < smoothing:
+                    pressure = body_contact_stiffness[body] * smooth_penetration(-q.distance, smoothing)
+                    normal_force[i, c] = pressure * area
+                    normal[i, c] = q.normal
+                    surface_velocity[i, c] = collider_surface_velocity(colliders, slot, x[i])
+
+
+@wp.func
+def _contact_force(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), i: int, area: float,
+                   stiffness: float, world: int, colliders: ColliderSet, smoothing: float, friction_velocity: float,
+                   dt: float, lagged_force: wp.array2d(dtype=float), lagged_normal: wp.array2d(dtype=wp.vec3),
+                   lagged_velocity: wp.array2d(dtype=wp.vec3)):
+    p = x[i]
+    total = wp.vec3(0.0)
+    for c in range(wp.static(MAX_COLLIDERS)):
+        if c < colliders.count:
+            slot = collider_slot(colliders, world, c)
+            q = collider_query(colliders, c, slot, p)
+            if q.distance < smoothing:
+                total = total + (stiffness * smooth_penetration(-q.distance, smoothing) * area) * q.normal
+            lam = lagged_force[i, c]
+            if lam > 0.0:
+                n = lagged_normal[i, c]
+                step = p - x_start[i] - dt * lagged_velocity[i, c]
+                slip = (step - wp.dot(step, n) * n) / dt  # tangential slip velocity [m/s]
+                speed = wp.sqrt(wp.dot(slip, slip) + friction_velocity * friction_velocity)
+                total = total - (colliders.friction[c] * lam / speed) * slip
+    return total
+
+
+@wp.kernel
+def contact_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), node_fixed: wp.array(dtype=int),
+                     node_body: wp.array(dtype=int), node_contact_area: wp.array(dtype=float),
+                     body_world: wp.array(dtype=int), body_contact_stiffness: wp.array(dtype=float),
+                     colliders: ColliderSet, smoothing: float, friction_velocity: float, dt: float,
+                     lagged_force: wp.array2d(dtype=float), lagged_normal: wp.array2d(dtype=wp.vec3),
+                     lagged_velocity: wp.array2d(dtype=wp.vec3), r: wp.array(dtype=wp.vec3)):
+    """Minus the contact force (penalty pressure and lagged friction) on each free contact node."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    if area > 0.0 and node_fixed[i] == 0:
+        body = node_body[i]
+        f = _contact_force(x, x_start, i, area, body_contact_stiffness[body], body_world[body], colliders, smoothing,
+                           friction_velocity, dt, lagged_force, lagged_normal, lagged_velocity)
+        r[i] = r[i] - f
+
+
+@wp.kernel
+def contact_forces(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), node_fixed: wp.array(dtype=int),
+                   node_body: wp.array(dtype=int), node_contact_area: wp.array(dtype=float),
+                   body_world: wp.array(dtype=int), body_contact_stiffness: wp.array(dtype=float),
+                   colliders: ColliderSet, smoothing: float, friction_velocity: float, dt: float,
+                   lagged_force: wp.array2d(dtype=float), lagged_normal: wp.array2d(dtype=wp.vec3),
+                   lagged_velocity: wp.array2d(dtype=wp.vec3), contact_force_out: wp.array(dtype=wp.vec3)):
+    """The contact force of each node at the solution (what the sensor reads)."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    f = wp.vec3(0.0)
+    if area > 0.0 and node_fixed[i] == 0:
+        body = node_body[i]
+        f = _contact_force(x, x_start, i, area, body_contact_stiffness[body], body_world[body], colliders, smoothing,
+                           friction_velocity, dt, lagged_force, lagged_normal, lagged_velocity)
+    contact_force_out[i] = f
+
+
+# -- the potential whose gradient the residual is (for the line search) ---------------------------
+
+@wp.func
+def _penetration_energy(depth: float, width: float):
+    """Integral of :func:`smooth_penetration` from -inf to ``depth`` [m^2]."""
+    out = float(0.0)
+    if depth >= width:
+        out = 0.5 * depth * depth + width * width / 6.0
+    elif depth > -width:
+        out = (depth + width) * (depth + width) * (depth + width) / (12.0 * width)
+    return out
+
+
+@wp.kernel
+def node_energy(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), v_start: wp.array(dtype=wp.vec3),
+                target: wp.array(dtype=wp.vec3), node_body: wp.array(dtype=int), node_mass: wp.array(dtype=float),
+                node_fixed: wp.array(dtype=int), body_damping: wp.array(dtype=float),
+                external_force: wp.array(dtype=wp.vec3), gravity: wp.array(dtype=wp.vec3),
+                pin_stiffness: wp.array(dtype=float), inertia: float, inv_dt: float,
+                energy: wp.array(dtype=wp.float64)):
+    i = wp.tid()
+    e = float(0.0)
+    if node_fixed[i] != 0:
+        d = x[i] - target[i]
+        e = 0.5 * pin_stiffness[i] * wp.dot(d, d)
+    else:
+        m = node_mass[i]
+        d = x[i] - x_start[i]
+        rate = inertia + body_damping[node_body[i]] * inv_dt
+        # (the constant parts of -v.x, -g.x and -f.x are dropped: measured from x_start)
+        e = 0.5 * m * rate * wp.dot(d, d) - wp.dot((m * inv_dt) * v_start[i] + m * gravity[0] + external_force[i], d)
+    wp.atomic_add(energy, 0, wp.float64(e))
+    wp.atomic_add(energy, 1, wp.float64(wp.abs(e)))
+
+
+@wp.kernel
+def tet_energy(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+               node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dtype=wp.vec4i),
+               tet_rest_inverse: wp.array(dtype=wp.mat33), tet_rest_volume: wp.array(dtype=float),
+               tet_material: wp.array(dtype=int), tet_young_modulus: wp.array(dtype=float),
+               tet_poisson_ratio: wp.array(dtype=float), tet_damping: wp.array(dtype=float), inv_dt: float,
+               energy: wp.array(dtype=wp.float64)):
+    """Strain energy plus the Rayleigh dissipation potential V beta/h (mu |sym G|^2 + lam/2 tr(G)^2)
+    of the step's deformation increment G (its gradient is :func:`tet_residual`'s damping)."""
+    t = wp.tid()
+    n = tet_nodes[t]
+    p0 = _position(x, target, node_fixed, n[0])
+    p1 = _position(x, target, node_fixed, n[1])
+    p2 = _position(x, target, node_fixed, n[2])
+    p3 = _position(x, target, node_fixed, n[3])
+    Dm_inv = tet_rest_inverse[t]
+    F = edge_matrix(p0, p1, p2, p3) @ Dm_inv
+    lame = lame_parameters(tet_young_modulus[t], tet_poisson_ratio[t])
+    G = edge_matrix(p0 - x_start[n[0]], p1 - x_start[n[1]], p2 - x_start[n[2]], p3 - x_start[n[3]]) @ Dm_inv
+    sym = 0.5 * (G + wp.transpose(G))
+    trace = wp.trace(G)
+    damping = tet_damping[t] * inv_dt * (lame[0] * wp.ddot(sym, sym) + 0.5 * lame[1] * trace * trace)
+    e = tet_rest_volume[t] * (strain_energy_density(tet_material[t], F, lame[0], lame[1]) + damping)
+    wp.atomic_add(energy, 0, wp.float64(e))
+    # the energy density is a difference of terms ~ (mu + lam) |F|^2: its rounding scales with them
+    wp.atomic_add(energy, 1, wp.float64(tet_rest_volume[t] * (lame[0] + lame[1]) * (wp.ddot(F, F) + 1.0)))
+
+
+@wp.kernel
+def contact_energy(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), node_fixed: wp.array(dtype=int),
+                   node_body: wp.array(dtype=int), node_contact_area: wp.array(dtype=float),
+                   body_world: wp.array(dtype=int), body_contact_stiffness: wp.array(dtype=float),
+                   colliders: ColliderSet, smoothing: float, friction_velocity: float, dt: float,
+                   lagged_force: wp.array2d(dtype=float), lagged_normal: wp.array2d(dtype=wp.vec3),
+                   lagged_velocity: wp.array2d(dtype=wp.vec3), energy: wp.array(dtype=wp.float64)):
+    """Penalty potential k A S(penetration) and lagged friction potential mu lambda h sqrt(|s|^2 + v_f^2)."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    if area > 0.0 and node_fixed[i] == 0:
+        body = node_body[i]
+        world = body_world[body]
+        p = x[i]
+        e = float(0.0)
+        for c in range(wp.static(MAX_COLLIDERS)):
+            if c < colliders.count:
+                slot = collider_slot(colliders, world, c)
+                q = collider_query(colliders, c, slot, p)
+                e += body_contact_stiffness[body] * area * _penetration_energy(-q.distance, smoothing)
+                lam = lagged_force[i, c]
+                if lam > 0.0:
+                    nrm = lagged_normal[i, c]
+                    step = p - x_start[i] - dt * lagged_velocity[i, c]
+                    slip = (step - wp.dot(step, nrm) * nrm) / dt
+                    e += colliders.friction[c] * lam * dt * wp.sqrt(wp.dot(slip, slip)
+                                                                   + friction_velocity * friction_velocity)
+        wp.atomic_add(energy, 0, wp.float64(e))
+        wp.atomic_add(energy, 1, wp.float64(wp.abs(e)))
+
+
+@wp.kernel
+def finish_step(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+                node_fixed: wp.array(dtype=int), inv_dt: float, x_out: wp.array(dtype=wp.vec3),
+                v_out: wp.array(dtype=wp.vec3)):
+    i = wp.tid()
+    p = _position(x, target, node_fixed, i)
+    x_out[i] = p
+    v_out[i] = (p - x_start[i]) * inv_dt
+
+
+def elastic_diagonal(model) -> np.ndarray:
+    """Per node, sum over its tets of V (lambda + 2 mu) |grad N|^2 [N/m]: the linear-elastic
+    stiffness diagonal, for Jacobi preconditioning and pin stiffness."""
+    Dm_inv = model.tet_rest_inverse.numpy().astype(np.float64)  # (T, 3, 3)
+    volume = model.tet_rest_volume.numpy().astype(np.float64)
+    E = model.tet_young_modulus.numpy().astype(np.float64)
+    nu = model.tet_poisson_ratio.numpy().astype(np.float64)
+    mu = E / (2 * (1 + nu))
+    lam = E * nu / ((1 + nu) * (1 - 2 * nu))
+    grads = Dm_inv  # row j: gradient of shape function j+1
+    g = np.concatenate([-grads.sum(axis=1, keepdims=True), grads], axis=1)  # (T, 4, 3)
+    weight = (volume * (lam + 2 * mu))[:, None] * np.sum(g * g, axis=2)  # (T, 4)
+    diagonal = np.zeros(model.node_count)
+    np.add.at(diagonal, model.tet_nodes.numpy().reshape(-1), weight.reshape(-1))
+    return diagonal
+
+
+class ImplicitFEMStep:
+    """One backward-Euler or quasi-static step of an :class:`~diffsim.fem.FEMModel` (see the
+    module header), used by :class:`~diffsim.fem.FEMSolver` for ``integrator="implicit"`` and
+    ``"quasistatic"``."""
+
+    def __init__(self, solver, model, integrator: str):
+        self.solver = solver
+        self.integrator = integrator
+        self._stiffness = elastic_diagonal(model)
+        self.report = None  #: the last step's NewtonReport
+
+    def _pin_and_diagonal(self, model, dt: float) -> tuple[wp.array, np.ndarray]:
+        mass = model.node_mass.numpy().astype(np.float64)
+        inertia = 0.0 if self.integrator == "quasistatic" else 1.0 / (dt * dt)
+        contact = (model.body_contact_stiffness.numpy().astype(np.float64)[model.node_body.numpy()]
+                   * model.node_contact_area.numpy().astype(np.float64)) if model.collider_count else 0.0
+        diagonal = self._stiffness + mass * inertia + contact
+        pin = wp.array(diagonal.astype(np.float32), dtype=float, device=model.device)
+        return pin, np.repeat(diagonal, 3)
+
+    def step(self, model, state_in, state_out, control, dt: float, colliders_end: ColliderSet,
+             colliders_start: ColliderSet) -> None:
+        s = self.solver
+        device = model.device
+        n = model.node_count
+        grad = state_in.node_x.requires_grad
+        target = wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=grad)
+        wp.launch(backing_targets, n, [state_in.node_x, model.node_body, model.node_fixed, model.node_rest_local,
+                                       state_out.body_position, state_out.body_rotation], [target], device=device)
+        slots = max(model.collider_count, 1)
+        lam = wp.zeros((n, slots), dtype=float, device=device, requires_grad=grad)
+        normal = wp.zeros((n, slots), dtype=wp.vec3, device=device, requires_grad=grad)
+        velocity = wp.zeros((n, slots), dtype=wp.vec3, device=device, requires_grad=grad)
+        if model.collider_count:
+            wp.launch(lagged_contacts, n, [state_in.node_x, model.node_body, model.node_contact_area,
+                                           model.body_world, model.body_contact_stiffness, colliders_start,
+                                           s.contact_smoothing], [lam, normal, velocity], device=device)
+        quasistatic = self.integrator == "quasistatic"
+        inertia = 0.0 if quasistatic else 1.0 / (dt * dt)
+        inv_dt = 1.0 / dt
+        pin, diagonal = self._pin_and_diagonal(model, dt)
+        diagonal = _as_vec3(wp.array(diagonal.astype(np.float32), dtype=float, device=device), n)
+
+        def residual(x, r):
+            wp.launch(node_residual, n, [x, state_in.node_x, state_in.node_v, target, model.node_body, model.node_mass,
+                                         model.node_fixed, model.body_damping, control.node_external_force,
+                                         model.gravity, pin, inertia, 0.0 if quasistatic else inv_dt], [r],
+                      device=device)
+            wp.launch(tet_residual, model.tet_count,
+                      [x, state_in.node_x, target, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
+                       model.tet_rest_volume, model.tet_material, model.tet_young_modulus, model.tet_poisson_ratio,
+                       model.tet_damping, 0.0 if quasistatic else inv_dt], [r], device=device)
+            if model.collider_count:
+                wp.launch(contact_residual, n,
+                          [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
+                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                           s.friction_velocity, dt, lam, normal, velocity], [r], device=device)
+
+        def energy(x) -> tuple[float, float]:
+            # (energy [J], its float32 rounding [J]: slot 1 sums the size of the terms)
+            total = wp.zeros(2, dtype=wp.float64, device=device)
+            wp.launch(node_energy, n, [x, state_in.node_x, state_in.node_v, target, model.node_body, model.node_mass,
+                                       model.node_fixed, model.body_damping, control.node_external_force,
+                                       model.gravity, pin, inertia, 0.0 if quasistatic else inv_dt], [total],
+                      device=device)
+            wp.launch(tet_energy, model.tet_count,
+                      [x, state_in.node_x, target, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
+                       model.tet_rest_volume, model.tet_material, model.tet_young_modulus, model.tet_poisson_ratio,
+                       model.tet_damping, 0.0 if quasistatic else inv_dt], [total], device=device)
+            if model.collider_count:
+                wp.launch(contact_energy, n,
+                          [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
+                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                           s.friction_velocity, dt, lam, normal, velocity], [total], device=device)
+            value, size = total.numpy()
+            return float(value), 1e-6 * float(size)
+
+        def preconditioner(x, d):
+            wp.copy(d, diagonal)
+
+        solve = ImplicitSolve(residual, energy=energy, preconditioner=preconditioner, tolerance=s.newton_tolerance,
+                              max_iterations=s.newton_iterations, cg_tolerance=s.cg_tolerance,
+                              cg_max_iterations=s.cg_iterations, name=f"{self.integrator} FEM step")
+        x = wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=grad)
+        # initial guess: the explicit predictor (quasi-static: the last configuration)
+        wp.launch(_predict, n, [state_in.node_x, state_in.node_v, target, model.node_fixed,
+                                0.0 if quasistatic else dt], [x], device=device)
+        self.report = solve.solve(x)
+        wp.launch(finish_step, n, [x, state_in.node_x, target, model.node_fixed, inv_dt],
+                  [state_out.node_x, state_out.node_v], device=device)
+        if model.collider_count:
+            wp.launch(contact_forces, n,
+                      [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
+                       model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                       s.friction_velocity, dt, lam, normal, velocity], [state_out.node_contact_force], device=device)
+        else:
+            state_out.node_contact_force.zero_()
+
+
+@wp.kernel
+def _predict(x: wp.array(dtype=wp.vec3), v: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
+             fixed: wp.array(dtype=int), dt: float, out: wp.array(dtype=wp.vec3)):
+    i = wp.tid()
+    if fixed[i] != 0:
+        out[i] = target[i]
+    else:
+        out[i] = x[i] + dt * v[i]
+
+
+def _as_vec3(flat: wp.array, n: int) -> wp.array:
+    view = wp.array(ptr=flat.ptr, dtype=wp.vec3, shape=(n,), device=flat.device)
+    view._keepalive = flat
+    return view

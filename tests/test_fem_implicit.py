@@ -1,0 +1,84 @@
+"""Implicit and quasi-static FEM steps (diffsim.fem.implicit): equilibria against closed forms,
+stability far beyond the explicit step, and gradients against finite differences."""
+
+import numpy as np
+import pytest
+import warp as wp
+
+from diffsim.core.implicit import NotConverged
+from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.fem import FEMBuilder, FEMSolver
+from diffsim.geometry.tetmesh import tet_mesh_pad
+
+RHO, G, E, LENGTH = 1000.0, 9.81, 1e5, 0.1
+
+
+def hanging_column(integrator: str, **options):
+    """A 1 x 1 x 10 cm column (nu = 0) bonded at its top and hanging under its own weight."""
+    mesh = tet_mesh_pad((0.01, 0.01, LENGTH), (2, 2, 10))
+    builder = FEMBuilder(gravity=(0.0, 0.0, -G))
+    builder.add_body(mesh, young_modulus=E, poisson_ratio=0.0, density=RHO, damping=0.0,
+                     fixed_nodes=mesh.vertices[:, 2] > LENGTH - 1e-9, contact_nodes=[])
+    model = builder.finalize("cpu")
+    return model, FEMSolver(model, integrator=integrator, **options)
+
+
+def tip_drop(model, state) -> float:
+    x = state.node_x.numpy().astype(np.float64)
+    bottom = model.initial_x[:, 2] < 1e-9
+    return float(np.mean(model.initial_x[bottom, 2] - x[bottom, 2]))
+
+
+def test_quasistatic_step_lands_on_the_hanging_column_equilibrium():
+    # uniaxial stress with nu = 0: the free end drops rho g L^2 / (2 E) = 0.49 mm (0.5% strain)
+    model, solver = hanging_column("quasistatic")
+    state_in, state_out = model.state(), model.state()
+    solver.step(model, state_in, state_out, model.control(), 0.01)
+    expected = RHO * G * LENGTH**2 / (2 * E)
+    assert tip_drop(model, state_out) == pytest.approx(expected, rel=0.02)
+    report = solver.last_report
+    assert report.residual <= solver.newton_tolerance and report.newton_iterations <= 10
+
+
+def test_backward_euler_is_stable_far_beyond_the_explicit_step_and_settles_there():
+    model, explicit = hanging_column("explicit")
+    limit = explicit.max_stable_dt(model)
+    model, solver = hanging_column("implicit")
+    dt = 0.02  # ~ 150 x the explicit limit (half the column's 40 ms axial period)
+    assert dt > 100 * limit
+    a, b = model.state(), model.state()
+    for _ in range(60):
+        solver.step(model, a, b, model.control(), dt)
+        a, b = b, a
+    expected = RHO * G * LENGTH**2 / (2 * E)
+    assert tip_drop(model, a) == pytest.approx(expected, rel=0.02)
+    assert np.abs(a.node_v.numpy()).max() < 1e-3  # backward Euler's numerical damping has settled it
+
+
+def test_implicit_options_are_validated_and_coupling_is_refused():
+    model, _ = hanging_column("explicit")
+    with pytest.raises(InvalidParameter, match="integrator"):
+        FEMSolver(model, integrator="verlet")
+    with pytest.raises(InvalidParameter, match="newton_tolerance"):
+        FEMSolver(model, integrator="implicit", newton_tolerance=0.0)
+    solver = FEMSolver(model, integrator="implicit")
+    with pytest.raises(ConfigError, match="coupled contact forces"):
+        solver.step(model, model.state(), model.state(), model.control(), 1e-3,
+                    coupled_contact_force=wp.zeros(model.node_count, dtype=wp.vec3))
+
+
+def test_a_step_that_cannot_converge_raises_naming_the_residual():
+    model, solver = hanging_column("quasistatic", newton_iterations=1, newton_tolerance=1e-9)
+    with pytest.raises(NotConverged, match="quasistatic FEM step did not converge: residual"):
+        solver.step(model, model.state(), model.state(), model.control(), 0.01)
+
+
+@pytest.mark.parametrize("integrator", ["implicit", "quasistatic"])
+@pytest.mark.parametrize("name", ["young_modulus", "poisson_ratio", "friction", "sensor_pose", "indenter_pose"])
+def test_gradients_through_implicit_steps_match_finite_differences(integrator, name):
+    # the tactile validation's FD checks (a sphere presses and drags across a pad whose backing
+    # moves; every sensor output in the loss), one implicit step per 1 ms frame
+    from diffsim.fem import validation
+
+    (result,) = validation.run_gradient_checks(device="cpu", only=[name], integrator=integrator)
+    assert result.passed, result
