@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_rod.set_defaults(handler=_run_bench_rod)
     bench_tactile = bench_solvers.add_parser("tactile", parents=[device_flag],
                                              help="time FEM sensor substeps with contact, forward and backward")
-    bench_tactile.add_argument("--steps", type=_positive_int, default=200, help="substeps per run (default: 200)")
+    bench_tactile.add_argument("--steps", type=_positive_int, default=None,
+                               help="steps per run (default: 200 explicit, 10 implicit)")
+    bench_tactile.add_argument("--integrator", choices=("explicit", "implicit", "quasistatic"), default="explicit",
+                               help="FEM integrator (default: explicit; implicit steps 1 ms, quasi-static 10 ms)")
+    bench_tactile.add_argument("--frame-dt", type=_positive_float, default=None,
+                               help="step of the implicit integrators [s]")
     bench_tactile.add_argument("--repeats", type=_positive_int, default=5,
                                help="timed runs after a warm-up; medians are reported (default: 5)")
     bench_tactile.add_argument("--json", action="store_true", help="print JSON instead of a report")
@@ -196,7 +201,8 @@ def _run_bench_rod(args: argparse.Namespace, device: str) -> int:
 def _run_bench_tactile(args: argparse.Namespace, device: str) -> int:
     from diffsim.fem.benchmark import format_report, run_benchmark
 
-    result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device)
+    result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device, integrator=args.integrator,
+                           frame_dt=args.frame_dt)
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 
