@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import warp as wp
 
+from diffsim.core.launch import LaunchCache
 from diffsim.errors import DiffsimError
 
 __all__ = ["ImplicitSolve", "NewtonReport", "NotConverged"]
@@ -100,6 +101,12 @@ class ImplicitSolve:
             residual is accepted instead.
         preconditioner: optional ``preconditioner(x, out)`` writing a positive estimate of the
             Jacobian's diagonal (Jacobi preconditioning).
+        jacobian_product: optional ``jacobian_product(x, v, out, exact)`` writing ``J(x) v``.
+            Newton's solves call it with ``exact=False``, where a positive semi-definite
+            approximation will do (projected element Hessians, Gauss-Newton contact): the residual
+            stays exact, so Newton still lands on r = 0. The adjoint solve calls it with
+            ``exact=True`` and needs the exact product then (return False instead to have the
+            taped Jacobian used), so gradients are exact too.
         tolerance: Newton stops when ``max |r| <= tolerance`` (the residual's unit, e.g. N).
         step_tolerance: with a preconditioner, Newton also stops once the Jacobi-scaled residual
             ``max |r_i / J_ii|`` (about the remaining correction, in x's unit, e.g. m) is at most
@@ -108,7 +115,11 @@ class ImplicitSolve:
             so a 10 cm part with a 3 kN/m nodal stiffness floors near 1e-5 N). Default: 2^-18 of
             ``max |x|`` (about 32 float32 ulps; 40 nm for a 1 cm part).
         max_iterations: Newton iterations before :class:`NotConverged` is raised.
-        cg_tolerance: each CG solve stops at this relative residual.
+        cg_tolerance: the tightest relative residual of Newton's CG solves (each stops at
+            min(0.1, max(cg_tolerance, |r| / |r_0|)), a forcing term of inexact Newton); the
+            adjoint solve stops at ``adjoint_tolerance``.
+        adjoint_tolerance: relative residual of the adjoint CG solve of the backward pass: the
+            gradient's relative accuracy is about this times the Jacobian's condition number.
         cg_max_iterations: CG iterations per linear solve.
         name: how errors name the solve.
     """
@@ -116,19 +127,24 @@ class ImplicitSolve:
     def __init__(self, residual: Callable[[wp.array, wp.array], None], *, params: Sequence[wp.array] = (),
                  energy: Callable[[wp.array], float] | None = None,
                  preconditioner: Callable[[wp.array, wp.array], None] | None = None,
+                 jacobian_product: Callable[[wp.array, wp.array, wp.array], None] | None = None,
                  tolerance: float = 1e-6, step_tolerance: float | None = None, max_iterations: int = 30,
-                 cg_tolerance: float = 1e-4, cg_max_iterations: int = 200, name: str = "implicit solve"):
+                 cg_tolerance: float = 1e-4, cg_max_iterations: int = 200, adjoint_tolerance: float = 1e-6,
+                 name: str = "implicit solve"):
         self.residual = residual
         self.params = list(params)
         self.energy = energy
         self.preconditioner = preconditioner
+        self.jacobian_product = jacobian_product
         self.tolerance = float(tolerance)
         self.step_tolerance = step_tolerance
         self.max_iterations = int(max_iterations)
         self.cg_tolerance = float(cg_tolerance)
+        self.adjoint_tolerance = float(adjoint_tolerance)
         self.cg_max_iterations = int(cg_max_iterations)
         self.name = name
         self.report = NewtonReport()
+        self._launches = LaunchCache()
 
     # -- Jacobian products -----------------------------------------------------------------
     def _jacobian_transpose_product(self, x: wp.array, v: wp.array, out: wp.array) -> None:
@@ -138,7 +154,7 @@ class ImplicitSolve:
         tape = wp.Tape()
         with tape:
             self.residual(probe, r)
-        touched = _arrays_with_gradients(tape, exclude=(probe, r)) + [p for p in self.params if p.grad is not None]
+        touched = arrays_with_gradients(tape, exclude=(probe, r)) + [p for p in self.params if p.grad is not None]
         unique = list({id(a): a for a in touched}.values())
         saved = [wp.clone(a.grad) for a in unique]
         tape.backward(grads={r: _unflat(v, x)})
@@ -153,11 +169,26 @@ class ImplicitSolve:
         return out
 
     # -- linear solve ----------------------------------------------------------------------
-    def _cg(self, x: wp.array, b: wp.array, diag: wp.array | None) -> tuple[wp.array, int]:
+    def _cg(self, x: wp.array, b: wp.array, diag: wp.array | None, *, exact: bool = False,
+            tolerance: float | None = None) -> tuple[wp.array, int]:
         """Solve J s = b (flat float arrays) by preconditioned CG; stops at negative curvature
-        (then returns the iterate so far, or the preconditioned b if there is none)."""
+        (then returns the iterate so far, or the preconditioned b if there is none). Newton's
+        solves use ``jacobian_product`` when one is given; ``exact`` forces the taped Jacobian."""
+        product = self._jacobian_transpose_product
+        if self.jacobian_product is not None:
+            views: dict[int, wp.array] = {}  # p and Ap keep their buffers: view each once
+
+            def product(x, v, out):
+                for a in (v, out):
+                    if a.ptr not in views:
+                        views[a.ptr] = _unflat(a, x)
+                with _no_tape():
+                    done = self.jacobian_product(x, views[v.ptr], views[out.ptr], exact)
+                if done is False:
+                    self._jacobian_transpose_product(x, v, out)
         n = b.shape[0]
         device = b.device
+        launch = self._launches.launch  # the loop's arrays stay the same objects: cached commands
         s = wp.zeros(n, dtype=float, device=device)
         r = wp.clone(b)
         z = wp.zeros_like(r)
@@ -169,20 +200,20 @@ class ImplicitSolve:
         if b_norm == 0.0:
             return s, 0
         for k in range(1, self.cg_max_iterations + 1):
-            self._jacobian_transpose_product(x, p, Ap)
+            product(x, p, Ap)
             curvature = _dot(p, Ap)
             if not curvature > 0.0:
                 if k == 1:
                     wp.copy(s, z)  # no curvature information: a preconditioned gradient step
                 return s, k
             alpha = rz / curvature
-            wp.launch(_axpy, n, [s, p, alpha], [s], device=device)
-            wp.launch(_axpy, n, [r, Ap, -alpha], [r], device=device)
-            if math.sqrt(max(_dot(r, r), 0.0)) <= self.cg_tolerance * b_norm:
+            launch("cg_s", _axpy, n, [s, p, alpha], [s], device)
+            launch("cg_r", _axpy, n, [r, Ap, -alpha], [r], device)
+            if math.sqrt(max(_dot(r, r), 0.0)) <= (tolerance or self.cg_tolerance) * b_norm:
                 return s, k
             self._precondition(r, diag, z)
             rz_new = _dot(r, z)
-            wp.launch(_axpy, n, [z, p, rz_new / rz], [p], device=device)
+            launch("cg_p", _axpy, n, [z, p, rz_new / rz], [p], device)
             rz = rz_new
         return s, self.cg_max_iterations
 
@@ -190,7 +221,7 @@ class ImplicitSolve:
         if diag is None:
             wp.copy(out, r)
         else:
-            wp.launch(_scale_by, r.shape[0], [r, diag], [out], device=r.device)
+            self._launches.launch("precondition", _scale_by, r.shape[0], [r, diag], [out], r.device)
 
     def _inverse_diagonal(self, x: wp.array) -> wp.array | None:
         if self.preconditioner is None:
@@ -247,7 +278,12 @@ class ImplicitSolve:
                 break
             minus_r = wp.zeros(n, dtype=float, device=x.device)
             wp.launch(_axpy, n, [minus_r, _flat(r), -1.0], [minus_r], device=x.device)
-            step, cg_its = self._cg(x, minus_r, inverse_diagonal)
+            # inexact Newton (Eisenstat and Walker's forcing terms): far from the solution a rough
+            # linear solve does as well; the tolerance tightens with the residual's decrease
+            if it == 0:
+                initial = report.residual
+            forcing = min(0.1, max(self.cg_tolerance, report.residual / max(initial, 1e-30)))
+            step, cg_its = self._cg(x, minus_r, inverse_diagonal, tolerance=forcing)
             report.cg_iterations += cg_its
             # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
             # for either, since J is positive definite along it (CG stops at negative curvature)
@@ -319,12 +355,8 @@ class ImplicitSolve:
         x.grad.zero_()  # x* was produced here: its adjoint is consumed, not passed further back
 
     def _adjoint_cg(self, solution: wp.array, x_bar: wp.array) -> tuple[wp.array, int]:
-        tolerance = self.cg_tolerance
-        self.cg_tolerance = min(tolerance, 1e-6)  # the gradient is as accurate as this solve
-        try:
-            return self._cg(solution, x_bar, self._inverse_diagonal(solution))
-        finally:
-            self.cg_tolerance = tolerance
+        return self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
+                        tolerance=self.adjoint_tolerance)
 
 
 def _unflat(v: wp.array, like: wp.array) -> wp.array:
@@ -336,7 +368,7 @@ def _unflat(v: wp.array, like: wp.array) -> wp.array:
     return view
 
 
-def _arrays_with_gradients(tape, exclude=()) -> list:
+def arrays_with_gradients(tape, exclude=()) -> list:
     """Arrays with gradients among the arguments of the tape's launches (struct fields included)."""
     skip = {id(a) for a in exclude}
     found = []

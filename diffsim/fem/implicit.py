@@ -25,9 +25,16 @@ symmetric:
 Backing nodes are not unknowns of the elastic and contact terms (those read their targets, the
 backing's pose at the end of the step), so pinning them keeps the Jacobian symmetric.
 
-The Jacobian may be indefinite far from rest (Neo-Hookean under strong compression): CG then stops
-at the first direction of negative curvature and the line search still descends (see
-:class:`~diffsim.core.implicit.ImplicitSolve`); no per-element projection is done.
+Newton's linear solves use an analytic Jacobian product (``jacobian_product``): exact for the
+inertia, pins, stable Neo-Hookean elasticity and Rayleigh damping, exact for the lagged friction
+(positive semi-definite), and Gauss-Newton for the penalty, which drops the term of the indenter's
+curvature: along the surface of a convex indenter that term is -k A depth / R, at the default
+contact stiffness larger than the pad's own shear stiffness, and it made the exact Jacobian
+indefinite so that CG stopped after a few iterations. The elastic part is not projected: where
+Neo-Hookean compression makes it indefinite, CG stops at the first direction of negative
+curvature and the line search still descends. The residual is exact, so Newton lands on r = 0,
+and the adjoint solve of the backward pass uses the exact (taped) Jacobian. Fixed-corotated tets
+take the taped Jacobian in Newton too (slower, same solution).
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ from __future__ import annotations
 import numpy as np
 import warp as wp
 
-from diffsim.core.implicit import ImplicitSolve
+from diffsim.core.implicit import ImplicitSolve, arrays_with_gradients
 from diffsim.fem.kernels import (
+    STABLE_NEO_HOOKEAN,
+    cofactor,
     edge_matrix,
     first_piola_stress,
     lame_parameters,
@@ -210,6 +219,120 @@ def contact_forces(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3),
     contact_force_out[i] = f
 
 
+# -- Newton's Jacobian products: exact elastic and damping terms, Gauss-Newton contact -------------
+
+@wp.func
+def _stable_neo_hookean_differential(F: wp.mat33, dF: wp.mat33, mu: float, lam: float):
+    """dP of :func:`first_piola_stress`'s stable Neo-Hookean along dF (exact)."""
+    mu_s = mu * (4.0 / 3.0)
+    lam_s = lam + mu * (5.0 / 6.0)
+    alpha = 1.0 + 0.75 * mu_s / lam_s
+    stretch = wp.ddot(F, F)
+    C = cofactor(F)
+    f0 = wp.vec3(F[0, 0], F[1, 0], F[2, 0])
+    f1 = wp.vec3(F[0, 1], F[1, 1], F[2, 1])
+    f2 = wp.vec3(F[0, 2], F[1, 2], F[2, 2])
+    d0 = wp.vec3(dF[0, 0], dF[1, 0], dF[2, 0])
+    d1 = wp.vec3(dF[0, 1], dF[1, 1], dF[2, 1])
+    d2 = wp.vec3(dF[0, 2], dF[1, 2], dF[2, 2])
+    dC = wp.matrix_from_cols(wp.cross(d1, f2) + wp.cross(f1, d2), wp.cross(d2, f0) + wp.cross(f2, d0),
+                             wp.cross(d0, f1) + wp.cross(f0, d1))
+    a = mu_s * (1.0 - 1.0 / (stretch + 1.0))
+    da = mu_s * 2.0 * wp.ddot(F, dF) / ((stretch + 1.0) * (stretch + 1.0))
+    return a * dF + da * F + (lam_s * wp.ddot(C, dF)) * C + (lam_s * (wp.determinant(F) - alpha)) * dC
+
+
+@wp.kernel
+def node_jacobian_product(v: wp.array(dtype=wp.vec3), node_body: wp.array(dtype=int), node_mass: wp.array(dtype=float),
+                          node_fixed: wp.array(dtype=int), body_damping: wp.array(dtype=float),
+                          pin_stiffness: wp.array(dtype=float), inertia: float, inv_dt: float,
+                          out: wp.array(dtype=wp.vec3)):
+    i = wp.tid()
+    if node_fixed[i] != 0:
+        out[i] = pin_stiffness[i] * v[i]
+    else:
+        out[i] = (node_mass[i] * (inertia + body_damping[node_body[i]] * inv_dt)) * v[i]
+
+
+@wp.kernel
+def tet_jacobian_product(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3), v: wp.array(dtype=wp.vec3),
+                         node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dtype=wp.vec4i),
+                         tet_rest_inverse: wp.array(dtype=wp.mat33), tet_rest_volume: wp.array(dtype=float),
+                         tet_young_modulus: wp.array(dtype=float), tet_poisson_ratio: wp.array(dtype=float),
+                         tet_damping: wp.array(dtype=float), inv_dt: float, out: wp.array(dtype=wp.vec3)):
+    """The stable Neo-Hookean tets' share of J v (backing nodes are no unknowns: their v is 0)."""
+    t = wp.tid()
+    n = tet_nodes[t]
+    zero = wp.vec3(0.0)
+    v0 = wp.where(node_fixed[n[0]] != 0, zero, v[n[0]])
+    v1 = wp.where(node_fixed[n[1]] != 0, zero, v[n[1]])
+    v2 = wp.where(node_fixed[n[2]] != 0, zero, v[n[2]])
+    v3 = wp.where(node_fixed[n[3]] != 0, zero, v[n[3]])
+    Dm_inv = tet_rest_inverse[t]
+    F = edge_matrix(_position(x, target, node_fixed, n[0]), _position(x, target, node_fixed, n[1]),
+                    _position(x, target, node_fixed, n[2]), _position(x, target, node_fixed, n[3])) @ Dm_inv
+    dF = edge_matrix(v0, v1, v2, v3) @ Dm_inv
+    lame = lame_parameters(tet_young_modulus[t], tet_poisson_ratio[t])
+    dP = _stable_neo_hookean_differential(F, dF, lame[0], lame[1])
+    dsym = 0.5 * (dF + wp.transpose(dF))
+    dP = dP + (tet_damping[t] * inv_dt) * (2.0 * lame[0] * dsym + lame[1] * wp.trace(dF) * wp.identity(3, float))
+    H = tet_rest_volume[t] * (dP @ wp.transpose(Dm_inv))
+    g1 = wp.vec3(H[0, 0], H[1, 0], H[2, 0])
+    g2 = wp.vec3(H[0, 1], H[1, 1], H[2, 1])
+    g3 = wp.vec3(H[0, 2], H[1, 2], H[2, 2])
+    if node_fixed[n[0]] == 0:
+        wp.atomic_add(out, n[0], -(g1 + g2 + g3))
+    if node_fixed[n[1]] == 0:
+        wp.atomic_add(out, n[1], g1)
+    if node_fixed[n[2]] == 0:
+        wp.atomic_add(out, n[2], g2)
+    if node_fixed[n[3]] == 0:
+        wp.atomic_add(out, n[3], g3)
+
+
+@wp.kernel
+def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), v: wp.array(dtype=wp.vec3),
+                             node_fixed: wp.array(dtype=int), node_body: wp.array(dtype=int),
+                             node_contact_area: wp.array(dtype=float), body_world: wp.array(dtype=int),
+                             body_contact_stiffness: wp.array(dtype=float), colliders: ColliderSet, smoothing: float,
+                             friction_velocity: float, dt: float, lagged_force: wp.array2d(dtype=float),
+                             lagged_normal: wp.array2d(dtype=wp.vec3), lagged_velocity: wp.array2d(dtype=wp.vec3),
+                             out: wp.array(dtype=wp.vec3)):
+    """Gauss-Newton contact share of J v: the penalty's k A s'(depth) n n^T without the term of the
+    surface's curvature (which makes the exact Jacobian indefinite along the surface of a convex
+    indenter: -k A depth / R, larger than the pad's own shear stiffness at the default k), and the
+    lagged friction's exact, positive semi-definite Jacobian."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    if area > 0.0 and node_fixed[i] == 0:
+        body = node_body[i]
+        world = body_world[body]
+        p = x[i]
+        dv = v[i]
+        total = wp.vec3(0.0)
+        for c in range(wp.static(MAX_COLLIDERS)):
+            if c < colliders.count:
+                slot = collider_slot(colliders, world, c)
+                q = collider_query(colliders, c, slot, p)
+                depth = -q.distance
+                slope = float(0.0)
+                if depth >= smoothing:
+                    slope = 1.0
+                elif depth > -smoothing:
+                    slope = (depth + smoothing) / (2.0 * smoothing)
+                total = total + (body_contact_stiffness[body] * area * slope * wp.dot(q.normal, dv)) * q.normal
+                lam = lagged_force[i, c]
+                if lam > 0.0:
+                    nrm = lagged_normal[i, c]
+                    step = p - x_start[i] - dt * lagged_velocity[i, c]
+                    slip = (step - wp.dot(step, nrm) * nrm) / dt
+                    speed = wp.sqrt(wp.dot(slip, slip) + friction_velocity * friction_velocity)
+                    tangent = (dv - wp.dot(dv, nrm) * nrm) / dt
+                    total = total + (colliders.friction[c] * lam / speed) * (
+                        tangent - (wp.dot(slip, tangent) / (speed * speed)) * slip)
+        out[i] = out[i] + total
+
+
 # -- the potential whose gradient the residual is (for the line search) ---------------------------
 
 @wp.func
@@ -340,6 +463,7 @@ class ImplicitFEMStep:
         self.solver = solver
         self.integrator = integrator
         self._stiffness = elastic_diagonal(model)
+        self._all_stable_neo_hookean = bool(np.all(model.tet_material.numpy() == int(STABLE_NEO_HOOKEAN)))
         self.report = None  #: the last step's NewtonReport
 
     def _pin_and_diagonal(self, model, dt: float) -> tuple[wp.array, np.ndarray]:
@@ -411,13 +535,53 @@ class ImplicitFEMStep:
         def preconditioner(x, d):
             wp.copy(d, diagonal)
 
-        solve = ImplicitSolve(residual, energy=energy, preconditioner=preconditioner, tolerance=s.newton_tolerance,
+        launch = s._launches.launch  # CG calls this hundreds of times with the same arrays
+
+        def contact_exact(x, v, out):
+            # the penalty's curvature term has no closed form for every collider shape: the exact
+            # contact share comes from the tape of the contact residual alone
+            probe = wp.clone(x, requires_grad=True)
+            r = wp.zeros_like(x, requires_grad=True)
+            tape = wp.Tape()
+            with tape:
+                wp.launch(contact_residual, n,
+                          [probe, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
+                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                           s.friction_velocity, dt, lam, normal, velocity], [r], device=device)
+            saved = [(a, wp.clone(a.grad)) for a in arrays_with_gradients(tape, exclude=(probe, r))]
+            tape.backward(grads={r: v})
+            for a, g in saved:
+                wp.copy(a.grad, g)
+            wp.launch(_add_vec3, n, [probe.grad], [out], device=device)
+
+        def jacobian_product(x, v, out, exact):
+            launch("jv_nodes", node_jacobian_product, n,
+                   [v, model.node_body, model.node_mass, model.node_fixed, model.body_damping, pin, inertia,
+                    0.0 if quasistatic else inv_dt], [out], device)
+            launch("jv_tets", tet_jacobian_product, model.tet_count,
+                   [x, target, v, model.node_fixed, model.tet_nodes, model.tet_rest_inverse, model.tet_rest_volume,
+                    model.tet_young_modulus, model.tet_poisson_ratio, model.tet_damping,
+                    0.0 if quasistatic else inv_dt], [out], device)
+            if model.collider_count and exact:
+                contact_exact(x, v, out)
+            elif model.collider_count:
+                launch("jv_contacts", contact_jacobian_product, n,
+                       [x, state_in.node_x, v, model.node_fixed, model.node_body, model.node_contact_area,
+                        model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                        s.friction_velocity, dt, lam, normal, velocity], [out], device)
+            return True
+
+        # the analytic products cover stable Neo-Hookean tets; fixed-corotated ones take the taped Jacobian
+        fast = self._all_stable_neo_hookean
+        solve = ImplicitSolve(residual, energy=energy, preconditioner=preconditioner,
+                              jacobian_product=jacobian_product if fast else None, tolerance=s.newton_tolerance,
                               max_iterations=s.newton_iterations, cg_tolerance=s.cg_tolerance,
-                              cg_max_iterations=s.cg_iterations, name=f"{self.integrator} FEM step")
+                              cg_max_iterations=s.cg_iterations, adjoint_tolerance=s.adjoint_tolerance,
+                              name=f"{self.integrator} FEM step")
         x = wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=grad)
-        # initial guess: the explicit predictor (quasi-static: the last configuration)
-        wp.launch(_predict, n, [state_in.node_x, state_in.node_v, target, model.node_fixed,
-                                0.0 if quasistatic else dt], [x], device=device)
+        # initial guess: x + h v, the explicit predictor; for quasi-static frames v is the last
+        # frame's displacement over its duration, so this extrapolates the motion
+        wp.launch(_predict, n, [state_in.node_x, state_in.node_v, target, model.node_fixed, dt], [x], device=device)
         self.report = solve.solve(x)
         wp.launch(finish_step, n, [x, state_in.node_x, target, model.node_fixed, inv_dt],
                   [state_out.node_x, state_out.node_v], device=device)
@@ -428,6 +592,12 @@ class ImplicitFEMStep:
                        s.friction_velocity, dt, lam, normal, velocity], [state_out.node_contact_force], device=device)
         else:
             state_out.node_contact_force.zero_()
+
+
+@wp.kernel
+def _add_vec3(a: wp.array(dtype=wp.vec3), out: wp.array(dtype=wp.vec3)):
+    i = wp.tid()
+    out[i] = out[i] + a[i]
 
 
 @wp.kernel

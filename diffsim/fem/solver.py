@@ -45,13 +45,15 @@ class FEMSolver(PooledScratchSolver, Solver):
             than this [N].
         newton_iterations: Newton iterations per implicit step before it raises
             :class:`~diffsim.core.implicit.NotConverged`.
-        cg_tolerance: relative residual of each conjugate-gradient solve.
+        cg_tolerance: the tightest relative residual of Newton's conjugate-gradient solves.
+        adjoint_tolerance: relative residual of the backward pass's adjoint CG solve.
         cg_iterations: CG iterations per linear solve.
     """
 
     def __init__(self, model: FEMModel, *, integrator: str = "explicit", stability: float = 0.5,
                  contact_smoothing: float = 1e-6, friction_velocity: float = 1e-3, newton_tolerance: float = 1e-5,
-                 newton_iterations: int = 50, cg_tolerance: float = 1e-3, cg_iterations: int = 500):
+                 newton_iterations: int = 50, cg_tolerance: float = 1e-3, cg_iterations: int = 500,
+                 adjoint_tolerance: float = 1e-5):
         if integrator not in INTEGRATORS:
             raise InvalidParameter("integrator", integrator, ", ".join(f"'{i}'" for i in INTEGRATORS))
         if not (newton_tolerance > 0 and math.isfinite(newton_tolerance)):
@@ -59,12 +61,14 @@ class FEMSolver(PooledScratchSolver, Solver):
         for name, value in (("newton_iterations", newton_iterations), ("cg_iterations", cg_iterations)):
             if not (isinstance(value, int) and value >= 1):
                 raise InvalidParameter(name, value, "positive integers")
-        if not (0 < cg_tolerance < 1):
-            raise InvalidParameter("cg_tolerance", cg_tolerance, "(0, 1)")
+        for name, value in (("cg_tolerance", cg_tolerance), ("adjoint_tolerance", adjoint_tolerance)):
+            if not (0 < value < 1):
+                raise InvalidParameter(name, value, "(0, 1)")
         self.integrator = integrator
         self.newton_tolerance = float(newton_tolerance)
         self.newton_iterations = newton_iterations
         self.cg_tolerance = float(cg_tolerance)
+        self.adjoint_tolerance = float(adjoint_tolerance)
         self.cg_iterations = cg_iterations
         self._implicit = None if integrator == "explicit" else ImplicitFEMStep(self, model, integrator)
         if not (0 < stability <= 1):
