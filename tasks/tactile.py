@@ -350,6 +350,9 @@ class FollowConfig(TactileConfig):
     #: force at a frame's end a sample of that ringing (FD gradients scattered by 5-20%); about 1.5%
     #: of critical at 100 Hz
     pad_damping_time: float = 5e-5
+    #: the pad's FEM integrator: "explicit" (substeps at the stability limit) or "implicit"
+    #: (one backward-Euler step per frame, see diffsim.fem.implicit)
+    integrator: str = "explicit"
     tilt_rate: float = 4.0  #: largest tilt rate of the pad about world x and y [rad/s]
     sphere_radius: float = 0.05  #: [m]
     friction: float = 0.3  #: Coulomb coefficient pad-sphere [-]
@@ -362,6 +365,8 @@ class FollowConfig(TactileConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.integrator not in ("explicit", "implicit", "quasistatic"):
+            raise InvalidParameter("integrator", self.integrator, "'explicit', 'implicit' or 'quasistatic'")
         _in("tilt_rate", self.tilt_rate, 1e-3, 50.0, "rad/s")
         _in("sphere_radius", self.sphere_radius, 0.015, 1.0, "m")
         _in("friction", self.friction, 0.0, 5.0, "")
@@ -439,7 +444,7 @@ class SurfaceFollow(TactileTask):
         self.sphere = fem.add_collider(collider_sphere(c.sphere_radius, position=tuple(self._center),
                                                        friction=c.friction))
         model = fem.finalize(device, requires_grad=True)
-        solver = FEMSolver(model)
+        solver = FEMSolver(model, integrator=c.integrator)
         actuators = [velocity_actuator("sensor", "body_velocity", pads, limit=c.speed),
                      velocity_actuator("tilt", "body_angular_velocity", pads, axes=(0, 1), limit=c.tilt_rate,
                                        unit="rad/s", labels=("wx", "wy"))]

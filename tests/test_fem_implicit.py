@@ -126,3 +126,21 @@ def test_hertz_contact_under_quasistatic_steps():
     exponent, magnitude = validation.hertz_indentation(device="cpu", integrator="quasistatic")
     assert exponent.passed, exponent
     assert magnitude.passed, magnitude
+
+
+def test_surface_follow_runs_on_the_implicit_integrator():
+    # one backward-Euler step per frame instead of the explicit substeps
+    import diffsim.tasks  # noqa: F401
+    from diffsim.tasks.env import TaskEnv, task_type
+
+    env = TaskEnv(task_type("diffsim/SurfaceFollow-v0"), integrator="implicit",
+                  **{**task_type("diffsim/SurfaceFollow-v0").tiny, "frame_dt": 2e-3})
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        action = np.zeros(env.action_space.shape, np.float32)
+        action[2] = -0.05
+        obs, reward, *_ = env.step(action)
+        assert np.all(np.isfinite(obs)) and np.isfinite(reward)
+    assert env.unwrapped.task.scene.substeps_for(env.unwrapped.batch.state) == 1
+    with pytest.raises(InvalidParameter, match="integrator"):
+        TaskEnv(task_type("diffsim/SurfaceFollow-v0"), integrator="rk4")
