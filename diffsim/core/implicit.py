@@ -288,7 +288,7 @@ class ImplicitSolve:
             # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
             # for either, since J is positive definite along it (CG stops at negative curvature)
             merit0, rounding = self._merit(x, r)
-            slope = -_dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r = grad)
+            slope = _dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r is its gradient)
             if self.energy is None:
                 jr = wp.zeros(n, dtype=float, device=x.device)
                 self._jacobian_transpose_product(x, _flat(r), jr)

@@ -169,6 +169,8 @@ class MPMSolver(Solver):
             # one view object per (array, shape): cached launch commands then need no re-packing
             view = self._views.get((name, grid_shape))
             if view is None:
+                if len(self._views) > 512:  # the active box wanders: forget old shapes
+                    self._views.clear()
                 view = wp.array(ptr=self._buffers[name].ptr, dtype=dtype, shape=grid_shape, device=device)
                 view._keepalive = self._buffers[name]  # a view does not own its memory
                 self._views[(name, grid_shape)] = view
