@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
         sub.add_argument("--no-gradients", action="store_true", help="skip the finite-difference gradient checks")
+        if solver == "tactile":
+            sub.add_argument("--integrator", choices=("explicit", "implicit", "quasistatic"), default="explicit",
+                             help="FEM integrator the checks step with (default: explicit)")
         sub.set_defaults(handler=_run_validate)
 
     bench = commands.add_parser("bench", help="speed and memory figures")
@@ -171,11 +174,12 @@ def _run_validate(args: argparse.Namespace, device: str) -> int:
         physics_only = [n for n in args.only if n in physics_names]
         gradient_only = [n for n in args.only if n in gradient_names]
 
+    options = {"integrator": args.integrator} if getattr(args, "integrator", "explicit") != "explicit" else {}
     results = []
     if physics_only:
-        results += validation.run_physics_checks(device=device, only=physics_only)
+        results += validation.run_physics_checks(device=device, only=physics_only, **options)
     if gradient_only:
-        results += validation.run_gradient_checks(device=device, only=gradient_only)
+        results += validation.run_gradient_checks(device=device, only=gradient_only, **options)
     print(to_json(results) if args.json else format_table(results))
     return 0 if all(r.passed for r in results) else EXIT_CHECKS_FAILED
 

@@ -144,3 +144,41 @@ def test_surface_follow_runs_on_the_implicit_integrator():
     assert env.unwrapped.task.scene.substeps_for(env.unwrapped.batch.state) == 1
     with pytest.raises(InvalidParameter, match="integrator"):
         TaskEnv(task_type("diffsim/SurfaceFollow-v0"), integrator="rk4")
+
+
+@pytest.mark.parametrize("integrator", ["implicit", "quasistatic"])
+def test_sliding_friction_ratio_under_implicit_steps(integrator):
+    # the tactile validation's sliding check: steady tangential / normal force = mu within 5%
+    # (explicit 2.9%; the lagged friction here reads 0.13%)
+    from diffsim.fem import validation
+
+    result = validation.sliding_friction(device="cpu", integrator=integrator)
+    assert result.passed, result
+
+
+def test_resting_block_equilibrium_under_backward_euler():
+    from diffsim.fem import validation
+
+    result = validation.resting_equilibrium(device="cpu", integrator="implicit")
+    assert result.passed, result
+
+
+def test_quasistatic_steps_refuse_a_free_body():
+    builder = FEMBuilder()
+    builder.add_body(tet_mesh_pad((0.01, 0.01, 0.01), (2, 2, 2)), young_modulus=E, poisson_ratio=0.3, density=RHO)
+    model = builder.finalize("cpu")
+    with pytest.raises(ConfigError, match="body 0 has 0, so its rigid motions are undetermined"):
+        FEMSolver(model, integrator="quasistatic")
+
+
+def test_validate_command_takes_an_integrator(capsys):
+    import json
+
+    from diffsim.cli import main
+
+    code = main(["validate", "tactile", "--integrator", "quasistatic", "--only", "sliding", "patch", "--json",
+                 "--device", "cpu"])
+    assert code == 0
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["sliding: tangential / normal force"]["passed"]
+    assert checks["patch test: interior force / boundary force"]["passed"]

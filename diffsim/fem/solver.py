@@ -70,6 +70,13 @@ class FEMSolver(PooledScratchSolver, Solver):
         self.cg_tolerance = float(cg_tolerance)
         self.adjoint_tolerance = float(adjoint_tolerance)
         self.cg_iterations = cg_iterations
+        if integrator == "quasistatic":
+            fixed = np.bincount(model.node_body.numpy()[model.node_fixed.numpy() != 0], minlength=model.num_bodies)
+            if np.any(fixed < 3):
+                body = int(np.flatnonzero(fixed < 3)[0])
+                raise ConfigError(f"quasi-static steps need every body held by its backing (3 or more fixed nodes); "
+                                  f"body {body} has {int(fixed[body])}, so its rigid motions are undetermined. "
+                                  "Use integrator='implicit' for free bodies.")
         self._implicit = None if integrator == "explicit" else ImplicitFEMStep(self, model, integrator)
         if not (0 < stability <= 1):
             raise InvalidParameter("stability", stability, "(0, 1]")

@@ -7,6 +7,7 @@ Checks of the sensor in two-way contact with other solvers live in :mod:`diffsim
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -115,23 +116,24 @@ def hertz_indentation(*, device: str | None = None, resolution: int = 28, hold_s
 
 
 @timed
-def sliding_friction(*, device: str | None = None, friction: float = 0.4) -> CheckResult:
+def sliding_friction(*, device: str | None = None, friction: float = 0.4, integrator: str = "explicit") -> CheckResult:
     """A flat rigid plate, wider than the pad, pressed 0.1 mm into it slides across it at 20 mm/s:
     in steady sliding the tangential to normal force ratio on the sensor equals the friction
-    coefficient (5%). (A sphere would add the tilt of its normals to the ratio.)"""
+    coefficient (5%). (A sphere would add the tilt of its normals to the ratio.) The implicit
+    integrators take 1 ms (implicit) or 5 ms (quasi-static) steps."""
     half, thickness = 5e-3, 4e-3
     mesh = tet_mesh_pad((16e-3, 16e-3, thickness), (12, 12, 4), grading=2.0)
     model = _pad_sensor(mesh, young_modulus=1e5, poisson_ratio=0.4, density=quasi_static_density(mesh, 1000.0),
                         damping=800.0, device=device,
                         colliders=[collider_box((20e-3, 20e-3, half), position=(0.0, 0.0, thickness + half),
                                                 friction=friction)])
-    solver = FEMSolver(model, stability=0.9)
-    dt = solver.max_stable_dt(model)
+    solver = FEMSolver(model, stability=0.9, integrator=integrator)
+    dt = {"explicit": solver.max_stable_dt(model), "implicit": 1e-3, "quasistatic": 5e-3}[integrator]
     press = model.control()
-    press_steps = 400
+    press_steps = 400 if integrator == "explicit" else 10
     press.collider_velocity.assign(np.array([[0.0, 0.0, -0.1e-3 / (press_steps * dt)]], dtype=np.float32))
     state = simulate(model, solver, model.state(), press_steps, dt, control=press)
-    state = simulate(model, solver, state, 400, dt)
+    state = simulate(model, solver, state, press_steps, dt)
     speed = 0.02
     slide = model.control()
     slide.collider_velocity.assign(np.array([[speed, 0.0, 0.0]], dtype=np.float32))
@@ -151,18 +153,19 @@ def sliding_friction(*, device: str | None = None, friction: float = 0.4) -> Che
 
 
 @timed
-def resting_equilibrium(*, device: str | None = None) -> CheckResult:
+def resting_equilibrium(*, device: str | None = None, integrator: str = "explicit") -> CheckResult:
     """An elastic block (10 mm cube, 1000 kg/m^3) dropped onto the ground settles: the summed
-    contact force equals its weight (2%)."""
+    contact force equals its weight (2%). The implicit integrators take 1 ms (implicit) or 10 ms
+    (quasi-static) steps."""
     mesh = tet_mesh_pad((10e-3, 10e-3, 10e-3), (4, 4, 4))
     builder = FEMBuilder(gravity=(0.0, 0.0, -GRAVITY))
     builder.add_body(mesh, position=(0.0, 0.0, 0.2e-3), young_modulus=5e4, poisson_ratio=0.3, density=1000.0,
                      damping=200.0)
     builder.add_ground(friction=0.5)
     model = builder.finalize(device)
-    solver = FEMSolver(model)
-    dt = solver.max_stable_dt(model)
-    state = simulate(model, solver, model.state(), int(0.15 / dt), dt)
+    solver = FEMSolver(model, integrator=integrator)
+    dt = {"explicit": solver.max_stable_dt(model), "implicit": 1e-3, "quasistatic": 1e-2}[integrator]
+    state = simulate(model, solver, model.state(), int(round(0.15 / dt)), dt)
     weight = float(model.node_mass.numpy().astype(np.float64).sum() * GRAVITY)
     support = float(state.node_contact_force.numpy().astype(np.float64)[:, 2].sum())
     return CheckResult("equilibrium: contact force / weight", support, weight, abs(support / weight - 1.0), 0.02,
@@ -314,9 +317,26 @@ GRADIENT_CHECKS = {
 }
 
 
-def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
-    """Run the physics checks (all, or those named in ``only``) and return their results."""
-    return run_checks(PHYSICS_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
+#: the physics checks that step in time, and so take an ``integrator`` (the patch test evaluates
+#: forces only); quasi-static steps cannot hold the free block of the equilibrium check
+STEPPED_CHECKS = {"explicit": ("hertz", "sliding", "equilibrium"), "implicit": ("hertz", "sliding", "equilibrium"),
+                  "quasistatic": ("hertz", "sliding")}
+
+
+def run_physics_checks(*, device: str | None = None, only: list[str] | None = None,
+                       integrator: str = "explicit") -> list[CheckResult]:
+    """Run the physics checks (all, or those named in ``only``) and return their results; with an
+    implicit ``integrator`` the stepped checks take it (and the others run unchanged, except the
+    free-block equilibrium, which quasi-static steps cannot hold and is left out)."""
+    checks = {}
+    for name, check in PHYSICS_CHECKS.items():
+        if name in STEPPED_CHECKS["explicit"] and name not in STEPPED_CHECKS[integrator]:
+            continue
+        if integrator != "explicit" and name in STEPPED_CHECKS[integrator]:
+            checks[name] = functools.partial(check, integrator=integrator)
+        else:
+            checks[name] = check
+    return run_checks(checks, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
 
 
 def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None,
