@@ -182,3 +182,37 @@ def test_validate_command_takes_an_integrator(capsys):
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
     assert checks["sliding: tangential / normal force"]["passed"]
     assert checks["patch test: interior force / boundary force"]["passed"]
+
+
+def test_exact_jacobian_product_with_a_sphere_in_contact_equals_the_taped_one():
+    # the adjoint's product (analytic, sphere curvature term included) against the taped Jacobian
+    # of the residual, at a configuration where the indenter presses and drags on the pad
+    import diffsim.core.implicit as implicit
+    from diffsim.fem import validation
+
+    model, solver, _, state0, controls, frame_dt = validation.indentation_scene(integrator="quasistatic")
+    captured = {}
+    original = implicit.ImplicitSolve.solve
+
+    def capture(self, x):
+        report = original(self, x)
+        captured["solve"], captured["x"] = self, wp.clone(x)
+        return report
+
+    implicit.ImplicitSolve.solve = capture
+    try:
+        a, b = model.state(), model.state()
+        for control in controls[:3]:
+            solver.step(model, a, b, control, frame_dt)
+            a, b = b, a
+    finally:
+        implicit.ImplicitSolve.solve = original
+    assert np.abs(a.node_contact_force.numpy()).sum() > 0.05  # in contact
+    solve, x = captured["solve"], captured["x"]
+    v = wp.array(np.random.default_rng(4).standard_normal((model.node_count, 3)).astype(np.float32), dtype=wp.vec3)
+    taped = wp.zeros(3 * model.node_count, dtype=float)
+    solve._jacobian_transpose_product(x, implicit._flat(v), taped)
+    exact = wp.zeros_like(v)
+    solve.jacobian_product(x, v, exact, True)
+    expected = taped.numpy().reshape(-1, 3)
+    np.testing.assert_allclose(exact.numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

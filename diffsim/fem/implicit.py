@@ -43,6 +43,7 @@ import numpy as np
 import warp as wp
 
 from diffsim.core.implicit import ImplicitSolve, arrays_with_gradients
+from diffsim.core.parallel import launch_items
 from diffsim.fem.kernels import (
     STABLE_NEO_HOOKEAN,
     cofactor,
@@ -59,8 +60,10 @@ from diffsim.geometry.colliders import (
     collider_slot,
     collider_surface_velocity,
 )
+from diffsim.geometry.shapes import ShapeType
 
 INTEGRATORS = ("explicit", "implicit", "quasistatic")
+SPHERE_SHAPE = wp.constant(int(ShapeType.SPHERE))
 
 
 @wp.func
@@ -259,9 +262,9 @@ def tet_jacobian_product(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.v
                          node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dtype=wp.vec4i),
                          tet_rest_inverse: wp.array(dtype=wp.mat33), tet_rest_volume: wp.array(dtype=float),
                          tet_young_modulus: wp.array(dtype=float), tet_poisson_ratio: wp.array(dtype=float),
-                         tet_damping: wp.array(dtype=float), inv_dt: float, out: wp.array(dtype=wp.vec3)):
+                         tet_damping: wp.array(dtype=float), inv_dt: float, offset: int, out: wp.array(dtype=wp.vec3)):
     """The stable Neo-Hookean tets' share of J v (backing nodes are no unknowns: their v is 0)."""
-    t = wp.tid()
+    t = wp.tid() + offset
     n = tet_nodes[t]
     zero = wp.vec3(0.0)
     v0 = wp.where(node_fixed[n[0]] != 0, zero, v[n[0]])
@@ -297,11 +300,12 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
                              body_contact_stiffness: wp.array(dtype=float), colliders: ColliderSet, smoothing: float,
                              friction_velocity: float, dt: float, lagged_force: wp.array2d(dtype=float),
                              lagged_normal: wp.array2d(dtype=wp.vec3), lagged_velocity: wp.array2d(dtype=wp.vec3),
-                             out: wp.array(dtype=wp.vec3)):
+                             exact: int, out: wp.array(dtype=wp.vec3)):
     """Gauss-Newton contact share of J v: the penalty's k A s'(depth) n n^T without the term of the
     surface's curvature (which makes the exact Jacobian indefinite along the surface of a convex
     indenter: -k A depth / R, larger than the pad's own shear stiffness at the default k), and the
-    lagged friction's exact, positive semi-definite Jacobian."""
+    lagged friction's exact, positive semi-definite Jacobian. With ``exact`` the curvature term of
+    spheres is added (planes have none): the exact product, for the adjoint solve."""
     i = wp.tid()
     area = node_contact_area[i]
     if area > 0.0 and node_fixed[i] == 0:
@@ -321,6 +325,11 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
                 elif depth > -smoothing:
                     slope = (depth + smoothing) / (2.0 * smoothing)
                 total = total + (body_contact_stiffness[body] * area * slope * wp.dot(q.normal, dv)) * q.normal
+                if exact != 0 and colliders.shape[c] == SPHERE_SHAPE and depth > -smoothing:
+                    # d n / d x = (I - n n^T) / |x - centre| for a sphere
+                    centre_distance = q.distance + colliders.size[c][0]
+                    curvature = body_contact_stiffness[body] * area * smooth_penetration(depth, smoothing)
+                    total = total - (curvature / centre_distance) * (dv - wp.dot(dv, q.normal) * q.normal)
                 lam = lagged_force[i, c]
                 if lam > 0.0:
                     nrm = lagged_normal[i, c]
@@ -464,6 +473,9 @@ class ImplicitFEMStep:
         self.integrator = integrator
         self._stiffness = elastic_diagonal(model)
         self._all_stable_neo_hookean = bool(np.all(model.tet_material.numpy() == int(STABLE_NEO_HOOKEAN)))
+        # spheres and planes have an analytic exact contact Jacobian; other shapes use the tape's
+        shapes = model.collider_shape.numpy()
+        self._analytic_contact = bool(np.all(np.isin(shapes, [int(ShapeType.SPHERE), int(ShapeType.PLANE)])))
         self.report = None  #: the last step's NewtonReport
 
     def _pin_and_diagonal(self, model, dt: float) -> tuple[wp.array, np.ndarray]:
@@ -558,17 +570,19 @@ class ImplicitFEMStep:
             launch("jv_nodes", node_jacobian_product, n,
                    [v, model.node_body, model.node_mass, model.node_fixed, model.body_damping, pin, inertia,
                     0.0 if quasistatic else inv_dt], [out], device)
-            launch("jv_tets", tet_jacobian_product, model.tet_count,
-                   [x, target, v, model.node_fixed, model.tet_nodes, model.tet_rest_inverse, model.tet_rest_volume,
-                    model.tet_young_modulus, model.tet_poisson_ratio, model.tet_damping,
-                    0.0 if quasistatic else inv_dt], [out], device)
-            if model.collider_count and exact:
+            # the products' dominant cost: split over the CPU's cores (chunks add into private copies)
+            launch_items(tet_jacobian_product, model.tet_count,
+                         [x, target, v, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
+                          model.tet_rest_volume, model.tet_young_modulus, model.tet_poisson_ratio, model.tet_damping,
+                          0.0 if quasistatic else inv_dt], [out], device=device, scattered_outputs=True,
+                         cache=s._launches, site="jv_tets")
+            if model.collider_count and exact and not self._analytic_contact:
                 contact_exact(x, v, out)
             elif model.collider_count:
                 launch("jv_contacts", contact_jacobian_product, n,
                        [x, state_in.node_x, v, model.node_fixed, model.node_body, model.node_contact_area,
                         model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                        s.friction_velocity, dt, lam, normal, velocity], [out], device)
+                        s.friction_velocity, dt, lam, normal, velocity, int(exact)], [out], device)
             return True
 
         # the analytic products cover stable Neo-Hookean tets; fixed-corotated ones take the taped Jacobian

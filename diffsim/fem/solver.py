@@ -52,7 +52,7 @@ class FEMSolver(PooledScratchSolver, Solver):
 
     def __init__(self, model: FEMModel, *, integrator: str = "explicit", stability: float = 0.5,
                  contact_smoothing: float = 1e-6, friction_velocity: float = 1e-3, newton_tolerance: float = 1e-5,
-                 newton_iterations: int = 50, cg_tolerance: float = 1e-3, cg_iterations: int = 500,
+                 newton_iterations: int = 50, cg_tolerance: float = 1e-2, cg_iterations: int = 500,
                  adjoint_tolerance: float = 1e-5):
         if integrator not in INTEGRATORS:
             raise InvalidParameter("integrator", integrator, ", ".join(f"'{i}'" for i in INTEGRATORS))
