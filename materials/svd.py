@@ -66,20 +66,6 @@ class SVD3:
     V: wp.mat33
 
 
-@wp.struct
-class _Rotated:
-    """Entries of a symmetric 3x3 S touched by one Jacobi rotation in the (p, q) plane: the two
-    diagonal entries, the two off-diagonal entries (k, p) and (k, q) of the third index k, and the
-    rotated columns p and q of V (S_pq itself becomes 0)."""
-
-    s_pp: float
-    s_qq: float
-    s_kp: float
-    s_kq: float
-    v_p: wp.vec3
-    v_q: wp.vec3
-
-
 # A rotation is skipped, and the iteration stops, once off-diagonal entries are this small
 # relative to the diagonal: float32 cannot resolve them further.
 JACOBI_TOLERANCE = wp.constant(1.0e-7)
@@ -88,26 +74,17 @@ JACOBI_MAX_SWEEPS = wp.constant(6)
 
 @wp.func
 def _jacobi_rotation(s_pp: float, s_qq: float, s_pq: float, s_kp: float, s_kq: float, v_p: wp.vec3, v_q: wp.vec3):
-    # the rotation that zeroes S_pq, with the smaller of the two angles (Golub & Van Loan, Alg. 8.5.1)
-    r = _Rotated()
-    r.s_pp = s_pp
-    r.s_qq = s_qq
-    r.s_kp = s_kp
-    r.s_kq = s_kq
-    r.v_p = v_p
-    r.v_q = v_q
-    if wp.abs(s_pq) > JACOBI_TOLERANCE * (wp.abs(s_pp) + wp.abs(s_qq)) + 1.0e-30:
-        tau = (s_qq - s_pp) / (2.0 * s_pq)
-        t = wp.sign(tau) / (wp.abs(tau) + wp.sqrt(1.0 + tau * tau))
-        c = 1.0 / wp.sqrt(1.0 + t * t)
-        s = t * c
-        r.s_pp = s_pp - t * s_pq
-        r.s_qq = s_qq + t * s_pq
-        r.s_kp = c * s_kp - s * s_kq
-        r.s_kq = s * s_kp + c * s_kq
-        r.v_p = c * v_p - s * v_q
-        r.v_q = s * v_p + c * v_q
-    return r
+    """The rotation in the (p, q) plane that zeroes S_pq, with the smaller of the two angles (Golub
+    & Van Loan, Alg. 8.5.1): the new S_pp, S_qq, the off-diagonal entries (k, p) and (k, q) of the
+    third index k, and the rotated columns p and q of V (S_pq becomes 0)."""
+    if wp.abs(s_pq) <= JACOBI_TOLERANCE * (wp.abs(s_pp) + wp.abs(s_qq)) + 1.0e-30:
+        return s_pp, s_qq, s_kp, s_kq, v_p, v_q
+    tau = (s_qq - s_pp) / (2.0 * s_pq)
+    t = wp.sign(tau) / (wp.abs(tau) + wp.sqrt(1.0 + tau * tau))
+    c = 1.0 / wp.sqrt(1.0 + t * t)
+    s = t * c
+    return (s_pp - t * s_pq, s_qq + t * s_pq, c * s_kp - s * s_kq, s * s_kp + c * s_kq,
+            c * v_p - s * v_q, s * v_p + c * v_q)
 
 
 @wp.func
@@ -140,30 +117,12 @@ def jacobi_svd3(F: wp.mat33) -> SVD3:
     for _sweep in range(JACOBI_MAX_SWEEPS):
         if wp.abs(s01) + wp.abs(s02) + wp.abs(s12) <= JACOBI_TOLERANCE * (wp.abs(s00) + wp.abs(s11) + wp.abs(s22)):
             break
-        r = _jacobi_rotation(s00, s11, s01, s02, s12, v0, v1)  # plane (0, 1); k = 2
-        s00 = r.s_pp
-        s11 = r.s_qq
+        s00, s11, s02, s12, v0, v1 = _jacobi_rotation(s00, s11, s01, s02, s12, v0, v1)  # plane (0, 1); k = 2
         s01 = 0.0
-        s02 = r.s_kp
-        s12 = r.s_kq
-        v0 = r.v_p
-        v1 = r.v_q
-        r = _jacobi_rotation(s11, s22, s12, s01, s02, v1, v2)  # plane (1, 2); k = 0
-        s11 = r.s_pp
-        s22 = r.s_qq
+        s11, s22, s01, s02, v1, v2 = _jacobi_rotation(s11, s22, s12, s01, s02, v1, v2)  # plane (1, 2); k = 0
         s12 = 0.0
-        s01 = r.s_kp
-        s02 = r.s_kq
-        v1 = r.v_p
-        v2 = r.v_q
-        r = _jacobi_rotation(s00, s22, s02, s01, s12, v0, v2)  # plane (0, 2); k = 1
-        s00 = r.s_pp
-        s22 = r.s_qq
+        s00, s22, s01, s12, v0, v2 = _jacobi_rotation(s00, s22, s02, s01, s12, v0, v2)  # plane (0, 2); k = 1
         s02 = 0.0
-        s01 = r.s_kp
-        s12 = r.s_kq
-        v0 = r.v_p
-        v2 = r.v_q
     # sort by decreasing sigma^2; negating one swapped column keeps det V = +1
     if s00 < s11:
         s00, s11 = s11, s00

@@ -288,6 +288,7 @@ class ImplicitSolve:
             # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
             # for either, since J is positive definite along it (CG stops at negative curvature)
             merit0, rounding = self._merit(x, r)
+            residual_norm = _norm(_flat(r))
             slope = _dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r is its gradient)
             if self.energy is None:
                 jr = wp.zeros(n, dtype=float, device=x.device)
@@ -300,16 +301,26 @@ class ImplicitSolve:
                 r_trial = self._evaluate(trial)
                 merit, _ = self._merit(trial, r_trial)
                 # Near the solution a float32 energy stops resolving the decrease (~r^2/k below
-                # its rounding): a step whose energy change is within that rounding and that
-                # shrinks the residual is then accepted instead.
-                unresolved = abs(merit - merit0) <= rounding + 1e-30
-                if math.isfinite(merit) and (merit <= merit0 + 1e-4 * t * min(slope, 0.0) or (
-                        unresolved and _max_abs(_flat(r_trial)) < (1.0 - 1e-4 * t) * report.residual)):
-                    accepted = True
+                # its rounding). Within that rounding the energy says nothing either way, and a
+                # step is accepted if it shrinks the residual instead (comparing energies there
+                # let Newton cycle between two points, one "lower" in energy, one in residual).
+                if not math.isfinite(merit):
+                    t *= 0.5
+                    continue
+                if abs(merit - merit0) > rounding:
+                    accepted = merit <= merit0 + 1e-4 * t * min(slope, 0.0)
+                else:
+                    accepted = _norm(_flat(r_trial)) < (1.0 - 1e-4 * t) * residual_norm
+                if accepted:
                     break
                 t *= 0.5
             if not accepted:
-                break
+                report.newton_iterations = it + 1
+                self.report = report
+                raise NotConverged(self.name, report.newton_iterations, report.residual, self.tolerance,
+                                   hint="The line search found no step that lowers the energy or the residual: "
+                                        "the problem may be non-smooth at this scale (e.g. friction regularised "
+                                        "over less than the step's motion); take a smaller step.")
             wp.copy(x, trial)
             r = r_trial
         report.newton_iterations = self.max_iterations
@@ -390,6 +401,10 @@ def arrays_with_gradients(tape, exclude=()) -> list:
 
 def _dot(a: wp.array, b: wp.array) -> float:
     return float(np.dot(a.numpy().astype(np.float64), b.numpy().astype(np.float64)))
+
+
+def _norm(a: wp.array) -> float:
+    return math.sqrt(max(_dot(a, a), 0.0))
 
 
 def _max_abs(a: wp.array) -> float:

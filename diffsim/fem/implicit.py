@@ -104,6 +104,30 @@ def node_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), 
         r[i] = (m * rate) * (x[i] - x_start[i]) - (m * inv_dt) * v_start[i] - m * gravity[0] - external_force[i]
 
 
+@wp.func
+def _rayleigh_stress(F_rate: wp.mat33, lame: wp.vec2, damping_time: float):
+    """Stiffness-proportional damping stress [Pa]: the linear-elastic stress of the strain rate."""
+    strain_rate = 0.5 * (F_rate + wp.transpose(F_rate))
+    return damping_time * (2.0 * lame[0] * strain_rate + lame[1] * wp.trace(strain_rate) * wp.identity(3, float))
+
+
+@wp.func
+def _add_to_free_nodes(H: wp.mat33, n: wp.vec4i, node_fixed: wp.array(dtype=int), out: wp.array(dtype=wp.vec3)):
+    """Add a tet's nodal vectors to its free nodes' rows: H's columns go to nodes 1..3 and minus
+    their sum to node 0 (H = V P Dm^-T is minus the elastic forces)."""
+    g1 = wp.vec3(H[0, 0], H[1, 0], H[2, 0])
+    g2 = wp.vec3(H[0, 1], H[1, 1], H[2, 1])
+    g3 = wp.vec3(H[0, 2], H[1, 2], H[2, 2])
+    if node_fixed[n[0]] == 0:
+        wp.atomic_add(out, n[0], -(g1 + g2 + g3))
+    if node_fixed[n[1]] == 0:
+        wp.atomic_add(out, n[1], g1)
+    if node_fixed[n[2]] == 0:
+        wp.atomic_add(out, n[2], g2)
+    if node_fixed[n[3]] == 0:
+        wp.atomic_add(out, n[3], g3)
+
+
 @wp.kernel
 def tet_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.vec3),
                  node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dtype=wp.vec4i),
@@ -124,20 +148,8 @@ def tet_residual(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), t
     P = first_piola_stress(tet_material[t], F, lame[0], lame[1])
     F_rate = (edge_matrix(p0 - x_start[n[0]], p1 - x_start[n[1]], p2 - x_start[n[2]], p3 - x_start[n[3]])
               @ Dm_inv) * inv_dt
-    strain_rate = 0.5 * (F_rate + wp.transpose(F_rate))
-    P = P + tet_damping[t] * (2.0 * lame[0] * strain_rate + lame[1] * wp.trace(strain_rate) * wp.identity(3, float))
-    H = tet_rest_volume[t] * (P @ wp.transpose(Dm_inv))  # minus the forces on nodes 1..3 (columns)
-    g1 = wp.vec3(H[0, 0], H[1, 0], H[2, 0])
-    g2 = wp.vec3(H[0, 1], H[1, 1], H[2, 1])
-    g3 = wp.vec3(H[0, 2], H[1, 2], H[2, 2])
-    if node_fixed[n[0]] == 0:
-        wp.atomic_add(r, n[0], -(g1 + g2 + g3))
-    if node_fixed[n[1]] == 0:
-        wp.atomic_add(r, n[1], g1)
-    if node_fixed[n[2]] == 0:
-        wp.atomic_add(r, n[2], g2)
-    if node_fixed[n[3]] == 0:
-        wp.atomic_add(r, n[3], g3)
+    P = P + _rayleigh_stress(F_rate, lame, tet_damping[t])
+    _add_to_free_nodes(tet_rest_volume[t] * (P @ wp.transpose(Dm_inv)), n, node_fixed, r)
 
 
 @wp.kernel
@@ -277,20 +289,8 @@ def tet_jacobian_product(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.v
     dF = edge_matrix(v0, v1, v2, v3) @ Dm_inv
     lame = lame_parameters(tet_young_modulus[t], tet_poisson_ratio[t])
     dP = _stable_neo_hookean_differential(F, dF, lame[0], lame[1])
-    dsym = 0.5 * (dF + wp.transpose(dF))
-    dP = dP + (tet_damping[t] * inv_dt) * (2.0 * lame[0] * dsym + lame[1] * wp.trace(dF) * wp.identity(3, float))
-    H = tet_rest_volume[t] * (dP @ wp.transpose(Dm_inv))
-    g1 = wp.vec3(H[0, 0], H[1, 0], H[2, 0])
-    g2 = wp.vec3(H[0, 1], H[1, 1], H[2, 1])
-    g3 = wp.vec3(H[0, 2], H[1, 2], H[2, 2])
-    if node_fixed[n[0]] == 0:
-        wp.atomic_add(out, n[0], -(g1 + g2 + g3))
-    if node_fixed[n[1]] == 0:
-        wp.atomic_add(out, n[1], g1)
-    if node_fixed[n[2]] == 0:
-        wp.atomic_add(out, n[2], g2)
-    if node_fixed[n[3]] == 0:
-        wp.atomic_add(out, n[3], g3)
+    dP = dP + _rayleigh_stress(dF * inv_dt, lame, tet_damping[t])  # linear in the rate
+    _add_to_free_nodes(tet_rest_volume[t] * (dP @ wp.transpose(Dm_inv)), n, node_fixed, out)
 
 
 @wp.kernel
