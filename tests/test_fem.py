@@ -294,7 +294,8 @@ def test_bench_tactile_command(capsys):
 
 def test_warp_kernels_do_not_keep_stale_gradients():
     """Two backward passes of the same taped steps give the same gradient (scratch is reset)."""
-    model, solver, sensor, state0, controls, frame_dt = validation.indentation_scene(frames=2)
+    scene, sensor, state0, controls = validation.indentation_scene(frames=2)
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     from diffsim.core.rollout import Rollout
 
     def loss_fn(m, s, loss):

@@ -190,7 +190,8 @@ def test_exact_jacobian_product_with_a_sphere_in_contact_equals_the_taped_one():
     import diffsim.core.implicit as implicit
     from diffsim.fem import validation
 
-    model, solver, _, state0, controls, frame_dt = validation.indentation_scene(integrator="quasistatic")
+    scene, _, state0, controls = validation.indentation_scene(integrator="quasistatic")
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     captured = {}
     original = implicit.ImplicitSolve.solve
 

@@ -38,7 +38,8 @@ def test_gradient_matches_finite_differences(name):
 def test_checkpointed_gradient_equals_store_everything():
     """The checkpointed rollout's gradient equals one tape over the horizon with a fresh grid per
     step (relative 1e-5)."""
-    model, solver, state0, controls, frame_dt = V.contact_scene(preset("plasticine"), frames=4, substeps=3)
+    scene, state0, controls = V.contact_scene(preset("plasticine"), frames=4, substeps=3)
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     loss_fn = LinearStateLoss(model, "particle_x", np.random.default_rng(0).standard_normal((model.particle_count, 3)))
     dt = frame_dt / 3
 
@@ -203,7 +204,9 @@ def test_rollout_gradient_flows_through_torch():
     torch = pytest.importorskip("torch")
     from diffsim.core.torch import rollout_loss
 
-    model, solver, state0, controls, frame_dt = V.contact_scene(V._elastic(), frames=3, substeps=3)
+    scene, state0, controls = V.contact_scene(V._elastic(), frames=3, substeps=3)
+
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     loss_fn = CenterOfMassLoss(model, (0.3, 0.2, 0.1))
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=3, final_loss=loss_fn)
     velocity = torch.tensor(np.stack([c.collider_velocity.numpy() for c in controls]), requires_grad=True)
@@ -223,7 +226,8 @@ def test_multithreaded_cpu_launches_match_serial(monkeypatch, material):
     def run(threads):
         monkeypatch.setenv("DIFFSIM_CPU_THREADS", str(threads))
         monkeypatch.setattr(parallel, "MIN_ITEMS_PER_CHUNK", 32)
-        model, solver, state0, controls, frame_dt = V.contact_scene(preset(material), frames=3, substeps=3)
+        scene, state0, controls = V.contact_scene(preset(material), frames=3, substeps=3)
+        model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
         loss_fn = LinearStateLoss(model, "particle_x", np.random.default_rng(0).standard_normal(
             (model.particle_count, 3)))
         rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=3, final_loss=loss_fn)
@@ -250,7 +254,8 @@ def test_hand_written_transfer_adjoints_equal_generated_ones(material):
     """The hand-written P2G/G2P adjoints give Warp's generated gradients (fluid path included)."""
 
     def gradients(hand):
-        model, _, state0, controls, frame_dt = V.contact_scene(preset(material), frames=3, substeps=3)
+        scene, state0, controls = V.contact_scene(preset(material), frames=3, substeps=3)
+        model, _, frame_dt = scene.model, scene.solver, scene.frame_dt
         solver = MPMSolver(model, hand_adjoints=hand)
         loss_x = LinearStateLoss(model, "particle_x", np.random.default_rng(0).standard_normal(
             (model.particle_count, 3)))
@@ -351,7 +356,8 @@ def test_collider_follows_a_pose_trajectory():
 
 def test_long_mpm_rollout_memory_is_bounded_by_checkpointing():
     """600 MPM steps with checkpoints every 25: at most T/K + K states and K scratch slots live."""
-    model, solver, state0, controls, frame_dt = V.contact_scene(V._elastic(), frames=60, substeps=10, push_speed=0.1)
+    scene, state0, controls = V.contact_scene(V._elastic(), frames=60, substeps=10, push_speed=0.1)
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     loss = CenterOfMassLoss(model, (0.25, 0.2, 0.1))
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=10, checkpoint_every=25,
                       final_loss=loss, check_every=100)
@@ -385,7 +391,9 @@ def test_torch_step_scratch_survives_other_tapes_and_steps():
     torch = pytest.importorskip("torch")
     from diffsim.core.torch import step
 
-    model, solver, state0, controls, frame_dt = V.contact_scene(V._elastic(), frames=2, substeps=3)
+    scene, state0, controls = V.contact_scene(V._elastic(), frames=2, substeps=3)
+
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     dt = frame_dt / 3
     x0 = state0.particle_x.numpy()
     clean = _torch_step_gradient(model, solver, state0, controls[0], dt, x0)
@@ -422,7 +430,8 @@ def test_multithreaded_launches_keep_gradients_and_bounded_buffers(monkeypatch):
 
     grads = []
     for hand in (True, False):
-        model, _, state0, controls, frame_dt = V.contact_scene(preset("honey"), frames=3, substeps=3)
+        scene, state0, controls = V.contact_scene(preset("honey"), frames=3, substeps=3)
+        model, _, frame_dt = scene.model, scene.solver, scene.frame_dt
         solver = MPMSolver(model, hand_adjoints=hand)
         loss = LinearStateLoss(model, "particle_x", np.random.default_rng(0).standard_normal((model.particle_count, 3)))
         rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=3, final_loss=loss)
@@ -436,7 +445,8 @@ def test_multithreaded_launches_keep_gradients_and_bounded_buffers(monkeypatch):
 
 def test_scratch_claims_are_told_apart_by_identity():
     """Ending one (empty) claim must not end another that happens to compare equal."""
-    model, solver, state0, controls, frame_dt = V.contact_scene(preset("dough"), frames=1, substeps=1)
+    scene, state0, controls = V.contact_scene(preset("dough"), frames=1, substeps=1)
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     outer, inner = solver.begin_step_scratch(), solver.begin_step_scratch()
     solver.end_step_scratch(inner)
     with wp.Tape():

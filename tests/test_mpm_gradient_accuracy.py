@@ -102,7 +102,8 @@ def test_friction_scale_is_coulomb_away_from_the_transition_and_c1_across_it():
 def test_rubbing_pusher_tangential_velocity_gradient_matches_finite_differences():
     """validation's pushed block: the pusher's sideways velocity acts through friction only. Stick-
     slip kinks made the loss's slope over any step differ from the tape's by 13-15%."""
-    model, solver, state0, controls, frame_dt = validation.contact_scene(validation._elastic())
+    scene, state0, controls = validation.contact_scene(validation._elastic())
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     rng = np.random.default_rng(1)
     loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
     loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))

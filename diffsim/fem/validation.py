@@ -14,6 +14,7 @@ import time
 import numpy as np
 import warp as wp
 
+from diffsim.core.scene import Scene
 from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, run_checks, simulate, timed
 from diffsim.fem.model import FEMBuilder, FEMModel
 from diffsim.fem.solver import FEMSolver
@@ -227,8 +228,8 @@ def _weighted_vec2(values: wp.array(dtype=wp.vec2), weights: wp.array(dtype=wp.v
 
 def indentation_scene(*, device: str | None = None, frames: int = 8, integrator: str = "explicit"):
     """A small sensor pad (12 x 12 x 3 mm) whose backing moves while a sphere presses and drags
-    across it; every fittable array carries gradients. Returns (model, solver, sensor, state0,
-    controls, frame_dt)."""
+    across it; every fittable array carries gradients. Returns (scene, sensor, state0, controls):
+    1 ms frames, explicit substeps at 0.8 of the stable step (implicit integrators: one step)."""
     thickness = 3e-3
     mesh = tet_mesh_pad((12e-3, 12e-3, thickness), (5, 5, 2))
     builder = FEMBuilder(gravity=(0.0, 0.0, -GRAVITY))
@@ -241,22 +242,24 @@ def indentation_scene(*, device: str | None = None, frames: int = 8, integrator:
     solver = FEMSolver(model, integrator=integrator, contact_smoothing=2e-5, friction_velocity=5e-3)
     sensor = TactileSensor(model, 0, marker_grid=(3, 3), image_shape=(4, 4))
     frame_dt = 1e-3
+    # a margin below the stable step: the finite differences stiffen the model a little
+    substeps = max(1, math.ceil(frame_dt / (0.8 * solver.max_stable_dt(model))))
     controls = []
     for k in range(frames):
         c = model.control(requires_grad=True)
         c.collider_velocity.assign(np.array([[0.02, 0.01, -0.05 - 0.01 * k]], dtype=np.float32))
         c.body_velocity.assign(np.array([[0.0, 0.005, 0.01]], dtype=np.float32))
         controls.append(c)
-    return model, solver, sensor, model.state(requires_grad=True), controls, frame_dt
+    return (Scene(model, solver, frame_dt=frame_dt, substeps=substeps), sensor, model.state(requires_grad=True),
+            controls)
 
 
 def _gradient_check(name: str, target: str, *, eps: float, relative: bool, device: str | None,
                     proportional: bool = False, directions: int = 2, tolerance: float = 0.02,
                     integrator: str = "explicit") -> CheckResult:
-    from diffsim.core.rollout import Rollout
-
     start = time.perf_counter()
-    model, solver, sensor, state0, controls, frame_dt = indentation_scene(device=device, integrator=integrator)
+    scene, sensor, state0, controls = indentation_scene(device=device, integrator=integrator)
+    model = scene.model
     rng = np.random.default_rng(5)
     markers = sensor.marker_grid[0] * sensor.marker_grid[1]
     w_markers = wp.array(rng.standard_normal((markers, 3)).astype(np.float32) * 1e3, dtype=wp.vec3,
@@ -281,11 +284,7 @@ def _gradient_check(name: str, target: str, *, eps: float, relative: bool, devic
             wp.launch(_weighted_float, dim=pixels, inputs=[reading.pressure, w_pressure], outputs=[loss],
                       device=m.device)
 
-    # a margin below the stable step: the finite differences stiffen the model a little (implicit
-    # integrators: one step per frame)
-    substeps = max(1, math.ceil(frame_dt / (0.8 * solver.max_stable_dt(model))))
-    rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=substeps, checkpoint_every=40,
-                      frame_loss=frame_loss)
+    rollout = scene.rollout(state0, controls, checkpoint_every=40, frame_loss=frame_loss)
     array = rollout_input(model, state0, controls, target)
     explicit = None
     if proportional:

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from diffsim.core.scene import Scene
 from diffsim.core.validation import CheckResult, rollout_gradient_check, rollout_input, run_checks, simulate, timed
 from diffsim.geometry import collider_plane
 from diffsim.materials import Material, MaterialModel, preset
@@ -355,8 +356,8 @@ def contact_scene(material: Material, *, device: str | None = None, push_speed: 
                   frames: int = 8, substeps: int = 5, num_worlds: int = 1, seed: int = 0):
     """A small block resting on a rough floor and pushed sideways by a box: contact everywhere.
 
-    Returns ``(model, solver, state0, controls, frame_dt)`` with gradients enabled on the model,
-    the initial state and every control.
+    Returns ``(scene, state0, controls)``: a :class:`~diffsim.core.Scene` of frames of
+    ``substeps`` steps, with gradients enabled on the model, the initial state and every control.
     """
     from diffsim.geometry import collider_box
 
@@ -381,7 +382,7 @@ def contact_scene(material: Material, *, device: str | None = None, push_speed: 
         v[1::2] += rng.uniform(-0.02, 0.02, size=v[1::2].shape)
         c.collider_velocity.assign(v)
         controls.append(c)
-    return model, solver, state0, controls, frame_dt
+    return Scene(model, solver, frame_dt=frame_dt, substeps=substeps), state0, controls
 
 
 def _gradient_check(name: str, material: Material, target: str, *, eps: float, relative: bool = False,
@@ -396,7 +397,8 @@ def _gradient_check(name: str, material: Material, target: str, *, eps: float, r
     from diffsim.mpm.losses import LinearStateLoss
 
     start = time.perf_counter()
-    model, solver, state0, controls, frame_dt = contact_scene(material, device=device, push_speed=push_speed)
+    scene, state0, controls = contact_scene(material, device=device, push_speed=push_speed)
+    model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
     rng = np.random.default_rng(1)
     loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
     loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))
