@@ -510,37 +510,30 @@ class ImplicitFEMStep:
         pin, diagonal = self._pin_and_diagonal(model, dt)
         diagonal = _as_vec3(wp.array(diagonal.astype(np.float32), dtype=float, device=device), n)
 
+        # every term's inputs after x: the residual, its energy and the outputs read the same arrays
+        rate = 0.0 if quasistatic else inv_dt
+        node_args = [state_in.node_x, state_in.node_v, target, model.node_body, model.node_mass, model.node_fixed,
+                     model.body_damping, control.node_external_force, model.gravity, pin, inertia, rate]
+        tet_args = [state_in.node_x, target, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
+                    model.tet_rest_volume, model.tet_material, model.tet_young_modulus, model.tet_poisson_ratio,
+                    model.tet_damping, rate]
+        contact_args = [state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
+                        model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
+                        s.friction_velocity, dt, lam, normal, velocity]
+
         def residual(x, r):
-            wp.launch(node_residual, n, [x, state_in.node_x, state_in.node_v, target, model.node_body, model.node_mass,
-                                         model.node_fixed, model.body_damping, control.node_external_force,
-                                         model.gravity, pin, inertia, 0.0 if quasistatic else inv_dt], [r],
-                      device=device)
-            wp.launch(tet_residual, model.tet_count,
-                      [x, state_in.node_x, target, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
-                       model.tet_rest_volume, model.tet_material, model.tet_young_modulus, model.tet_poisson_ratio,
-                       model.tet_damping, 0.0 if quasistatic else inv_dt], [r], device=device)
+            wp.launch(node_residual, n, [x, *node_args], [r], device=device)
+            wp.launch(tet_residual, model.tet_count, [x, *tet_args], [r], device=device)
             if model.collider_count:
-                wp.launch(contact_residual, n,
-                          [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
-                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                           s.friction_velocity, dt, lam, normal, velocity], [r], device=device)
+                wp.launch(contact_residual, n, [x, *contact_args], [r], device=device)
 
         def energy(x) -> tuple[float, float]:
             # (energy [J], its float32 rounding [J]: slot 1 sums the size of the terms)
             total = wp.zeros(2, dtype=wp.float64, device=device)
-            wp.launch(node_energy, n, [x, state_in.node_x, state_in.node_v, target, model.node_body, model.node_mass,
-                                       model.node_fixed, model.body_damping, control.node_external_force,
-                                       model.gravity, pin, inertia, 0.0 if quasistatic else inv_dt], [total],
-                      device=device)
-            wp.launch(tet_energy, model.tet_count,
-                      [x, state_in.node_x, target, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
-                       model.tet_rest_volume, model.tet_material, model.tet_young_modulus, model.tet_poisson_ratio,
-                       model.tet_damping, 0.0 if quasistatic else inv_dt], [total], device=device)
+            wp.launch(node_energy, n, [x, *node_args], [total], device=device)
+            wp.launch(tet_energy, model.tet_count, [x, *tet_args], [total], device=device)
             if model.collider_count:
-                wp.launch(contact_energy, n,
-                          [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
-                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                           s.friction_velocity, dt, lam, normal, velocity], [total], device=device)
+                wp.launch(contact_energy, n, [x, *contact_args], [total], device=device)
             value, size = total.numpy()
             return float(value), 1e-6 * float(size)
 
@@ -556,10 +549,7 @@ class ImplicitFEMStep:
             r = wp.zeros_like(x, requires_grad=True)
             tape = wp.Tape()
             with tape:
-                wp.launch(contact_residual, n,
-                          [probe, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
-                           model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                           s.friction_velocity, dt, lam, normal, velocity], [r], device=device)
+                wp.launch(contact_residual, n, [probe, *contact_args], [r], device=device)
             saved = [(a, wp.clone(a.grad)) for a in arrays_with_gradients(tape, exclude=(probe, r))]
             tape.backward(grads={r: v})
             for a, g in saved:
@@ -568,21 +558,19 @@ class ImplicitFEMStep:
 
         def jacobian_product(x, v, out, exact):
             launch("jv_nodes", node_jacobian_product, n,
-                   [v, model.node_body, model.node_mass, model.node_fixed, model.body_damping, pin, inertia,
-                    0.0 if quasistatic else inv_dt], [out], device)
+                   [v, model.node_body, model.node_mass, model.node_fixed, model.body_damping, pin, inertia, rate],
+                   [out], device)
             # the products' dominant cost: split over the CPU's cores (chunks add into private copies)
             launch_items(tet_jacobian_product, model.tet_count,
                          [x, target, v, model.node_fixed, model.tet_nodes, model.tet_rest_inverse,
                           model.tet_rest_volume, model.tet_young_modulus, model.tet_poisson_ratio, model.tet_damping,
-                          0.0 if quasistatic else inv_dt], [out], device=device, scattered_outputs=True,
+                          rate], [out], device=device, scattered_outputs=True,
                          cache=s._launches, site="jv_tets")
             if model.collider_count and exact and not self._analytic_contact:
                 contact_exact(x, v, out)
             elif model.collider_count:
                 launch("jv_contacts", contact_jacobian_product, n,
-                       [x, state_in.node_x, v, model.node_fixed, model.node_body, model.node_contact_area,
-                        model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                        s.friction_velocity, dt, lam, normal, velocity, int(exact)], [out], device)
+                       [x, contact_args[0], v, *contact_args[1:], int(exact)], [out], device)
             return True
 
         # the analytic products cover stable Neo-Hookean tets; fixed-corotated ones take the taped Jacobian
@@ -600,10 +588,7 @@ class ImplicitFEMStep:
         wp.launch(finish_step, n, [x, state_in.node_x, target, model.node_fixed, inv_dt],
                   [state_out.node_x, state_out.node_v], device=device)
         if model.collider_count:
-            wp.launch(contact_forces, n,
-                      [x, state_in.node_x, model.node_fixed, model.node_body, model.node_contact_area,
-                       model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
-                       s.friction_velocity, dt, lam, normal, velocity], [state_out.node_contact_force], device=device)
+            wp.launch(contact_forces, n, [x, *contact_args], [state_out.node_contact_force], device=device)
         else:
             state_out.node_contact_force.zero_()
 
