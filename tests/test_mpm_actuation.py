@@ -12,8 +12,7 @@ from diffsim.core.validation import rollout_gradient_check
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_plane
 from diffsim.materials import Material, MaterialModel
-from diffsim.mpm import MPMBuilder, MPMSolver
-from diffsim.mpm.losses import LinearStateLoss
+from diffsim.mpm import MPMBuilder, MPMSolver, validation
 from diffsim.mpm.model import Actuation
 
 E, NU, RHO = 1.0e4, 0.3, 1000.0
@@ -86,13 +85,7 @@ def _robot_scene(*, num_worlds: int = 1, requires_grad: bool = True, actuated: b
 
 
 def _rollout(model, solver, controls, state0):
-    rng = np.random.default_rng(1)
-    loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
-    loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))
-
-    def final_loss(m, s, loss):
-        loss_x(m, s, loss)
-        loss_v(m, s, loss)
+    final_loss = validation.random_state_loss(model)
 
     return Rollout(solver, model, state0, controls, frame_dt=5 * 1.5e-3, substeps=5, checkpoint_every=7,
                    final_loss=final_loss)

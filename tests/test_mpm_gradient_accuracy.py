@@ -16,7 +16,7 @@ from diffsim.geometry.shapes import mesh_query, shape_contact_normal
 from diffsim.materials import preset
 from diffsim.mpm import Boundary, MPMBuilder, MPMSolver, validation
 from diffsim.mpm.kernels import friction_scale, wall_condition
-from diffsim.mpm.losses import CenterOfMassLoss, LinearStateLoss
+from diffsim.mpm.losses import CenterOfMassLoss
 
 # -- domain walls --------------------------------------------------------------------------------
 
@@ -104,13 +104,7 @@ def test_rubbing_pusher_tangential_velocity_gradient_matches_finite_differences(
     slip kinks made the loss's slope over any step differ from the tape's by 13-15%."""
     scene, state0, controls = validation.contact_scene(validation._elastic())
     model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
-    rng = np.random.default_rng(1)
-    loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
-    loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))
-
-    def final_loss(m, s, loss):
-        loss_x(m, s, loss)
-        loss_v(m, s, loss)
+    final_loss = validation.random_state_loss(model)
 
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=5, final_loss=final_loss)
     rollout.forward()

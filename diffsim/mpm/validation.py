@@ -385,6 +385,22 @@ def contact_scene(material: Material, *, device: str | None = None, push_speed: 
     return Scene(model, solver, frame_dt=frame_dt, substeps=substeps), state0, controls
 
 
+def random_state_loss(model: MPMModel, seed: int = 1):
+    """A fixed random linear functional of the final particle positions (and, weighted 0.01, of the
+    velocities): a ``final_loss`` that every particle's adjoint enters with its own weight."""
+    from diffsim.mpm.losses import LinearStateLoss
+
+    rng = np.random.default_rng(seed)
+    loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
+    loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))
+
+    def final_loss(m, s, loss):
+        loss_x(m, s, loss)
+        loss_v(m, s, loss)
+
+    return final_loss
+
+
 def _gradient_check(name: str, material: Material, target: str, *, eps: float, relative: bool = False,
                     device: str | None = None, tolerance: float = 0.02, push_speed: float = 0.4,
                     directions: int = 2, uniform: bool = False) -> CheckResult:
@@ -394,18 +410,11 @@ def _gradient_check(name: str, material: Material, target: str, *, eps: float, r
     fixed random linear functional of the final positions and velocities.
     """
     from diffsim.core.rollout import Rollout
-    from diffsim.mpm.losses import LinearStateLoss
 
     start = time.perf_counter()
     scene, state0, controls = contact_scene(material, device=device, push_speed=push_speed)
     model, solver, frame_dt = scene.model, scene.solver, scene.frame_dt
-    rng = np.random.default_rng(1)
-    loss_x = LinearStateLoss(model, "particle_x", rng.standard_normal((model.particle_count, 3)))
-    loss_v = LinearStateLoss(model, "particle_v", 0.01 * rng.standard_normal((model.particle_count, 3)))
-
-    def final_loss(m, s, loss):
-        loss_x(m, s, loss)
-        loss_v(m, s, loss)
+    final_loss = random_state_loss(model)
 
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=5, checkpoint_every=7,
                       final_loss=final_loss)
