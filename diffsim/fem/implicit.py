@@ -477,6 +477,7 @@ class ImplicitFEMStep:
         shapes = model.collider_shape.numpy()
         self._analytic_contact = bool(np.all(np.isin(shapes, [int(ShapeType.SPHERE), int(ShapeType.PLANE)])))
         self.report = None  #: the last step's NewtonReport
+        self.steps = 0  #: implicit steps taken, to name the one that fails
 
     def _pin_and_diagonal(self, model, dt: float) -> tuple[wp.array, np.ndarray]:
         mass = model.node_mass.numpy().astype(np.float64)
@@ -579,7 +580,8 @@ class ImplicitFEMStep:
                               jacobian_product=jacobian_product if fast else None, tolerance=s.newton_tolerance,
                               max_iterations=s.newton_iterations, cg_tolerance=s.cg_tolerance,
                               cg_max_iterations=s.cg_iterations, adjoint_tolerance=s.adjoint_tolerance,
-                              name=f"{self.integrator} FEM step")
+                              name=f"{self.integrator} FEM step {self.steps} (counted from 0 by this solver)")
+        self.steps += 1
         x = wp.zeros(n, dtype=wp.vec3, device=device, requires_grad=grad)
         # initial guess: x + h v, the explicit predictor; for quasi-static frames v is the last
         # frame's displacement over its duration, so this extrapolates the motion
