@@ -55,16 +55,25 @@ def test_backward_euler_is_stable_far_beyond_the_explicit_step_and_settles_there
     assert np.abs(a.node_v.numpy()).max() < 1e-3  # backward Euler's numerical damping has settled it
 
 
-def test_implicit_options_are_validated_and_coupling_is_refused():
+def test_implicit_options_are_validated():
     model, _ = hanging_column("explicit")
-    with pytest.raises(InvalidParameter, match="integrator"):
-        FEMSolver(model, integrator="verlet")
-    with pytest.raises(InvalidParameter, match="newton_tolerance"):
-        FEMSolver(model, integrator="implicit", newton_tolerance=0.0)
-    solver = FEMSolver(model, integrator="implicit")
-    with pytest.raises(ConfigError, match="coupled contact forces"):
-        solver.step(model, model.state(), model.state(), model.control(), 1e-3,
-                    coupled_contact_force=wp.zeros(model.node_count, dtype=wp.vec3))
+    for options, name in (({"integrator": "verlet"}, "integrator"),
+                          ({"integrator": "implicit", "newton_tolerance": 0.0}, "newton_tolerance"),
+                          ({"integrator": "implicit", "newton_step_tolerance": -1e-9}, "newton_step_tolerance"),
+                          ({"integrator": "implicit", "preconditioner": "ilu"}, "preconditioner"),
+                          ({"integrator": "implicit", "refresh_iterations": 0}, "refresh_iterations")):
+        with pytest.raises(InvalidParameter, match=name):
+            FEMSolver(model, **options)
+
+
+def test_coupled_gradients_through_an_implicit_sensor_match_finite_differences():
+    # the staggered coupled step: a rubber cube (MPM) falls on a pad stepped by backward Euler
+    # while the pad rises and slides; the gradient reaches the pad's trajectory through the
+    # coupling forces on both sides
+    from diffsim.coupling import validation
+
+    (result,) = validation.run_gradient_checks(device="cpu", only=["sensor_pose_material"], integrator="implicit")
+    assert result.passed, result
 
 
 def test_a_step_that_cannot_converge_raises_naming_the_residual():
@@ -96,6 +105,20 @@ def test_newton_jacobian_product_equals_the_taped_one_away_from_contact():
     rng = np.random.default_rng(3)
     state_in.node_x.assign((model.initial_x + 2e-3 * rng.standard_normal(model.initial_x.shape)).astype(np.float32))
     state_in.node_v.assign((0.05 * rng.standard_normal(model.initial_x.shape)).astype(np.float32))
+    solve, x = captured_solve(model, solver, state_in, 2e-3)
+    v = wp.array(rng.standard_normal((model.node_count, 3)).astype(np.float32), dtype=wp.vec3)
+    taped = wp.zeros(3 * model.node_count, dtype=float)
+    solve._jacobian_transpose_product(x, implicit._flat(v), taped)
+    expected = taped.numpy().reshape(-1, 3)
+    fast = wp.zeros_like(v)
+    solve.jacobian_product(x, v, fast, True)
+    np.testing.assert_allclose(fast.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def captured_solve(model, solver, state_in, dt):
+    """The ImplicitSolve of one step and its starting iterate."""
+    import diffsim.core.implicit as implicit
+
     captured = {}
     original = implicit.ImplicitSolve.solve
 
@@ -105,18 +128,122 @@ def test_newton_jacobian_product_equals_the_taped_one_away_from_contact():
 
     implicit.ImplicitSolve.solve = capture
     try:
-        solver.step(model, state_in, model.state(), model.control(), 2e-3)
+        solver.step(model, state_in, model.state(), model.control(), dt)
     finally:
         implicit.ImplicitSolve.solve = original
-    solve, x = captured["solve"], captured["x"]
+    return captured["solve"], captured["x"]
+
+
+def newton_product(solve, x, v):
+    out = wp.zeros_like(v)
+    solve.linearize(x)
+    solve.jacobian_product(x, v, out, False)
+    return out.numpy().astype(np.float64)
+
+
+def test_projected_hessian_is_the_exact_one_under_stretch_and_positive_semidefinite_under_compression():
+    model, solver = hanging_column("implicit")
+    model.tet_damping.fill_(1e-3)
+    rng = np.random.default_rng(4)
+    rest = model.initial_x.astype(np.float64)
+    state_in = model.state()
+    solve, _ = captured_solve(model, solver, state_in, 2e-3)
+    n = model.node_count
+    v, w = (wp.array(rng.standard_normal((n, 3)).astype(np.float32), dtype=wp.vec3) for _ in range(2))
+    # a dilation just past the rest-stable energy's volume alpha, with a little shear: every
+    # eigenvalue of every tet's Hessian positive, nothing to clamp (twist modes are the ones that
+    # go negative, wherever J < alpha)
+    E, nu = float(model.tet_young_modulus.numpy()[0]), float(model.tet_poisson_ratio.numpy()[0])
+    mu, lam = E / (2 * (1 + nu)), E * nu / ((1 + nu) * (1 - 2 * nu))
+    alpha = 1.0 + 0.75 * (4.0 / 3.0) * mu / (lam + 5.0 / 6.0 * mu)
+    scale = (1.02 * alpha) ** (1.0 / 3.0)
+    stretch = scale * np.array([[1.0, 0.01, 0.0], [0.0, 1.0, 0.01], [0.0, 0.0, 1.0]])
+    x = wp.array((rest @ stretch.T).astype(np.float32), dtype=wp.vec3)
+    exact = wp.zeros_like(v)
+    solve.jacobian_product(x, v, exact, True)
+    # (tets at the backing see its unstretched pose: their nodes are left out)
+    tets = model.tet_nodes.numpy()
+    near_backing = np.unique(tets[np.any(model.node_fixed.numpy()[tets] != 0, axis=1)])
+    inside = np.setdiff1d(np.arange(n), near_backing)
+    assert inside.size > n // 2
+    np.testing.assert_allclose(newton_product(solve, x, v)[inside], exact.numpy()[inside], rtol=1e-3,
+                               atol=1e-4 * np.abs(exact.numpy()).max())
+    # random compression and shear, no inertia: the exact Hessian is indefinite, the projected
+    # one symmetric positive semi-definite (dense matrices from products with unit vectors)
+    model, solver = hanging_column("quasistatic")
+    solve, _ = captured_solve(model, solver, model.state(), 2e-3)
+    n = model.node_count
+    rest = model.initial_x.astype(np.float64)
+    x = wp.array((rest + 2.5e-3 * rng.standard_normal(rest.shape)).astype(np.float32), dtype=wp.vec3)
+    free = np.repeat(model.node_fixed.numpy() == 0, 3)
+    columns = {True: [], False: []}
+    for j in np.flatnonzero(free):
+        unit = np.zeros(3 * n, dtype=np.float32)
+        unit[j] = 1.0
+        u = wp.array(unit.reshape(n, 3), dtype=wp.vec3)
+        solve.jacobian_product(x, u, exact, True)
+        columns[True].append(exact.numpy().astype(np.float64).ravel()[free])
+        columns[False].append(newton_product(solve, x, u).ravel()[free])
+    exact_matrix, projected = np.array(columns[True]).T, np.array(columns[False]).T
+    scale = np.abs(projected).max()
+    assert np.linalg.eigvalsh(0.5 * (exact_matrix + exact_matrix.T)).min() < -1e-3 * scale  # needs projecting
+    np.testing.assert_allclose(projected, projected.T, atol=1e-5 * scale)
+    assert np.linalg.eigvalsh(projected).min() > -1e-6 * scale
+
+
+def test_assembled_hessian_is_the_one_newton_multiplies_by():
+    # the Cholesky preconditioner's matrix: tet blocks and node blocks (pins, contact, friction)
+    # summed into a dense matrix equal Newton's matrix-free product, with a sphere in contact
+    scene, _, state0, controls = indentation_scene_for("quasistatic")
+    model, solver = scene.model, scene.solver
+    solver.step(model, state0, model.state(), controls[0], scene.frame_dt)  # a step into contact first
+    state = model.state()
+    solver.step(model, state0, state, controls[0], scene.frame_dt)
+    solve, x = captured_solve(model, solver, state, scene.frame_dt)
+    solve.linearize(x)
+    values = wp.zeros(solve.factorization.values.shape[0], dtype=wp.float64)
+    solve.assemble(x, values)
+    from diffsim.fem.implicit import hessian_pattern
+
+    rows, columns, structural = hessian_pattern(model)
+    size = 3 * model.node_count
+    dense = np.zeros((size, size))
+    np.add.at(dense, (rows, columns), values.numpy())
+    assert np.all(values.numpy()[~structural] == 0.0)
+    rng = np.random.default_rng(6)
     v = wp.array(rng.standard_normal((model.node_count, 3)).astype(np.float32), dtype=wp.vec3)
-    taped = wp.zeros(3 * model.node_count, dtype=float)
-    solve._jacobian_transpose_product(x, implicit._flat(v), taped)
-    expected = taped.numpy().reshape(-1, 3)
-    for exact in (False, True):  # no contact here: Newton's product is exact too
-        fast = wp.zeros_like(v)
-        solve.jacobian_product(x, v, fast, exact)
-        np.testing.assert_allclose(fast.numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    product = newton_product(solve, x, v).ravel()
+    np.testing.assert_allclose(dense @ v.numpy().astype(np.float64).ravel(), product, rtol=1e-4,
+                               atol=1e-5 * np.abs(product).max())
+    np.testing.assert_allclose(dense, dense.T, atol=1e-6 * np.abs(dense).max())
+    assert np.linalg.eigvalsh(dense).min() > 0.0
+
+
+def indentation_scene_for(integrator):
+    from diffsim.fem.validation import indentation_scene
+
+    return indentation_scene(integrator=integrator)
+
+
+def test_cholesky_and_jacobi_preconditioners_land_on_the_same_state():
+    # the preconditioner changes how CG gets there, not where Newton lands
+    results = {}
+    for preconditioner in ("jacobi", "cholesky"):
+        scene, _, state0, controls = indentation_scene_for("quasistatic")
+        model = scene.model
+        solver = FEMSolver(model, integrator="quasistatic", contact_smoothing=2e-5, friction_velocity=5e-3,
+                           preconditioner=preconditioner)
+        a, b = state0, model.state()
+        cg = 0
+        for control in controls[:4]:
+            solver.step(model, a, b, control, scene.frame_dt)
+            cg += solver.last_report.cg_iterations
+            a, b = b, model.state()
+        results[preconditioner] = (a.node_x.numpy(), cg)
+    (x_jacobi, cg_jacobi), (x_cholesky, cg_cholesky) = results["jacobi"], results["cholesky"]
+    displacement = np.abs(x_jacobi - scene.model.initial_x).max()
+    assert np.abs(x_cholesky - x_jacobi).max() < 1e-4 * displacement + 1e-8
+    assert cg_cholesky * 3 < cg_jacobi
 
 
 @pytest.mark.parametrize("integrator", ["implicit", "quasistatic"])
@@ -220,3 +347,12 @@ def test_exact_jacobian_product_with_a_sphere_in_contact_equals_the_taped_one():
     solve.jacobian_product(x, v, exact, True)
     expected = taped.numpy().reshape(-1, 3)
     np.testing.assert_allclose(exact.numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_coupled_scenes_refuse_a_quasistatic_sensor():
+    from diffsim.coupling import CoupledSolver
+    from diffsim.coupling.scenes import rod_on_sensor
+
+    scene = rod_on_sensor()
+    with pytest.raises(ConfigError, match="quasi-statically"):
+        CoupledSolver(scene.model, fem=FEMSolver(scene.model.fem, integrator="quasistatic"), rod=scene.solver.rod)

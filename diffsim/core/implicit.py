@@ -20,6 +20,12 @@ run under tapes of their own; every other array with gradients that ``residual``
 (found on the first probe's tape, struct fields included) has its gradient restored after each,
 so only the backward pass adds to them.
 
+A solver that knows more gives more, each optional: an analytic ``jacobian_product`` (Newton may
+take a positive-definite approximation, the adjoint needs the exact one), a ``linearize`` hook that
+computes a product's per-iterate factors once per Newton iteration, a diagonal for Jacobi
+preconditioning, and a :class:`~diffsim.core.cholesky.SparseCholesky` with an ``assemble``
+function for a factored preconditioner that lives across solves.
+
 ``ImplicitSolve.solve`` records itself on an active ``wp.Tape`` as a single entry whose backward
 is the adjoint solve, so an implicit step sits inside a taped rollout like any kernel.
 """
@@ -51,13 +57,14 @@ class NotConverged(DiffsimError, RuntimeError):
 
 @dataclass
 class NewtonReport:
-    """What one solve took: Newton iterations, CG iterations in all, and the final residual
-    (largest absolute entry, in the residual's own unit) and its Jacobi-scaled size."""
+    """What one solve took: Newton iterations, CG iterations in all, the final residual (largest
+    absolute entry, in the residual's own unit), its Jacobi-scaled size and the last step."""
 
     newton_iterations: int = 0
     cg_iterations: int = 0
     residual: float = math.inf
     scaled_residual: float = math.inf  #: max |r_i / J_ii| (x's unit), with a preconditioner
+    step: float = math.inf  #: largest change of an entry of x in the last Newton step (x's unit)
     adjoint_cg_iterations: int = 0
 
 
@@ -100,7 +107,15 @@ class ImplicitSolve:
             of ``|r|^2``; within ``rounding`` (default 1e-6 of the value) a decrease of the
             residual is accepted instead.
         preconditioner: optional ``preconditioner(x, out)`` writing a positive estimate of the
-            Jacobian's diagonal (Jacobi preconditioning).
+            Jacobian's diagonal: Jacobi preconditioning, and the scale of the step tolerance.
+        factorization: optional :class:`~diffsim.core.cholesky.SparseCholesky` that preconditions
+            CG instead of the diagonal, with ``assemble(x, values)`` writing the entries of an SPD
+            approximation of the Jacobian at ``x`` into its ``values``. It is factored at the first
+            Newton iteration and again at a Newton iteration once it has gone stale (see that
+            class); it may outlive the solve (kept across time steps).
+        linearize: optional ``linearize(x)``, called once per Newton iteration before the linear
+            solve (and before ``assemble``): where ``jacobian_product``'s x-dependent factors are
+            computed once instead of in every product.
         jacobian_product: optional ``jacobian_product(x, v, out, exact)`` writing ``J(x) v``.
             Newton's solves call it with ``exact=False``, where a positive semi-definite
             approximation will do (projected element Hessians, Gauss-Newton contact): the residual
@@ -113,7 +128,9 @@ class ImplicitSolve:
             this and the last two iterations no longer halved the residual (it has reached
             float32's floor: positions rounded by an ulp move each of a node's ~20 element forces,
             so a 10 cm part with a 3 kN/m nodal stiffness floors near 1e-5 N). Default: 2^-18 of
-            ``max |x|`` (about 32 float32 ulps; 40 nm for a 1 cm part).
+            ``max |x|`` (about 32 float32 ulps; 40 nm for a 1 cm part). With a preconditioner,
+            Newton also stops once the scaled residual is within one ulp of ``max |x|``: that
+            much residual is what rounding the positions to float32 leaves.
         max_iterations: Newton iterations before :class:`NotConverged` is raised.
         cg_tolerance: the tightest relative residual of Newton's CG solves (each stops at
             min(0.1, max(cg_tolerance, |r| / |r_0|)), a forcing term of inexact Newton); the
@@ -127,6 +144,8 @@ class ImplicitSolve:
     def __init__(self, residual: Callable[[wp.array, wp.array], None], *, params: Sequence[wp.array] = (),
                  energy: Callable[[wp.array], float] | None = None,
                  preconditioner: Callable[[wp.array, wp.array], None] | None = None,
+                 factorization=None, assemble: Callable[[wp.array, wp.array], None] | None = None,
+                 linearize: Callable[[wp.array], None] | None = None,
                  jacobian_product: Callable[[wp.array, wp.array, wp.array], None] | None = None,
                  tolerance: float = 1e-6, step_tolerance: float | None = None, max_iterations: int = 30,
                  cg_tolerance: float = 1e-4, cg_max_iterations: int = 200, adjoint_tolerance: float = 1e-6,
@@ -135,6 +154,11 @@ class ImplicitSolve:
         self.params = list(params)
         self.energy = energy
         self.preconditioner = preconditioner
+        if (factorization is None) != (assemble is None):
+            raise ValueError("factorization and assemble come together")
+        self.factorization = factorization
+        self.assemble = assemble
+        self.linearize = linearize
         self.jacobian_product = jacobian_product
         self.tolerance = float(tolerance)
         self.step_tolerance = step_tolerance
@@ -218,7 +242,9 @@ class ImplicitSolve:
         return s, self.cg_max_iterations
 
     def _precondition(self, r: wp.array, diag: wp.array | None, out: wp.array) -> None:
-        if diag is None:
+        if self.factorization is not None:
+            self.factorization.solve(r, out)
+        elif diag is None:
             wp.copy(out, r)
         else:
             self._launches.launch("precondition", _scale_by, r.shape[0], [r, diag], [out], r.device)
@@ -264,11 +290,13 @@ class ImplicitSolve:
             converged = report.residual <= self.tolerance
             if inverse_diagonal is not None and values.size:
                 report.scaled_residual = float(np.abs(values * inverse_diagonal.numpy()).max())
-                limit = self.step_tolerance
-                if limit is None:
-                    limit = 2.0**-18 * float(np.abs(flat_x.numpy()).max())
+                largest = _max_abs(flat_x)
+                limit = self.step_tolerance if self.step_tolerance is not None else 2.0**-18 * largest
                 stalled = report.residual > 0.5 * history[-1] and history[-1] > 0.5 * history[-2]
                 converged |= report.scaled_residual <= limit and stalled
+                # at the floor itself: every |r_i| within its node's stiffness times one float32
+                # ulp of the largest coordinate, which rounding alone leaves
+                converged |= report.scaled_residual <= 2.0**-23 * largest
             history.append(report.residual)
             if converged:
                 report.newton_iterations = it
@@ -283,8 +311,11 @@ class ImplicitSolve:
             if it == 0:
                 initial = report.residual
             forcing = min(0.1, max(self.cg_tolerance, report.residual / max(initial, 1e-30)))
+            self._linearize(x)
             step, cg_its = self._cg(x, minus_r, inverse_diagonal, tolerance=forcing)
             report.cg_iterations += cg_its
+            if self.factorization is not None:
+                self.factorization.note_iterations(cg_its, -math.log10(forcing))
             # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
             # for either, since J is positive definite along it (CG stops at negative curvature)
             merit0, rounding = self._merit(x, r)
@@ -323,6 +354,7 @@ class ImplicitSolve:
                                         "over less than the step's motion); take a smaller step.")
             wp.copy(x, trial)
             r = r_trial
+            report.step = t * _max_abs(step)
         report.newton_iterations = self.max_iterations
         self.report = report
         raise NotConverged(self.name, report.newton_iterations, report.residual, self.tolerance,
@@ -365,9 +397,29 @@ class ImplicitSolve:
         # (no tape.reset(): it would zero the gradients just accumulated)
         x.grad.zero_()  # x* was produced here: its adjoint is consumed, not passed further back
 
+    def _linearize(self, x: wp.array) -> None:
+        """Per-iterate factors of the products, and a new factor if the kept one is stale."""
+        if self.linearize is not None:
+            with _no_tape():
+                self.linearize(x)
+        f = self.factorization
+        if f is not None and f.stale:
+            with _no_tape():
+                self.assemble(x, f.values)
+            try:
+                f.factor()
+            except DiffsimError as error:
+                raise DiffsimError(f"{self.name}: {error}") from error
+
     def _adjoint_cg(self, solution: wp.array, x_bar: wp.array) -> tuple[wp.array, int]:
-        return self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
-                        tolerance=self.adjoint_tolerance)
+        # a backward pass runs the steps in reverse: the factor kept from the last forward solve
+        # drifts as it goes, so it is renewed by the same rule as in Newton
+        self._linearize(solution)
+        lam, its = self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
+                            tolerance=self.adjoint_tolerance)
+        if self.factorization is not None:
+            self.factorization.note_iterations(its, -math.log10(self.adjoint_tolerance))
+        return lam, its
 
 
 def _unflat(v: wp.array, like: wp.array) -> wp.array:

@@ -30,8 +30,18 @@ def add_sensor_pad(builder: FEMBuilder, *, position, rotation=(0.0, 0.0, 0.0, 1.
                             fixed_nodes=pad.vertices[:, 2] == 0.0, world=world)
 
 
-def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requires_grad: bool = False) -> Scene:
-    """A 12 mm rubber cube (MPM) dropped from 1 mm onto an upward-facing pad."""
+def _sensor_solver(fem: FEMModel, integrator: str):
+    """The pads' solver; an implicit one steps inside the coupled step's staggered split (see
+    :class:`~diffsim.coupling.CoupledSolver`)."""
+    from diffsim.fem import FEMSolver
+
+    return FEMSolver(fem, integrator=integrator)
+
+
+def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requires_grad: bool = False,
+                       integrator: str = "explicit") -> Scene:
+    """A 12 mm rubber cube (MPM) dropped from 1 mm onto an upward-facing pad; ``integrator`` is
+    the pad's FEM integrator."""
     from diffsim.materials import preset
     from diffsim.mpm import MPMBuilder, MPMSolver
 
@@ -44,11 +54,12 @@ def material_on_sensor(*, device: str | None = None, num_worlds: int = 1, requir
     mpm_model = mpm.finalize(device, requires_grad=requires_grad)
     model = CoupledModel(fem.finalize(device, requires_grad=requires_grad), mpm_model, material_friction=0.5,
                          requires_grad=requires_grad)
-    return Scene(model, CoupledSolver(model, mpm=MPMSolver(mpm_model)), frame_dt=FRAME_DT)
+    return Scene(model, CoupledSolver(model, fem=_sensor_solver(model.fem, integrator), mpm=MPMSolver(mpm_model)),
+                 frame_dt=FRAME_DT)
 
 
 def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, drop: float = 0.5e-3,
-                  linear_damping: float = 5.0) -> Scene:
+                  linear_damping: float = 5.0, integrator: str = "explicit") -> Scene:
     """A free 14 mm cable (radius 2 mm, 8 vertices) dropped from ``drop`` [m] onto an upward-facing
     pad, its motion damped at ``linear_damping`` [1/s] (mass-proportional)."""
     from diffsim.rod import RodBuilder, RodSolver
@@ -64,10 +75,12 @@ def rod_on_sensor(*, device: str | None = None, requires_grad: bool = False, dro
     rod_model = rods.finalize(device, requires_grad=requires_grad)
     model = CoupledModel(fem.finalize(device, requires_grad=requires_grad), rod=rod_model, rod_friction=0.5,
                          requires_grad=requires_grad)
-    return Scene(model, CoupledSolver(model, rod=RodSolver(rod_model)), frame_dt=FRAME_DT)
+    return Scene(model, CoupledSolver(model, fem=_sensor_solver(model.fem, integrator), rod=RodSolver(rod_model)),
+                 frame_dt=FRAME_DT)
 
 
-def gripper(*, device: str | None = None, gap: float = 0.002) -> tuple[Scene, tuple[int, int]]:
+def gripper(*, device: str | None = None, gap: float = 0.002,
+            integrator: str = "explicit") -> tuple[Scene, tuple[int, int]]:
     """Two sensor pads face a 20 mm rubber cube (MPM) on the ground from either side, ``gap`` [m]
     away. Returns (scene, fingers), ``fingers`` the two body indices (left, right)."""
     from diffsim.materials import preset
@@ -86,7 +99,8 @@ def gripper(*, device: str | None = None, gap: float = 0.002) -> tuple[Scene, tu
     mpm.add_box((0.0, 0.0, ground + half), (half, half, half), preset("rubber"))
     mpm_model = mpm.finalize(device)
     model = CoupledModel(fem.finalize(device), mpm_model, material_friction=0.8)
-    return Scene(model, CoupledSolver(model, mpm=MPMSolver(mpm_model)), frame_dt=FRAME_DT), (left, right)
+    solver = CoupledSolver(model, fem=_sensor_solver(model.fem, integrator), mpm=MPMSolver(mpm_model))
+    return Scene(model, solver, frame_dt=FRAME_DT), (left, right)
 
 
 def sensor_support(fem: FEMModel, node_contact_force: np.ndarray, body: int = 0) -> float:

@@ -107,9 +107,18 @@ class CoupledSolver(PooledScratchSolver, Solver):
     cell or more before the material, since nodes get mass from particles 1.5 cells away; rod
     capsules against sensor nodes let a rod as thick as the node spacing sink between nodes.)
 
+    The split is staggered (explicit in the coupling): contact forces come from the start of the
+    step, and the partners then step one after the other. An implicit sensor
+    (``FEMSolver(integrator="implicit")``) takes them as a constant external force of its Newton
+    solve. That removes the sensor's own stability limit (4 us on an 8k-tet pad) but not the
+    partners' or the coupling springs': MPM and rods step explicitly, and the coupling stiffness
+    is sized to their step, so the coupled step stays at the smallest of those limits. A
+    monolithic implicit coupled solve would need implicit MPM and rod steps first.
+
     Args:
         model: the coupled scene.
-        fem: the FEM solver (default ``FEMSolver(model.fem)``).
+        fem: the FEM solver (default ``FEMSolver(model.fem)``; explicit or implicit, not
+            quasi-static: the coupled partners carry inertia).
         mpm: the MPM solver, when the scene has MPM material.
         rod: the rod solver, when the scene has rods.
         stiffness: contact acceleration per penetration [1/s^2] of the reduced mass of the two
@@ -124,6 +133,9 @@ class CoupledSolver(PooledScratchSolver, Solver):
         if ("mpm" in model.parts) != (mpm is not None) or ("rod" in model.parts) != (rod is not None):
             raise ConfigError("pass an mpm (rod) solver exactly when the coupled model has an mpm (rod) part.")
         self.fem = fem if fem is not None else FEMSolver(model.fem)
+        if self.fem.integrator == "quasistatic":
+            raise ConfigError("a coupled scene cannot step its sensor quasi-statically: the explicit coupling "
+                              "springs need the sensor nodes' inertia; use integrator='implicit' or 'explicit'.")
         self.mpm = mpm
         self.rod = rod
         if stiffness is not None and not (math.isfinite(stiffness) and stiffness > 0):

@@ -6,6 +6,7 @@ The tests and ``diffsim validate coupling`` call these same functions, so the to
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -43,10 +44,10 @@ def _mean_support(model, solver, settle_seconds: float, window_seconds: float) -
 
 
 @timed
-def material_resting(*, device: str | None = None) -> CheckResult:
+def material_resting(*, device: str | None = None, integrator: str = "explicit") -> CheckResult:
     """A rubber cube (MPM, two-way contact) resting on a sensor pad: the pad's summed contact
     force, averaged over 0.1 s, equals the cube's weight (2%)."""
-    scene = material_on_sensor(device=device)
+    scene = material_on_sensor(device=device, integrator=integrator)
     model, solver = scene.model, scene.solver
     support, spread = _mean_support(model, solver, 0.15, 0.1)
     weight = float(model.mpm.particle_mass.numpy().astype(np.float64).sum() * GRAVITY)
@@ -62,10 +63,10 @@ RESTING_CABLE_DAMPING = 200.0
 
 
 @timed
-def rod_resting(*, device: str | None = None) -> CheckResult:
+def rod_resting(*, device: str | None = None, integrator: str = "explicit") -> CheckResult:
     """A cable (rod, two-way contact) dropped onto a sensor pad and damped to rest: the pad's summed
     contact force, averaged over 0.1 s, equals the cable's weight (2%)."""
-    scene = rod_on_sensor(device=device, linear_damping=RESTING_CABLE_DAMPING)
+    scene = rod_on_sensor(device=device, linear_damping=RESTING_CABLE_DAMPING, integrator=integrator)
     model, solver = scene.model, scene.solver
     support, spread = _mean_support(model, solver, 0.1, 0.1)
     weight = float(model.rod.vertex_mass.numpy().astype(np.float64).sum() * GRAVITY)
@@ -75,12 +76,12 @@ def rod_resting(*, device: str | None = None) -> CheckResult:
 
 
 @timed
-def gripper_lift(*, device: str | None = None, lift: float = 0.005) -> CheckResult:
+def gripper_lift(*, device: str | None = None, lift: float = 0.005, integrator: str = "explicit") -> CheckResult:
     """Two sensor pads squeeze a rubber cube (MPM) from either side, 1 mm past touching, then lift
     by ``lift`` [m]: the cube must rise with them (its centre of mass within 10% of the lift),
     stay between the pads and keep finite, moderate speeds."""
     gap, squeeze_speed, lift_speed = 0.002, 0.03, 0.05
-    scene, (left, right) = gripper(device=device, gap=gap)
+    scene, (left, right) = gripper(device=device, gap=gap, integrator=integrator)
     model, solver = scene.model, scene.solver
     dt = check_dt(solver, model)
     state = model.state()
@@ -122,7 +123,7 @@ def _weighted_displacement(x: wp.array(dtype=wp.vec3), reference: wp.array(dtype
 
 def _coupled_gradient_check(name: str, target: str, *, scene: str, eps: float, relative: bool,
                             device: str | None, directions: int = 2, tolerance: float = 0.02,
-                            drag: bool = False) -> CheckResult:
+                            drag: bool = False, integrator: str = "explicit") -> CheckResult:
     """FD check through two-way contact: the pad rises and slides under a falling rubber cube
     (``scene="material"``) or under a cable lying on it (``"rod"``); the loss weighs the
     displacements of the cube's particles or the cable's vertices (random weights, or with
@@ -131,10 +132,10 @@ def _coupled_gradient_check(name: str, target: str, *, scene: str, eps: float, r
 
     start = time.perf_counter()
     if scene == "material":
-        built = material_on_sensor(device=device, requires_grad=True)
+        built = material_on_sensor(device=device, requires_grad=True, integrator=integrator)
         part, field_name = "mpm", "particle_x"
     else:
-        built = rod_on_sensor(device=device, requires_grad=True, drop=0.0)  # touching from the start
+        built = rod_on_sensor(device=device, requires_grad=True, drop=0.0, integrator=integrator)  # touching
         part, field_name = "rod", "vertex_x"
     model, solver = built.model, built.solver
     sensor = TactileSensor(model.fem, 0, marker_grid=(3, 3), image_shape=(2, 2))
@@ -174,28 +175,32 @@ GRADIENT_CHECKS = {
     # friction, on the drag it causes: against random weights its effect was a residual of
     # -0.0175 that the float32 roughness of the loss moved by 0.5-6% as eps went from 0.005 to
     # 0.08; on the cube's displacement along the slide (0.044) the same sweep stays within 1.1%
-    "material_friction": lambda d: _coupled_gradient_check("sensor-MPM friction (two-way contact)",
-                                                           "model.coupling.material_friction", scene="material",
-                                                           eps=0.02, relative=True, device=d, directions=1,
-                                                           drag=True),
+    "material_friction": lambda d, i="explicit": _coupled_gradient_check(
+        "sensor-MPM friction (two-way contact)", "model.coupling.material_friction", scene="material", eps=0.02,
+        relative=True, device=d, directions=1, drag=True, integrator=i),
     # eps = 3e-3 m/s: the centre of the plateau where the finite difference has converged. At
     # 1e-3 and below the float32 loss noise moves it by up to 3% (0.5e-3: 2.9%, 1e-3: 2.0%);
     # 2e-3 to 4e-3 agree with the tape to 0.14-0.28%; from 6e-3 truncation grows (0.37%, 0.66% at 8e-3).
-    "sensor_pose_material": lambda d: _coupled_gradient_check("sensor trajectory against MPM (frame 5)",
-                                                              "controls[5].fem.body_velocity", scene="material",
-                                                              eps=3e-3, relative=False, device=d),
-    "sensor_pose_rod": lambda d: _coupled_gradient_check("sensor trajectory against a cable (frame 5)",
-                                                         "controls[5].fem.body_velocity", scene="rod", eps=1e-3,
-                                                         relative=False, device=d),
+    "sensor_pose_material": lambda d, i="explicit": _coupled_gradient_check(
+        "sensor trajectory against MPM (frame 5)", "controls[5].fem.body_velocity", scene="material", eps=3e-3,
+        relative=False, device=d, integrator=i),
+    "sensor_pose_rod": lambda d, i="explicit": _coupled_gradient_check(
+        "sensor trajectory against a cable (frame 5)", "controls[5].fem.body_velocity", scene="rod", eps=1e-3,
+        relative=False, device=d, integrator=i),
 }
 
 
-def run_physics_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
-    """Run the physics checks (all, or those named in ``only``) and return their results."""
-    return run_checks(PHYSICS_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
+def run_physics_checks(*, device: str | None = None, only: list[str] | None = None,
+                       integrator: str = "explicit") -> list[CheckResult]:
+    """Run the physics checks (all, or those named in ``only``) and return their results, the
+    pads stepped by the FEM ``integrator`` (implicit ones inside the staggered coupled step)."""
+    checks = {name: functools.partial(check, integrator=integrator) for name, check in PHYSICS_CHECKS.items()}
+    return run_checks(checks, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS])
 
 
-def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+def run_gradient_checks(*, device: str | None = None, only: list[str] | None = None,
+                        integrator: str = "explicit") -> list[CheckResult]:
     """Run the finite-difference gradient checks (all, or those named in ``only``)."""
-    return run_checks(GRADIENT_CHECKS, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
+    checks = {name: (lambda d, check=check: check(d, integrator)) for name, check in GRADIENT_CHECKS.items()}
+    return run_checks(checks, device=device, only=only, known=[*PHYSICS_CHECKS, *GRADIENT_CHECKS],
                       gradients=True)
