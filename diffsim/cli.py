@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         if solver == "tactile":
             sub.add_argument("--integrator", choices=("explicit", "implicit", "quasistatic"), default="explicit",
                              help="FEM integrator the checks step with (default: explicit)")
+        if solver == "coupling":
+            sub.add_argument("--integrator", choices=("explicit", "implicit"), default="explicit",
+                             help="FEM integrator of the sensor pads (default: explicit)")
         sub.set_defaults(handler=_run_validate)
 
     bench = commands.add_parser("bench", help="speed and memory figures")
@@ -99,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tactile = bench_solvers.add_parser("tactile", parents=[device_flag],
                                              help="time FEM sensor substeps with contact, forward and backward")
     bench_tactile.add_argument("--steps", type=_positive_int, default=None,
-                               help="steps per run (default: 200 explicit, 10 implicit)")
+                               help="steps per run (default: 200 explicit; implicit integrators: 0.2 simulated s)")
     bench_tactile.add_argument("--integrator", choices=("explicit", "implicit", "quasistatic"), default="explicit",
                                help="FEM integrator (default: explicit; implicit steps 1 ms, quasi-static 10 ms)")
     bench_tactile.add_argument("--frame-dt", type=_positive_float, default=None,
                                help="step of the implicit integrators [s]")
+    bench_tactile.add_argument("--preconditioner", choices=("auto", "cholesky", "jacobi"), default="auto",
+                               help="CG preconditioner of the implicit integrators (default: auto, Cholesky here)")
     bench_tactile.add_argument("--repeats", type=_positive_int, default=5,
                                help="timed runs after a warm-up; medians are reported (default: 5)")
     bench_tactile.add_argument("--json", action="store_true", help="print JSON instead of a report")
@@ -206,7 +211,7 @@ def _run_bench_tactile(args: argparse.Namespace, device: str) -> int:
     from diffsim.fem.benchmark import format_report, run_benchmark
 
     result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device, integrator=args.integrator,
-                           frame_dt=args.frame_dt)
+                           frame_dt=args.frame_dt, preconditioner=args.preconditioner)
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 
