@@ -2,6 +2,6 @@
 torch policies, sampling baselines and RL adapters), imported as ``diffsim.controllers``.
 """
 
-from diffsim.controllers.trajectory import Bounds, OptimizationResult, optimize
+from diffsim.controllers.trajectory import Bounds, OptimizationResult, optimize, optimize_task, score_actions
 
-__all__ = ["Bounds", "OptimizationResult", "optimize"]
+__all__ = ["Bounds", "OptimizationResult", "optimize", "optimize_task", "score_actions"]

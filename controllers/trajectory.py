@@ -327,3 +327,98 @@ def optimize(
         stopped_early=stopped_early,
         grad_norms=grad_norms,
     )
+
+
+# -- a task's open-loop plan, as a run with an output folder ---------------------------------------
+
+def score_actions(env, actions: torch.Tensor, seed: int) -> list[float]:
+    """Each world's normalised task score [0, 1] after playing ``actions`` (frames, worlds,
+    action_dim) open loop from the episodes of ``seed`` (world i seeded with seed + i)."""
+    with torch.no_grad():
+        env.reset(seed=seed)
+        for frame in range(actions.shape[0]):
+            env.step(actions[frame])
+        return [float(s) for s in env.batch.score()]
+
+
+def optimize_task(task: str, *, iterations: int, out: str | Path, seed: int = 0, worlds: int = 1,
+                  learning_rate: float = 0.05, resume: bool = False, device: str | None = None,
+                  options: dict | None = None, progress: bool = True) -> dict:
+    """Open-loop trajectory optimisation of a task: one action sequence per world (``worlds``
+    variants of the task at once, seeded ``seed`` .. ``seed + worlds - 1``), optimised by Adam on
+    the task's whole-horizon loss through the checkpointed rollout
+    (:meth:`~diffsim.tasks.env.DiffTaskEnv.rollout`), inside the actuators' bounds.
+
+    The sequences are optimised in normalised units (-1 .. 1 across each actuator's range, from 0,
+    the range's middle); ``learning_rate`` is in those units. The run writes ``out`` as
+    :class:`~controllers.run.RunDirectory` describes, plus ``actions.pt`` (the best sequences in
+    the actuators' units, a dict of tensors). The evaluation seeds are the optimised variants
+    themselves (an open-loop plan belongs to its variant). Returns the summary.
+
+    ``env_steps`` counts the frames simulated by the optimisation (iterations x horizon x worlds,
+    each forward and backward once); the two scoring episodes are ``evaluation_env_steps``.
+    """
+    from diffsim.controllers.run import RunDirectory
+    from diffsim.tasks.env import DiffTaskEnv, task_type
+
+    for name, value in (("iterations", iterations), ("worlds", worlds)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidParameter(name, value, "positive integers")
+    if not isinstance(seed, int) or seed < 0:
+        raise InvalidParameter("seed", seed, "integers >= 0")
+    kind = task_type(task)  # an unknown task fails before the folder is touched
+    run = RunDirectory(out, resume=resume)
+    torch.manual_seed(seed)
+    env = DiffTaskEnv(kind, num_envs=worlds, device=device, **(options or {}))
+    horizon = env.task.horizon
+    low, high = env.action_low.float(), env.action_high.float()
+    middle, half = 0.5 * (low + high), 0.5 * (high - low)
+
+    def physical(u: torch.Tensor) -> torch.Tensor:
+        return middle + half * u
+
+    start_actions = torch.zeros(horizon, worlds, env.action_dim)
+    initial = score_actions(env, physical(start_actions), seed)
+    previous_wall = 0.0
+    if run.resuming:
+        saved = load_checkpoint(run.checkpoint)
+        run.trim_log(int(saved["iteration"]))
+        previous_wall = float(saved["wall_time"])
+    env.reset(seed=seed)
+    started = time.perf_counter()
+
+    def log(iteration: int, loss: float, parameters: dict[str, torch.Tensor]) -> None:
+        grad = parameters["actions"].grad
+        norm = float(grad.double().norm()) if grad is not None else 0.0
+        run.log_iteration(iteration, loss, norm, previous_wall + time.perf_counter() - started)
+
+    parameters = {"actions": start_actions.clone()}
+    result = optimize(lambda p: env.rollout(physical(p["actions"])), parameters, iterations=iterations,
+                      learning_rate=learning_rate, betas=(0.5, 0.999),
+                      bounds={"actions": Bounds(lower=-1.0, upper=1.0)}, checkpoint_path=run.checkpoint,
+                      on_iteration=log, progress=progress)
+    wall_s = previous_wall + time.perf_counter() - started  # this run's part, and the runs before it
+    best = physical(result.best_parameters["actions"])
+    final = score_actions(env, best, seed)
+    save_checkpoint(run.path / "actions.pt", {"actions": best, "seed": torch.tensor(seed)})
+    summary = {
+        "task": kind.id,
+        "method": "optimize",
+        "seed": seed,
+        "worlds": worlds,
+        "horizon": horizon,
+        "learning_rate": learning_rate,
+        "initial_score": sum(initial) / worlds,
+        "final_score": sum(final) / worlds,
+        "initial_scores": initial,
+        "final_scores": final,
+        "best_loss": result.best_loss,
+        "best_iteration": result.best_iteration,
+        "iterations": result.iterations,
+        "env_steps": result.iterations * horizon * worlds,
+        "evaluation_env_steps": 2 * horizon * worlds,
+        "wall_s": wall_s,
+        "resumed_from": result.resumed_from,
+    }
+    run.write_summary(summary)
+    return summary

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Differentiable soft-matter simulation on Warp.")
     parser.add_argument("--device", default=None,
                         help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,validate,bench,calibrate}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{demo,validate,bench,calibrate,optimize}")
 
     demo = commands.add_parser("demo", parents=[device_flag],
                                help="optimise a pusher trajectory through the MPM solver; "
@@ -146,7 +147,47 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_rod.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
     calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate_rod.set_defaults(handler=_run_calibrate_rod)
+
+    optimize = commands.add_parser("optimize", parents=[device_flag],
+                                   help="open-loop trajectory optimisation of a task (Adam through the simulator)")
+    optimize.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
+    optimize.add_argument("--iters", type=_positive_int, required=True, help="Adam iterations (in all, resumed or not)")
+    optimize.add_argument("--seed", type=_non_negative_int, default=0,
+                          help="seed of the first variant (world i is seed + i; default: 0)")
+    optimize.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, summary.json)")
+    optimize.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    optimize.add_argument("--worlds", type=_positive_int, default=1,
+                          help="task variants optimised at once, as worlds (default: 1)")
+    optimize.add_argument("--lr", type=_positive_float, default=0.05,
+                          help="Adam step in normalised action units, -1 .. 1 per actuator (default: 0.05)")
+    optimize.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    optimize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    optimize.set_defaults(handler=_run_optimize)
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _run_optimize(args: argparse.Namespace, device: str) -> int:
+    from diffsim.controllers import optimize_task
+    from diffsim.tasks import task_type
+
+    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    summary = optimize_task(args.task, iterations=args.iters, out=args.out, seed=args.seed, worlds=args.worlds,
+                            learning_rate=args.lr, resume=args.resume, device=device, options=options,
+                            progress=not args.no_progress)
+    print(f"{summary['task']}: score {summary['initial_score']:.3f} -> {summary['final_score']:.3f} "
+          f"after {summary['iterations']} iterations ({summary['env_steps']} env steps, "
+          f"{summary['wall_s']:.1f} s); results in {args.out}")
+    return 0
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The output folder of a controller run: what every method writes and how a run resumes.
+
+A run owns one folder (``--out DIR``):
+
+- ``checkpoint.pt``: the method's state, rewritten atomically after every iteration (torch.save,
+  loaded with ``weights_only=True``); a run killed at any moment resumes from it and loses at
+  most the iteration in flight;
+- ``log.csv``: one row per iteration (iteration, loss, gradient norm, wall seconds); on resume
+  the rows past the checkpoint are dropped, so every iteration appears once;
+- ``summary.json`` (atomic, at the end): at least ``initial_score``, ``final_score`` (the task's
+  normalised score in [0, 1] on the run's evaluation seeds), ``iterations``, ``env_steps`` and
+  ``wall_s``.
+
+A folder that already holds a run is only continued with ``resume=True``; otherwise the run
+refuses before writing anything, so no earlier result is overwritten by mistake.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from diffsim.errors import ConfigError
+
+__all__ = ["RunDirectory", "write_json_atomic"]
+
+LOG_FIELDS = ("iteration", "loss", "grad_norm", "wall_s")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON so that a crash mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RunDirectory:
+    """The folder of one run (see the module header)."""
+
+    def __init__(self, path: str | Path, *, resume: bool):
+        self.path = Path(path)
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.log = self.path / "log.csv"
+        self.summary = self.path / "summary.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {str(self.path)!r} is a file, not a folder; pass a folder for the run.")
+        taken = [p.name for p in (self.checkpoint, self.log, self.summary) if p.exists()]
+        if taken and not resume:
+            raise ConfigError(f"{str(self.path)!r} already holds a run ({', '.join(taken)}); pass --resume to "
+                              "continue it or another --out, nothing was overwritten.")
+        self.resuming = resume and self.checkpoint.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def trim_log(self, iterations: int) -> None:
+        """Keep the log rows of the first ``iterations`` iterations (those the checkpoint holds)."""
+        if not self.log.exists():
+            return
+        with open(self.log, newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["iteration"]) < iterations]
+        fd, tmp = tempfile.mkstemp(prefix="log.", suffix=".tmp", dir=self.path)
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.log)
+
+    def log_iteration(self, iteration: int, loss: float, grad_norm: float, wall_s: float) -> None:
+        new = not self.log.exists()
+        with open(self.log, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({"iteration": iteration, "loss": f"{loss:.9g}", "grad_norm": f"{grad_norm:.9g}",
+                             "wall_s": f"{wall_s:.3f}"})
+            handle.flush()
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.summary, summary)
