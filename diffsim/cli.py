@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None,
                         help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{demo,validate,bench,calibrate,optimize}")
+                                     metavar="{demo,validate,bench,calibrate,optimize,train}")
 
     demo = commands.add_parser("demo", parents=[device_flag],
                                help="optimise a pusher trajectory through the MPM solver; "
@@ -163,7 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
     optimize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     optimize.set_defaults(handler=_run_optimize)
+
+    train = commands.add_parser("train", parents=[device_flag], help="train a policy on a task")
+    train.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
+    train.add_argument("--algo", choices=("bptt",), default="bptt",
+                       help="bptt: an MLP policy by backpropagation through the simulator")
+    train.add_argument("--iters", type=_positive_int, required=True, help="training iterations (episodes per world)")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the first training variant")
+    train.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, policy.pt, summary.json)")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--worlds", type=_positive_int, default=4, help="training variants per iteration (default: 4)")
+    train.add_argument("--eval-worlds", type=_positive_int, default=4, help="held-out variants scored (default: 4)")
+    train.add_argument("--window", type=_positive_int, default=None,
+                       help="env steps per backward pass (truncated BPTT; default: the whole horizon)")
+    train.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam step size (default: 3e-3)")
+    train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(handler=_run_train)
     return parser
+
+
+def _run_train(args: argparse.Namespace, device: str) -> int:
+    from diffsim.controllers.bptt import train_bptt
+    from diffsim.tasks import task_type
+
+    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    summary = train_bptt(args.task, iterations=args.iters, out=args.out, seed=args.seed, worlds=args.worlds,
+                         evaluation_worlds=args.eval_worlds, window=args.window, learning_rate=args.lr,
+                         resume=args.resume, device=device, options=options, progress=not args.no_progress)
+    print(f"{summary['task']}: held-out score {summary['initial_score']:.3f} -> {summary['final_score']:.3f} "
+          f"after {summary['iterations']} iterations ({summary['env_steps']} env steps, "
+          f"{summary['wall_s']:.1f} s); results in {args.out}")
+    return 0
 
 
 def _non_negative_int(text: str) -> int:
