@@ -11,9 +11,9 @@ window whose gradient is not finite (an exploded gradient through chaotic contac
 and counted (``skipped_updates``), and training stops after five iterations in a row with nothing
 but such windows.
 
-Observations are standardised by the mean and spread of the first training batch's initial
-observations (kept in the policy's state dict); actions are ``tanh`` outputs scaled to the
-actuators' bounds. Scores are the task's normalised score at the episode's end, on held-out
+Observations are standardised by the mean and spread of one episode of the untrained policy
+(kept in the policy's state dict) and clipped at 10 spreads; actions are ``tanh`` outputs scaled
+to the actuators' bounds. Scores are the task's normalised score at the episode's end, on held-out
 evaluation seeds that training never sees.
 """
 
@@ -66,16 +66,22 @@ class ClockPolicy(torch.nn.Module):
             self.out.bias.zero_()
 
     def standardise_from(self, observations: torch.Tensor) -> None:
-        """Fix the observation standardisation from a batch (worlds, observation_dim)."""
+        """Fix the observation standardisation from samples (n, observation_dim): their mean, and
+        their spread floored at a tenth of the mean's size (an entry that barely varies in the
+        samples must not be amplified a thousandfold once it does)."""
         with torch.no_grad():
-            self.obs_mean.copy_(observations.mean(0))
-            spread = observations.std(0, unbiased=False) if observations.shape[0] > 1 else observations.abs()[0]
-            self.obs_scale.copy_(torch.clamp(spread, min=1e-3 * float(observations.abs().max()) + 1e-8))
+            mean = observations.mean(0)
+            spread = observations.std(0, unbiased=False)
+            floor = torch.clamp(0.1 * mean.abs(), min=1e-6 * float(observations.abs().max()) + 1e-12)
+            self.obs_mean.copy_(mean)
+            self.obs_scale.copy_(torch.maximum(spread, floor))
 
     def forward(self, observation: torch.Tensor, step: int) -> torch.Tensor:
         phase = 2.0 * math.pi * step / (self.horizon * self.periods)
         clock = torch.cat([torch.sin(phase), torch.cos(phase)]).expand(observation.shape[0], -1)
-        h = torch.cat([(observation - self.obs_mean) / self.obs_scale, clock], dim=1)
+        # clipped like VecNormalize's: what the samples never showed stays within 10 spreads
+        z = torch.clamp((observation - self.obs_mean) / self.obs_scale, -10.0, 10.0)
+        h = torch.cat([z, clock], dim=1)
         for layer in self.layers:
             h = torch.sin(layer(h))
         return self.action_middle + self.action_half * torch.tanh(self.out(h))
@@ -108,6 +114,18 @@ def _episode(env, policy: ClockPolicy, seed: int, *, window: int | None = None, 
             env.detach()
             observation = observation.detach()
     return [float(s) for s in env.batch.score()], float(loss.sum().detach()), norms
+
+
+def _observations(env, policy: ClockPolicy, seed: int) -> torch.Tensor:
+    """Every observation of one episode of the untrained policy in every world (the samples the
+    standardisation is fixed from; the seed is one training never uses)."""
+    seen = []
+    with torch.no_grad():
+        observation = env.reset(seed=seed + EVALUATION_SEED // 2)
+        for step in range(env.task.horizon):
+            seen.append(observation)
+            observation = env.step(policy(observation, step))[0]
+    return torch.cat(seen)
 
 
 def evaluate_policy(env, policy: ClockPolicy, *, seed: int = EVALUATION_SEED) -> list[float]:
@@ -176,7 +194,7 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
     horizon = env.task.horizon
     policy = ClockPolicy(env.observation_dim, env.action_dim, horizon, env.action_low, env.action_high,
                          hidden=hidden)
-    policy.standardise_from(env.reset(seed=seed))
+    policy.standardise_from(_observations(env, policy, seed))
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     start, losses, wall, skipped, exploded_in_a_row = 0, [], 0.0, 0, 0
     if run.resuming:
