@@ -72,10 +72,12 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for result in results:
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(results), 1)))
+    for k, result in enumerate(results):
         h = [r["horizon"] for r in result["rows"]]
-        left.plot(h, [r["median_norm"] for r in result["rows"]], marker="o", label=result["task"].split("/")[-1])
-        right.plot(h, [r["seed_spread"] for r in result["rows"]], marker="o")
+        style = {"color": colours[k], "marker": "osD^v"[k % 5], "linestyle": "-" if k % 2 == 0 else "--"}
+        left.plot(h, [r["median_norm"] for r in result["rows"]], label=result["task"].split("/")[-1], **style)
+        right.plot(h, [r["seed_spread"] for r in result["rows"]], **style)
     for axis, title in ((left, "median |d loss / d actions|"), (right, "spread across seeds (std / |mean|)")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -94,8 +96,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=sorted(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-horizon", type=int, default=32)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if args.replot:
+        plot(json.loads((RESULTS / "gradient_horizon.json").read_text()), RESULTS / "gradient_horizon.png")
+        return
     results = []
     for task_id in args.tasks:
         results.append(measure(task_id, args.seeds, args.max_horizon))

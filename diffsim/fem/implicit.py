@@ -34,8 +34,9 @@ Neo-Hookean Hessian: each tet's Hessian in the frame of its singular values, wit
 eigenvalues clamped to zero (the twist modes under compression; see "projected Hessians" below).
 Newton's matrix is thus symmetric positive definite at every iterate, and CG is preconditioned by
 a sparse Cholesky factor of that same matrix assembled from its element and node blocks, kept
-across steps and refactored when it has gone stale (:mod:`diffsim.core.cholesky`); Jacobi
-preconditioning by the linear-elastic diagonal remains as ``preconditioner="jacobi"``. The
+across steps and refactored when it has gone stale (:mod:`diffsim.core.cholesky`), or by the
+linear-elastic diagonal (Jacobi); ``preconditioner="auto"`` factors on CPUs up to
+:data:`AUTO_CHOLESKY_UNKNOWNS` unknowns. The
 residual is exact, so Newton lands on r = 0 either way (the approximations cost iterations, not
 accuracy), and the adjoint solve of the backward pass uses the exact Jacobian (unprojected, with
 the curvature term). Fixed-corotated tets take the taped Jacobian and Jacobi preconditioning
