@@ -246,3 +246,51 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
     }
     run.write_summary(summary)
     return summary
+
+
+def evaluate_file(task: str, path: str | Path, *, worlds: int = 8, video: str | Path | None = None,
+                  device: str | None = None, options: dict | None = None) -> dict:
+    """Score what a run saved for ``task``: a ``policy.pt`` (from :func:`train_bptt`) on ``worlds``
+    held-out variants, or an ``actions.pt`` (from ``optimize_task``) on the variants it was
+    optimised for. Returns the mean and spread of the normalised score, the per-world scores and,
+    with ``video``, the path of a GIF/MP4 of the first world's episode."""
+    import numpy as np
+
+    from diffsim.controllers.trajectory import score_actions
+    from diffsim.tasks.env import DiffTaskEnv, record_episode, task_type
+
+    if not isinstance(worlds, int) or worlds < 1:
+        raise InvalidParameter("worlds", worlds, "positive integers")
+    kind = task_type(task)
+    payload = load_checkpoint_any(path)
+    if "actions" in payload:
+        if payload.get("task", kind.id) != kind.id:
+            raise ConfigError(f"{str(path)!r} holds actions for {payload['task']}, not for {kind.id}.")
+        actions = payload["actions"]
+        seed = int(payload.get("seed", torch.tensor(0)))
+        env = DiffTaskEnv(kind, num_envs=int(actions.shape[1]), device=device, **(options or {}))
+        if tuple(actions.shape[1:]) != (env.num_envs, env.action_dim) or actions.shape[0] > env.task.horizon:
+            raise ConfigError(f"{str(path)!r} holds actions of shape {tuple(actions.shape)}, which do not fit "
+                              f"{kind.id} (at most {env.task.horizon} frames of {env.action_dim} actions).")
+        scores = score_actions(env, actions, seed)
+        seeds = [seed + i for i in range(env.num_envs)]
+        play = {"actions": actions[:, 0].numpy(), "seed": seed}
+    else:
+        env = DiffTaskEnv(kind, num_envs=worlds, device=device, **(options or {}))
+        policy = load_policy(path, env, kind.id)
+        scores = evaluate_policy(env, policy)
+        seeds = [EVALUATION_SEED + i for i in range(worlds)]
+        clock = {"step": 0}
+
+        def act(observation):
+            with torch.no_grad():
+                action = policy(torch.as_tensor(observation, dtype=torch.float32)[None], clock["step"])[0]
+            clock["step"] += 1
+            return action.numpy()
+
+        play = {"policy": act, "seed": EVALUATION_SEED}
+    result = {"task": kind.id, "file": str(path), "seeds": seeds, "scores": scores,
+              "score_mean": float(np.mean(scores)), "score_std": float(np.std(scores))}
+    if video is not None:
+        result["video"] = record_episode(kind, video, **play, **(options or {}))["path"]
+    return result

@@ -400,7 +400,7 @@ def optimize_task(task: str, *, iterations: int, out: str | Path, seed: int = 0,
     wall_s = previous_wall + time.perf_counter() - started  # this run's part, and the runs before it
     best = physical(result.best_parameters["actions"])
     final = score_actions(env, best, seed)
-    save_checkpoint(run.path / "actions.pt", {"actions": best, "seed": torch.tensor(seed)})
+    save_checkpoint(run.path / "actions.pt", {"actions": best, "seed": torch.tensor(seed), "task": kind.id})
     summary = {
         "task": kind.id,
         "method": "optimize",

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None,
                         help="Warp device: cpu, cuda or cuda:N (default: $DIFFSIM_DEVICE, else auto)")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{demo,validate,bench,calibrate,optimize,train}")
+                                     metavar="{demo,validate,bench,calibrate,optimize,train,evaluate}")
 
     demo = commands.add_parser("demo", parents=[device_flag],
                                help="optimise a pusher trajectory through the MPM solver; "
@@ -180,7 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_run_train)
+
+    evaluate = commands.add_parser("evaluate", parents=[device_flag],
+                                   help="score a trained policy or optimised actions on a task")
+    evaluate.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
+    evaluate.add_argument("--policy", required=True,
+                          help="a run's policy.pt (scored on held-out variants) or actions.pt (on its own)")
+    evaluate.add_argument("--worlds", type=_positive_int, default=8, help="held-out variants for a policy (default: 8)")
+    evaluate.add_argument("--video", default=None, help="also write the first world's episode (.gif or .mp4)")
+    evaluate.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    evaluate.set_defaults(handler=_run_evaluate)
     return parser
+
+
+def _run_evaluate(args: argparse.Namespace, device: str) -> int:
+    from diffsim.controllers.bptt import evaluate_file
+    from diffsim.tasks import task_type
+
+    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    result = evaluate_file(args.task, args.policy, worlds=args.worlds, video=args.video, device=device,
+                           options=options)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['task']}: score {result['score_mean']:.3f} +- {result['score_std']:.3f} over "
+              f"{len(result['scores'])} variants" + (f"; episode in {result['video']}" if "video" in result else ""))
+    return 0
 
 
 def _run_train(args: argparse.Namespace, device: str) -> int:

@@ -63,3 +63,23 @@ def test_an_unknown_algorithm_is_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_scores_a_policy_and_actions_and_refuses_another_task(tmp_path):
+    train_bptt(TASK, iterations=1, out=tmp_path / "bptt", worlds=1, evaluation_worlds=1, options=TINY,
+               progress=False)
+    from diffsim.controllers import optimize_task
+
+    optimize_task(TASK, iterations=1, out=tmp_path / "plan", worlds=2, options=TINY, progress=False)
+    for file, count in (("bptt/policy.pt", 3), ("plan/actions.pt", 2)):
+        result = subprocess.run([sys.executable, "-m", "diffsim.cli", "evaluate", TASK, "--tiny", "--json",
+                                 "--worlds", "3", "--policy", str(tmp_path / file),
+                                 "--video", str(tmp_path / f"{count}.gif")], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert len(report["scores"]) == count and 0.0 <= report["score_mean"] <= 1.0
+        assert (tmp_path / f"{count}.gif").stat().st_size > 0
+    wrong = subprocess.run([sys.executable, "-m", "diffsim.cli", "evaluate", "CableRoute-v0", "--tiny",
+                            "--policy", str(tmp_path / "bptt/policy.pt")], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "is a policy for" in wrong.stderr
