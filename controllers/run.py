@@ -21,30 +21,40 @@ import csv
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffsim.errors import ConfigError
 
-__all__ = ["RunDirectory", "write_json_atomic"]
+__all__ = ["RunDirectory", "atomic_file", "write_json_atomic"]
 
 LOG_FIELDS = ("iteration", "loss", "grad_norm", "wall_s")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON so that a crash mid-write leaves the previous file intact."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w", **options):
+    """A file opened beside ``path`` that replaces it only once fully written and synced: a crash
+    mid-write leaves the previous file intact (and no temporary file behind)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
+        with os.fdopen(fd, mode, **options) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # also on KeyboardInterrupt
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON through :func:`atomic_file`."""
+    with atomic_file(path) as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
 
 
 class RunDirectory:
@@ -70,12 +80,10 @@ class RunDirectory:
             return
         with open(self.log, newline="") as handle:
             rows = [row for row in csv.DictReader(handle) if int(row["iteration"]) < iterations]
-        fd, tmp = tempfile.mkstemp(prefix="log.", suffix=".tmp", dir=self.path)
-        with os.fdopen(fd, "w", newline="") as handle:
+        with atomic_file(self.log, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.log)
 
     def log_iteration(self, iteration: int, loss: float, grad_norm: float, wall_s: float) -> None:
         new = not self.log.exists()

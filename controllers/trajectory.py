@@ -5,8 +5,6 @@ with gradients from the checkpointed backward, optional bounds, and crash-safe r
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -98,20 +96,10 @@ def _detached(parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write ``payload`` with torch.save atomically: a crash mid-write leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from diffsim.controllers.run import atomic_file
+
+    with atomic_file(Path(path), "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict:
