@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from diffsim.controllers.run import RunDirectory
+from diffsim.controllers.evaluate import EVALUATION_SEED, read_run_file
+from diffsim.controllers.run import RunDirectory, check_counts
 from diffsim.controllers.trajectory import load_checkpoint, save_checkpoint
 from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
 
 __all__ = ["ClockPolicy", "train_bptt", "evaluate_policy", "load_policy"]
 
-#: seeds of the evaluation variants: far from the training seeds (seed + iteration * worlds + i)
-EVALUATION_SEED = 1_000_000
 POLICY_FORMAT = 1
 #: iterations in a row whose every window's gradient was non-finite before training stops
 MAX_EXPLODED_ITERATIONS = 5
@@ -143,7 +142,7 @@ def save_policy(path: Path, policy: ClockPolicy, task_id: str) -> None:
 
 def load_policy(path: str | Path, env, task_id: str) -> ClockPolicy:
     """A policy saved by :func:`train_bptt` for ``task_id``, checked against the env's sizes."""
-    payload = load_checkpoint_any(path)
+    payload = read_run_file(path)
     if payload.get("format") != POLICY_FORMAT or "state_dict" not in payload:
         raise ConfigError(f"{str(path)!r} is not a diffsim policy file; pass the policy.pt a training run wrote.")
     if payload["task"] != task_id:
@@ -156,13 +155,6 @@ def load_policy(path: str | Path, env, task_id: str) -> ClockPolicy:
                           f"{policy.layers[0].in_features} inputs and {policy.out.out_features} actions.")
     policy.load_state_dict(payload["state_dict"])
     return policy
-
-
-def load_checkpoint_any(path) -> dict:
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot read {str(path)!r} ({exc}).") from exc
 
 
 def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, worlds: int = 4,
@@ -178,10 +170,7 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
 
     from diffsim.tasks.env import DiffTaskEnv, task_type
 
-    for name, value in (("iterations", iterations), ("worlds", worlds), ("evaluation_worlds", evaluation_worlds),
-                        ("hidden", hidden)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidParameter(name, value, "positive integers")
+    check_counts(iterations=iterations, worlds=worlds, evaluation_worlds=evaluation_worlds, hidden=hidden)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise InvalidParameter("window", window, "positive integers (env steps)")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
@@ -197,8 +186,10 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
     policy.standardise_from(_observations(env, policy, seed))
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     start, losses, wall, skipped, exploded_in_a_row = 0, [], 0.0, 0, 0
+    split = {"simulation_forward": 0.0, "simulation_backward": 0.0}
     if run.resuming:
         saved = load_checkpoint(run.checkpoint)
+        split = {k: float(v) for k, v in saved.get("time_split", split).items()}
         policy.load_state_dict(saved["policy"])
         optimizer.load_state_dict(saved["optimizer"])
         start, losses, wall = int(saved["iteration"]), list(saved["losses"]), float(saved["wall_time"])
@@ -207,6 +198,7 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
         run.trim_log(start)
     else:
         initial = evaluate_policy(evaluation, policy)
+    sim_before = dict(env.simulation_seconds)
     started = time.perf_counter()
     bar = tqdm(total=iterations, initial=start, desc="bptt", unit="it", disable=not progress)
     try:
@@ -222,12 +214,15 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
                                               "non-finite gradient; shorten --window or lower --lr.")
             losses.append(loss)
             elapsed = wall + time.perf_counter() - started
+            for key, name in (("simulation_forward", "forward"), ("simulation_backward", "backward")):
+                split[key] += env.simulation_seconds[name] - sim_before[name]
+            sim_before = dict(env.simulation_seconds)
             run.log_iteration(iteration, loss, max(finite) if finite else math.inf, elapsed)
             save_policy(run.path / "policy.pt", policy, kind.id)
             save_checkpoint(run.checkpoint, {"format": 1, "iteration": iteration + 1, "policy": policy.state_dict(),
                                              "optimizer": optimizer.state_dict(), "losses": losses,
                                              "wall_time": elapsed, "initial_scores": initial,
-                                             "skipped_updates": skipped})
+                                             "skipped_updates": skipped, "time_split": split})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
     finally:
@@ -243,54 +238,7 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
         "iterations": len(losses), "env_steps": len(losses) * horizon * worlds,
         "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s,
         "skipped_updates": skipped, "windows_per_episode": math.ceil(horizon / (window or horizon)),
+        "time_split_s": dict(split, networks_optimisers_checkpoints=wall_s - sum(split.values())),
     }
     run.write_summary(summary)
     return summary
-
-
-def evaluate_file(task: str, path: str | Path, *, worlds: int = 8, video: str | Path | None = None,
-                  device: str | None = None, options: dict | None = None) -> dict:
-    """Score what a run saved for ``task``: a ``policy.pt`` (from :func:`train_bptt`) on ``worlds``
-    held-out variants, or an ``actions.pt`` (from ``optimize_task``) on the variants it was
-    optimised for. Returns the mean and spread of the normalised score, the per-world scores and,
-    with ``video``, the path of a GIF/MP4 of the first world's episode."""
-    import numpy as np
-
-    from diffsim.controllers.trajectory import score_actions
-    from diffsim.tasks.env import DiffTaskEnv, record_episode, task_type
-
-    if not isinstance(worlds, int) or worlds < 1:
-        raise InvalidParameter("worlds", worlds, "positive integers")
-    kind = task_type(task)
-    payload = load_checkpoint_any(path)
-    if "actions" in payload:
-        if payload.get("task", kind.id) != kind.id:
-            raise ConfigError(f"{str(path)!r} holds actions for {payload['task']}, not for {kind.id}.")
-        actions = payload["actions"]
-        seed = int(payload.get("seed", torch.tensor(0)))
-        env = DiffTaskEnv(kind, num_envs=int(actions.shape[1]), device=device, **(options or {}))
-        if tuple(actions.shape[1:]) != (env.num_envs, env.action_dim) or actions.shape[0] > env.task.horizon:
-            raise ConfigError(f"{str(path)!r} holds actions of shape {tuple(actions.shape)}, which do not fit "
-                              f"{kind.id} (at most {env.task.horizon} frames of {env.action_dim} actions).")
-        scores = score_actions(env, actions, seed)
-        seeds = [seed + i for i in range(env.num_envs)]
-        play = {"actions": actions[:, 0].numpy(), "seed": seed}
-    else:
-        env = DiffTaskEnv(kind, num_envs=worlds, device=device, **(options or {}))
-        policy = load_policy(path, env, kind.id)
-        scores = evaluate_policy(env, policy)
-        seeds = [EVALUATION_SEED + i for i in range(worlds)]
-        clock = {"step": 0}
-
-        def act(observation):
-            with torch.no_grad():
-                action = policy(torch.as_tensor(observation, dtype=torch.float32)[None], clock["step"])[0]
-            clock["step"] += 1
-            return action.numpy()
-
-        play = {"policy": act, "seed": EVALUATION_SEED}
-    result = {"task": kind.id, "file": str(path), "seeds": seeds, "scores": scores,
-              "score_mean": float(np.mean(scores)), "score_std": float(np.std(scores))}
-    if video is not None:
-        result["video"] = record_episode(kind, video, **play, **(options or {}))["path"]
-    return result

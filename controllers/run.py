@@ -5,8 +5,9 @@ A run owns one folder (``--out DIR``):
 - ``checkpoint.pt``: the method's state, rewritten atomically after every iteration (torch.save,
   loaded with ``weights_only=True``); a run killed at any moment resumes from it and loses at
   most the iteration in flight;
-- ``log.csv``: one row per iteration (iteration, loss, gradient norm, wall seconds); on resume
-  the rows past the checkpoint are dropped, so every iteration appears once;
+- ``log.csv``: one row per iteration (iteration, loss, a method's progress figure, wall seconds:
+  the gradient norm for gradient methods, the search spread for sampling ones); on resume the
+  rows past the checkpoint are dropped, so every iteration appears once;
 - ``summary.json`` (atomic, at the end): at least ``initial_score``, ``final_score`` (the task's
   normalised score in [0, 1] on the run's evaluation seeds), ``iterations``, ``env_steps`` and
   ``wall_s``.
@@ -24,11 +25,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from diffsim.errors import ConfigError
+from diffsim.errors import ConfigError, InvalidParameter
 
-__all__ = ["RunDirectory", "atomic_file", "write_json_atomic"]
+__all__ = ["RunDirectory", "atomic_file", "check_counts", "write_json_atomic"]
 
-LOG_FIELDS = ("iteration", "loss", "grad_norm", "wall_s")
 
 
 @contextmanager
@@ -50,6 +50,13 @@ def atomic_file(path: Path, mode: str = "w", **options):
         raise
 
 
+def check_counts(**counts) -> None:
+    """Refuse any of the named budgets or sizes that is not a positive integer (bools included)."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidParameter(name, value, "positive integers")
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write ``payload`` as JSON through :func:`atomic_file`."""
     with atomic_file(path) as handle:
@@ -60,8 +67,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 class RunDirectory:
     """The folder of one run (see the module header)."""
 
-    def __init__(self, path: str | Path, *, resume: bool):
+    def __init__(self, path: str | Path, *, resume: bool, progress_field: str = "grad_norm"):
         self.path = Path(path)
+        self.fields = ("iteration", "loss", progress_field, "wall_s")
         self.checkpoint = self.path / "checkpoint.pt"
         self.log = self.path / "log.csv"
         self.summary = self.path / "summary.json"
@@ -81,18 +89,18 @@ class RunDirectory:
         with open(self.log, newline="") as handle:
             rows = [row for row in csv.DictReader(handle) if int(row["iteration"]) < iterations]
         with atomic_file(self.log, newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            writer = csv.DictWriter(handle, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(rows)
 
-    def log_iteration(self, iteration: int, loss: float, grad_norm: float, wall_s: float) -> None:
+    def log_iteration(self, iteration: int, loss: float, progress: float, wall_s: float) -> None:
+        """Append one iteration's row; ``progress`` goes in the method's own column."""
         new = not self.log.exists()
         with open(self.log, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            writer = csv.writer(handle)
             if new:
-                writer.writeheader()
-            writer.writerow({"iteration": iteration, "loss": f"{loss:.9g}", "grad_norm": f"{grad_norm:.9g}",
-                             "wall_s": f"{wall_s:.3f}"})
+                writer.writerow(self.fields)
+            writer.writerow([iteration, f"{loss:.9g}", f"{progress:.9g}", f"{wall_s:.3f}"])
             handle.flush()
 
     def write_summary(self, summary: dict) -> None:

@@ -346,12 +346,10 @@ def optimize_task(task: str, *, iterations: int, out: str | Path, seed: int = 0,
     ``env_steps`` counts the frames simulated by the optimisation (iterations x horizon x worlds,
     each forward and backward once); the two scoring episodes are ``evaluation_env_steps``.
     """
-    from diffsim.controllers.run import RunDirectory
+    from diffsim.controllers.run import RunDirectory, check_counts
     from diffsim.tasks.env import DiffTaskEnv, task_type
 
-    for name, value in (("iterations", iterations), ("worlds", worlds)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidParameter(name, value, "positive integers")
+    check_counts(iterations=iterations, worlds=worlds)
     if not isinstance(seed, int) or seed < 0:
         raise InvalidParameter("seed", seed, "integers >= 0")
     kind = task_type(task)  # an unknown task fails before the folder is touched

@@ -47,6 +47,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: ``diffsim train --algo`` choices
+TRAIN_ALGORITHMS = ("bptt", "shac", "cem", "cmaes", "ppo", "sac")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --device works before or after the subcommand; SUPPRESS keeps the subcommand's absent flag
     # from overwriting a global one.
@@ -173,19 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     optimize.set_defaults(handler=_run_optimize)
 
-    train = commands.add_parser("train", parents=[device_flag], help="train a policy on a task")
+    train = commands.add_parser("train", parents=[device_flag], help="train a policy or search plans on a task")
     train.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
-    train.add_argument("--algo", choices=("bptt",), default="bptt",
-                       help="bptt: an MLP policy by backpropagation through the simulator")
-    train.add_argument("--iters", type=_positive_int, required=True, help="training iterations (episodes per world)")
+    train.add_argument("--algo", choices=TRAIN_ALGORITHMS, default="bptt",
+                       help="bptt: an MLP policy by backpropagation through the simulator; shac: short-horizon "
+                            "actor-critic through the simulator; cem, cmaes: sampling search of open-loop plans; "
+                            "ppo, sac: Stable-Baselines3 (default: bptt)")
+    train.add_argument("--iters", type=_positive_int, required=True,
+                       help="iterations: episodes per world (bptt, shac, ppo, sac) or populations played (cem, cmaes)")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the first training variant")
-    train.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, policy.pt, summary.json)")
+    train.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, policy.pt or actions.pt, "
+                                                    "summary.json)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    train.add_argument("--worlds", type=_positive_int, default=4, help="training variants per iteration (default: 4)")
-    train.add_argument("--eval-worlds", type=_positive_int, default=4, help="held-out variants scored (default: 4)")
+    train.add_argument("--worlds", type=_positive_int, default=4,
+                       help="training variants per iteration for bptt, shac, ppo, sac (default: 4)")
+    train.add_argument("--eval-worlds", type=_positive_int, default=4,
+                       help="held-out variants a policy is scored on (default: 4)")
     train.add_argument("--window", type=_positive_int, default=None,
-                       help="env steps per backward pass (truncated BPTT; default: the whole horizon)")
-    train.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam step size (default: 3e-3)")
+                       help="env steps per backward pass (bptt default: the whole horizon; shac default: 32)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="step size (bptt 3e-3, shac actor 2e-3, ppo and sac 3e-4 by default)")
+    train.add_argument("--population", type=_int_at_least(2, "an integer >= 2"), default=16,
+                       help="candidates per variant and iteration for cem, cmaes (default: 16)")
+    train.add_argument("--variants", type=_positive_int, default=1,
+                       help="task variants searched at once by cem, cmaes (default: 1)")
+    train.add_argument("--knots", type=_positive_int, default=None,
+                       help="control points per actuator of a cem or cmaes plan (default: 8, or the horizon)")
     train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_run_train)
@@ -204,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_evaluate(args: argparse.Namespace, device: str) -> int:
-    from diffsim.controllers.bptt import evaluate_file
+    from diffsim.controllers.evaluate import evaluate_file
     from diffsim.tasks import task_type
 
     options = dict(task_type(args.task).tiny) if args.tiny else {}
@@ -219,14 +236,35 @@ def _run_evaluate(args: argparse.Namespace, device: str) -> int:
 
 
 def _run_train(args: argparse.Namespace, device: str) -> int:
-    from diffsim.controllers.bptt import train_bptt
     from diffsim.tasks import task_type
 
     options = dict(task_type(args.task).tiny) if args.tiny else {}
-    summary = train_bptt(args.task, iterations=args.iters, out=args.out, seed=args.seed, worlds=args.worlds,
-                         evaluation_worlds=args.eval_worlds, window=args.window, learning_rate=args.lr,
-                         resume=args.resume, device=device, options=options, progress=not args.no_progress)
-    print(f"{summary['task']}: held-out score {summary['initial_score']:.3f} -> {summary['final_score']:.3f} "
+    common = dict(iterations=args.iters, out=args.out, seed=args.seed, resume=args.resume, device=device,
+                  options=options, progress=not args.no_progress)
+    rate = {} if args.lr is None else {"learning_rate": args.lr}
+    if args.algo == "bptt":
+        from diffsim.controllers.bptt import train_bptt
+
+        summary = train_bptt(args.task, worlds=args.worlds, evaluation_worlds=args.eval_worlds, window=args.window,
+                             **rate, **common)
+    elif args.algo == "shac":
+        from diffsim.controllers.shac import train_shac
+
+        summary = train_shac(args.task, worlds=args.worlds, evaluation_worlds=args.eval_worlds,
+                             window=args.window or 32, **({} if args.lr is None else {"actor_lr": args.lr}),
+                             **common)
+    elif args.algo in ("cem", "cmaes"):
+        from diffsim.controllers.sampling import train_sampling
+
+        summary = train_sampling(args.task, args.algo, population=args.population, variants=args.variants,
+                                 knots=args.knots, **common)
+    else:
+        from diffsim.controllers.sb3 import train_sb3
+
+        summary = train_sb3(args.task, args.algo, worlds=args.worlds, evaluation_worlds=args.eval_worlds, **rate,
+                            **common)
+    which = "held-out score" if args.algo not in ("cem", "cmaes") else "score"
+    print(f"{summary['task']}: {args.algo} {which} {summary['initial_score']:.3f} -> {summary['final_score']:.3f} "
           f"after {summary['iterations']} iterations ({summary['env_steps']} env steps, "
           f"{summary['wall_s']:.1f} s); results in {args.out}")
     return 0

@@ -8,6 +8,7 @@ NaN/inf raises :class:`~diffsim.errors.InvalidParameter`.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 
@@ -170,6 +171,7 @@ class _StepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, denv: DiffTaskEnv, actions: torch.Tensor, *state_tensors: torch.Tensor):
+        started = time.perf_counter()
         scene, task = denv.task.scene, denv.task
         names = denv.state_names
         state_in = denv.template.with_arrays({
@@ -194,10 +196,13 @@ class _StepFunction(torch.autograd.Function):
         ctx.tape, ctx.state_in, ctx.state_out, ctx.control = tape, state_in, state_out, control
         ctx.obs, ctx.loss, ctx.denv = obs, loss, denv
         denv._last_state = state_out
-        return (_to_torch(obs), _to_torch(loss), *(_to_torch(state_out.array(n)) for n in names))
+        out = (_to_torch(obs), _to_torch(loss), *(_to_torch(state_out.array(n)) for n in names))
+        denv.simulation_seconds["forward"] += time.perf_counter() - started
+        return out
 
     @staticmethod
     def backward(ctx, grad_obs, grad_loss, *grad_state):
+        started = time.perf_counter()
         denv = ctx.denv
         names = denv.state_names
 
@@ -221,6 +226,7 @@ class _StepFunction(torch.autograd.Function):
         grads = [wp.to_torch(ctx.state_in.array(n).grad).clone() for n in names]
         ctx.tape.reset()
         ctx.tape = None  # its finalizer hands the steps' scratch back
+        denv.simulation_seconds["backward"] += time.perf_counter() - started
         return (None, wp.to_torch(actions_grad).clone(), *grads)
 
 
@@ -273,6 +279,8 @@ class DiffTaskEnv:
         self._loss: torch.Tensor | None = None
         self._last_state = None
         self._rollouts: dict[int, Rollout] = {}
+        #: wall seconds spent simulating steps forward and backward (controllers report the split)
+        self.simulation_seconds = {"forward": 0.0, "backward": 0.0}
 
     @property
     def observation_dim(self) -> int:

@@ -82,4 +82,4 @@ def test_evaluate_scores_a_policy_and_actions_and_refuses_another_task(tmp_path)
         assert (tmp_path / f"{count}.gif").stat().st_size > 0
     wrong = subprocess.run([sys.executable, "-m", "diffsim.cli", "evaluate", "CableRoute-v0", "--tiny",
                             "--policy", str(tmp_path / "bptt/policy.pt")], capture_output=True, text=True, timeout=300)
-    assert wrong.returncode == 2 and "is a policy for" in wrong.stderr
+    assert wrong.returncode == 2 and "was made for diffsim/CableShape-v0" in wrong.stderr
