@@ -112,7 +112,7 @@ def _episode(env, policy: ClockPolicy, seed: int, *, window: int | None = None, 
                 optimizer.step()
             env.detach()
             observation = observation.detach()
-    return [float(s) for s in env.batch.score()], float(loss.sum().detach()), norms
+    return [float(s) for s in env.score()], float(loss.sum().detach()), norms
 
 
 def _observations(env, policy: ClockPolicy, seed: int) -> torch.Tensor:

@@ -326,7 +326,7 @@ def score_actions(env, actions: torch.Tensor, seed: int) -> list[float]:
         env.reset(seed=seed)
         for frame in range(actions.shape[0]):
             env.step(actions[frame])
-        return [float(s) for s in env.batch.score()]
+        return [float(s) for s in env.score()]
 
 
 def optimize_task(task: str, *, iterations: int, out: str | Path, seed: int = 0, worlds: int = 1,

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--lr", type=_positive_float, default=0.05,
                           help="Adam step in normalised action units, -1 .. 1 per actuator (default: 0.05)")
     optimize.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    optimize.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     optimize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     optimize.set_defaults(handler=_run_optimize)
 
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--knots", type=_positive_int, default=None,
                        help="control points per actuator of a cem or cmaes plan (default: 8, or the horizon)")
     train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    train.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_run_train)
 
@@ -215,16 +219,41 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--worlds", type=_positive_int, default=8, help="held-out variants for a policy (default: 8)")
     evaluate.add_argument("--video", default=None, help="also write the first world's episode (.gif or .mp4)")
     evaluate.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    evaluate.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
     evaluate.set_defaults(handler=_run_evaluate)
     return parser
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` of a task option; the value read as JSON where it parses (numbers, true,
+    false, lists), else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (a task option), got {text!r}")
+    lowered = value.lower() if value.lower() in ("true", "false") else value
+    try:
+        return name, json.loads(lowered)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _task_options(args: argparse.Namespace) -> dict:
+    """The task's options: its tiny scene with --tiny, then every --option on top."""
+    from diffsim.tasks import task_type
+
+    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    for name, value in args.option or ():
+        options[name] = tuple(value) if isinstance(value, list) else value
+    return options
 
 
 def _run_evaluate(args: argparse.Namespace, device: str) -> int:
     from diffsim.controllers.evaluate import evaluate_file
     from diffsim.tasks import task_type
 
-    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    options = _task_options(args)
     result = evaluate_file(args.task, args.policy, worlds=args.worlds, video=args.video, device=device,
                            options=options)
     if args.json:
@@ -238,7 +267,7 @@ def _run_evaluate(args: argparse.Namespace, device: str) -> int:
 def _run_train(args: argparse.Namespace, device: str) -> int:
     from diffsim.tasks import task_type
 
-    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    options = _task_options(args)
     common = dict(iterations=args.iters, out=args.out, seed=args.seed, resume=args.resume, device=device,
                   options=options, progress=not args.no_progress)
     rate = {} if args.lr is None else {"learning_rate": args.lr}
@@ -274,7 +303,7 @@ def _run_optimize(args: argparse.Namespace, device: str) -> int:
     from diffsim.controllers import optimize_task
     from diffsim.tasks import task_type
 
-    options = dict(task_type(args.task).tiny) if args.tiny else {}
+    options = _task_options(args)
     summary = optimize_task(args.task, iterations=args.iters, out=args.out, seed=args.seed, worlds=args.worlds,
                             learning_rate=args.lr, resume=args.resume, device=device, options=options,
                             progress=not args.no_progress)

@@ -325,6 +325,12 @@ class DiffTaskEnv:
         truncated = torch.full((self.num_envs,), self.elapsed >= self.task.horizon)
         return obs, reward, terminated, truncated, {"loss": loss}
 
+    def score(self) -> np.ndarray:
+        """Each world's normalised task score [0, 1] in the current state (not differentiable)."""
+        if self._last_state is None:
+            raise ConfigError("DiffTaskEnv.score() needs a reset() first.")
+        return np.asarray(self.task.score(self._last_state), dtype=np.float64)
+
     def detach(self) -> None:
         """Cut the graph: later gradients stop at the current state."""
         self._state = [t.detach() for t in self._state]

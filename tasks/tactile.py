@@ -43,6 +43,9 @@ class TactileConfig(TaskConfig):
     image_shape: tuple[int, int] = (24, 32)  #: tactile RGB image of the render inset (height, width) [px]
     speed: float = 0.05  #: largest sensor speed per axis [m/s]
     pad_damping_time: float = 0.0  #: stiffness-proportional (Rayleigh) damping of the silicone [s]
+    #: False blinds the policy: the tactile block of the observation (marker displacements, contact
+    #: force) reads zero, its size unchanged, so one controller compares with and without touch
+    tactile_observation: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,6 +95,8 @@ class TactileTask(Task):
         of each pad of each world; returns the next free column."""
         reading = self.sensor.read(fem_model, fem_state)
         self._reading = reading  # the render inset shows the last observed image
+        if not self.config.tactile_observation:
+            return offset + self.tactile_dim  # the block stays zero (observation buffers start zeroed)
         offset += pack_rows(reading.marker_position, out, offset, scale=1e3, reference=self._marker_rest)
         offset += pack_rows(reading.force, out, offset)
         return offset

@@ -112,6 +112,20 @@ def test_out_of_bound_actions_are_clipped_to_the_space():
     np.testing.assert_array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("task_id", ["diffsim/TactileGrasp-v0", "diffsim/SurfaceFollow-v0"])
+def test_a_blind_tactile_task_zeroes_only_the_touch_block(task_id):
+    observations = []
+    for touch in (True, False):
+        env = gym.make(task_id, tactile_observation=touch, **_tiny(task_id))
+        env.reset(seed=3)
+        action = env.action_space.high * 0.5
+        observations.append(np.stack([env.step(action)[0] for _ in range(2)]))
+    n = env.unwrapped.task.tactile_dim
+    seen, blind = observations
+    assert np.any(seen[:, :n] != 0.0) and np.all(blind[:, :n] == 0.0)
+    np.testing.assert_array_equal(seen[:, n:], blind[:, n:])  # the rest of the scene is the same
+
+
 def test_render_gives_an_rgb_frame():
     env = gym.make("diffsim/Pinch-v0", render_mode="rgb_array", **_tiny("diffsim/Pinch-v0"))
     env.reset(seed=0)
@@ -166,6 +180,23 @@ def test_differentiable_face_matches_finite_differences(task_id):
         whole = base.clone().requires_grad_(True)
         denv.rollout(whole).backward()
         np.testing.assert_allclose(whole.grad.numpy(), -actions.grad.numpy(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("task_id", ["diffsim/Push-v0", "diffsim/CableShape-v0"])
+def test_differentiable_face_scores_and_observes_what_the_vector_env_does(task_id):
+    options = _tiny(task_id)
+    venv = gym.make_vec(task_id, num_envs=2, vectorization_mode="vector_entry_point", **options)
+    denv = DiffTaskEnv(task_type(task_id), num_envs=2, **options)
+    venv.reset(seed=5)
+    denv.reset(seed=5)
+    for action in _actions(venv, options["horizon"] - 1, seed=2):  # stop before the autoreset
+        obs, _, _, _, info = venv.step(action)
+        with torch.no_grad():
+            dobs, _, _, _, dinfo = denv.step(torch.as_tensor(action))
+    np.testing.assert_allclose(dobs.numpy(), obs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dinfo["loss"].numpy(), info["loss"], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(denv.score(), info["score"], rtol=1e-5, atol=1e-7)
+    assert np.any(info["score"] != denv.batch.score())  # the batch's own state never moved
 
 
 def test_detach_cuts_the_graph():
