@@ -66,6 +66,7 @@ class _Batch:
 
         self.task = kind(num_worlds=variants * population, device=device, **options)
         self.batch = TaskBatch(self.task)
+        self.horizon, self.action_dim = self.task.horizon, self.task.action_dim
         self.variants, self.population, self.seed = variants, population, seed
         self._gym_rng = gym.utils.seeding.np_random
         low, high = (np.asarray(b, np.float64) for b in self.task.scene.action_bounds())
@@ -102,13 +103,16 @@ def _check_sampler(name: str, population: int, elite_fraction: float, init_std: 
 def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str | Path, seed: int = 0,
                    population: int = 16, variants: int = 1, knots: int | None = None, elite_fraction: float = 0.2,
                    init_std: float = 0.5, min_std: float = 0.05, resume: bool = False, device: str | None = None,
-                   options: dict | None = None, progress: bool = True) -> dict:
+                   options: dict | None = None, progress: bool = True, ray: str | None = None,
+                   actors: int = 2) -> dict:
     """Search open-loop plans of ``task`` by ``method`` ("cem" or "cmaes"; see the module header).
 
     ``knots`` defaults to 8, or the horizon if shorter. One iteration plays ``population``
     candidates on each of ``variants`` variants (seeded ``seed`` .. ``seed + variants - 1``);
-    ``env_steps`` counts those frames. Writes the run folder
-    and ``actions.pt``; returns the summary, whose scores are of the best plan on its variant.
+    ``env_steps`` counts those frames. Writes the run folder and ``actions.pt``; returns the
+    summary, whose scores are of the best plan on its variant. With ``ray`` (an address,
+    ``"auto"`` or ``"local"``) the population plays over ``actors`` Ray actors
+    (:mod:`controllers.distributed`), with results equal to one process's.
     """
     from tqdm.auto import tqdm
 
@@ -118,13 +122,19 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
     if not isinstance(seed, int) or seed < 0:
         raise InvalidParameter("seed", seed, "integers >= 0")
     kind = task_type(task)
-    worlds = _Batch(kind, variants, population, seed, device, options or {})
-    horizon = worlds.task.horizon
+    if ray is None:
+        worlds = _Batch(kind, variants, population, seed, device, options or {})
+    else:
+        from diffsim.controllers.distributed import RayPlanBatch, connect
+
+        connect(ray)
+        worlds = RayPlanBatch(kind, variants, population, seed, options or {}, actors=actors)
+    horizon = worlds.horizon
     knots = min(DEFAULT_KNOTS, horizon) if knots is None else knots
     check_counts(knots=knots)
     _check_sampler(method, population, elite_fraction, init_std, min_std, knots, horizon)
     run = RunDirectory(out, resume=resume, progress_field="search_std")
-    dim = worlds.task.action_dim
+    dim = worlds.action_dim
     basis = interpolation_matrix(horizon, knots)
     rng = np.random.default_rng(seed)
     elites = max(1, round(elite_fraction * population))

@@ -41,7 +41,8 @@ class SB3VecEnv(VecEnv):
     task vector env's SAME_STEP ``final_obs`` maps onto exactly that.
 
     Args:
-        env: a :class:`~diffsim.tasks.env.TaskVectorEnv`, or a task name such as ``"Pinch-v0"``.
+        env: a :class:`~diffsim.tasks.env.TaskVectorEnv` (or a
+            :class:`~controllers.distributed.RayVectorEnv`), or a task name such as ``"Pinch-v0"``.
         num_envs: worlds, when ``env`` is a name.
         **options: task options, when ``env`` is a name.
     """
@@ -183,7 +184,7 @@ def play_model(env: SB3VecEnv, model, seed: int) -> list[float]:
     env.seed(seed)
     obs = env.reset()
     scores: list[float | None] = [None] * env.num_envs
-    for _ in range(env.env.task.horizon):
+    for _ in range(env.env.horizon):
         action, _ = model.predict(obs, deterministic=True)
         obs, _, done, infos = env.step(action)
         for i in np.flatnonzero(done):
@@ -211,7 +212,7 @@ def load_model(payload: dict, path, kind, *, worlds: int, device=None, options: 
     if env.observation_space.shape != mean.shape:
         raise ConfigError(f"{str(path)!r} was trained on {mean.shape[0]} observations, but {kind.id} here has "
                           f"{env.observation_space.shape[0]}.")
-    model = _make(algo, env, seed=0, horizon=env.env.task.horizon, worlds=worlds, buffer_size=1, learning_rate=1e-3)
+    model = _make(algo, env, seed=0, horizon=env.env.horizon, worlds=worlds, buffer_size=1, learning_rate=1e-3)
     try:
         model.policy.load_state_dict(payload["sb3_policy"])
     except RuntimeError as exc:
@@ -221,7 +222,8 @@ def load_model(payload: dict, path, kind, *, worlds: int, device=None, options: 
 
 def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path, seed: int = 0, worlds: int = 4,
               evaluation_worlds: int = 4, learning_rate: float = 3e-4, resume: bool = False,
-              device: str | None = None, options: dict | None = None, progress: bool = True) -> dict:
+              device: str | None = None, options: dict | None = None, progress: bool = True,
+              ray: str | None = None, actors: int = 2) -> dict:
     """Train ``task`` with unmodified SB3 PPO or SAC on ``worlds`` batched worlds.
 
     One iteration is one episode per world (horizon x worlds env steps; PPO's rollout is exactly
@@ -229,7 +231,9 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
     After every iteration the SB3 model (and SAC's replay buffer) and ``checkpoint.pt`` are
     written atomically, so a killed run resumes losing at most that iteration; ``policy.pt``
     holds the policy's state dict and the observation statistics. Returns the summary, scored
-    on ``evaluation_worlds`` held-out variants.
+    on ``evaluation_worlds`` held-out variants. With ``ray`` (an address, ``"auto"`` or
+    ``"local"``) the training worlds are stepped over ``actors`` Ray actors
+    (:class:`~controllers.distributed.RayVectorEnv`); evaluation stays in this process.
     """
     from tqdm.auto import tqdm
 
@@ -252,9 +256,15 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
         mean, scale = saved["observation_mean"].numpy(), saved["observation_scale"].numpy()
     else:
         mean, scale = observation_statistics(kind, worlds=worlds, seed=seed, device=device, options=options)
-    env = SB3VecEnv(TaskVectorEnv(kind, num_envs=worlds, device=device, **options), observation_mean=mean,
-                    observation_scale=scale)
-    horizon = env.env.task.horizon
+    if ray is None:
+        vector = TaskVectorEnv(kind, num_envs=worlds, device=device, **options)
+    else:
+        from diffsim.controllers.distributed import RayVectorEnv, connect
+
+        connect(ray)
+        vector = RayVectorEnv(kind.id, num_envs=worlds, actors=actors, **options)
+    env = SB3VecEnv(vector, observation_mean=mean, observation_scale=scale)
+    horizon = env.env.horizon
     chunk = horizon * worlds
     eval_env = SB3VecEnv(TaskVectorEnv(kind, num_envs=evaluation_worlds, device=device, **options),
                          observation_mean=mean, observation_scale=scale)

@@ -205,11 +205,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="task variants searched at once by cem, cmaes (default: 1)")
     train.add_argument("--knots", type=_positive_int, default=None,
                        help="control points per actuator of a cem or cmaes plan (default: 8, or the horizon)")
+    train.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="step cem/cmaes populations or ppo/sac worlds over Ray actors: 'local' starts Ray "
+                            "here, 'auto' joins the cluster of `ray start`, or HOST:PORT")
+    train.add_argument("--actors", type=_positive_int, default=2, help="Ray actors with --ray (default: 2)")
     train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
     train.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
                        help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_run_train)
+
+    transfer = commands.add_parser("transfer", parents=[device_flag],
+                                   help="adapt a solved plan from one task variant to another, against solving "
+                                        "it from scratch")
+    transfer.add_argument("task", help="task id, e.g. Push-v0 or diffsim/Push-v0")
+    transfer.add_argument("--from", dest="source", type=_non_negative_int, required=True,
+                          help="seed of the variant whose plan is solved first and transferred")
+    transfer.add_argument("--to", dest="target", type=_non_negative_int, required=True,
+                          help="seed of the variant to reach")
+    transfer.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, actions.pt, summary.json)")
+    transfer.add_argument("--steps", type=_positive_int, default=4,
+                          help="stages along the path of variants (default: 4)")
+    transfer.add_argument("--score", type=_positive_float, default=0.8,
+                          help="normalised score at which a stage stops (default: 0.8)")
+    transfer.add_argument("--iters", type=_positive_int, default=30,
+                          help="most Adam iterations per stage; scratch gets steps x this (default: 30)")
+    transfer.add_argument("--lr", type=_positive_float, default=0.05,
+                          help="Adam step in normalised action units (default: 0.05)")
+    transfer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    transfer.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    transfer.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                          help="a task option, e.g. target_jitter=0.05 (repeatable)")
+    transfer.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    transfer.set_defaults(handler=_run_transfer)
 
     evaluate = commands.add_parser("evaluate", parents=[device_flag],
                                    help="score a trained policy or optimised actions on a task")
@@ -271,6 +299,10 @@ def _run_train(args: argparse.Namespace, device: str) -> int:
     common = dict(iterations=args.iters, out=args.out, seed=args.seed, resume=args.resume, device=device,
                   options=options, progress=not args.no_progress)
     rate = {} if args.lr is None else {"learning_rate": args.lr}
+    sharded = {"ray": args.ray, "actors": args.actors}
+    if args.ray is not None and args.algo in ("bptt", "shac"):
+        raise ConfigError(f"--ray shards the worlds of cem, cmaes, ppo and sac; {args.algo} differentiates through "
+                          "one process's simulation, so run it without --ray.")
     if args.algo == "bptt":
         from diffsim.controllers.bptt import train_bptt
 
@@ -286,16 +318,30 @@ def _run_train(args: argparse.Namespace, device: str) -> int:
         from diffsim.controllers.sampling import train_sampling
 
         summary = train_sampling(args.task, args.algo, population=args.population, variants=args.variants,
-                                 knots=args.knots, **common)
+                                 knots=args.knots, **sharded, **common)
     else:
         from diffsim.controllers.sb3 import train_sb3
 
         summary = train_sb3(args.task, args.algo, worlds=args.worlds, evaluation_worlds=args.eval_worlds, **rate,
-                            **common)
+                            **sharded, **common)
     which = "held-out score" if args.algo not in ("cem", "cmaes") else "score"
     print(f"{summary['task']}: {args.algo} {which} {summary['initial_score']:.3f} -> {summary['final_score']:.3f} "
           f"after {summary['iterations']} iterations ({summary['env_steps']} env steps, "
           f"{summary['wall_s']:.1f} s); results in {args.out}")
+    return 0
+
+
+def _run_transfer(args: argparse.Namespace, device: str) -> int:
+    from diffsim.controllers.transfer import transfer_task
+
+    summary = transfer_task(args.task, source=args.source, target=args.target, out=args.out, steps=args.steps,
+                            score=args.score, max_iterations=args.iters, learning_rate=args.lr, resume=args.resume,
+                            device=device, options=_task_options(args), progress=not args.no_progress)
+    t, s = summary["transfer"], summary["scratch"]
+    print(f"{summary['task']}: variant {args.source} -> {args.target}: transfer {t['iterations']} iterations "
+          f"({t['wall_s']:.1f} s, score {t['score']:.3f}{'' if t['reached'] else ', not reached'}); from scratch "
+          f"{s['iterations']} iterations ({s['wall_s']:.1f} s, score {s['score']:.3f}"
+          f"{'' if s['reached'] else ', not reached'}); results in {args.out}")
     return 0
 
 

@@ -15,6 +15,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 stamp=.venv/.diffsim-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet -e ".[dev,rl]"
+    .venv/bin/python -m pip install --quiet -e ".[dev,rl,distributed]"
     touch "$stamp"
 fi

@@ -169,10 +169,10 @@ class CableShape(CableTask):
     def target_points(self, variant) -> np.ndarray:
         c = self.config
         s = np.linspace(-0.5, 0.5, c.vertices) * c.length
-        radius = c.length / abs(variant["turn"])
-        angle = s / radius
-        sign = np.sign(variant["turn"])
-        points = np.stack([radius * np.sin(angle), sign * radius * (1 - np.cos(angle)),
+        k = variant["turn"] / c.length  # signed curvature [1/m]
+        # the arc (sin(ks)/k, (1 - cos(ks))/k) written with sinc, so a straight cable (k = 0) is
+        # its limit rather than 0/0: transfer paths between bends either way pass through it
+        points = np.stack([s * np.sinc(k * s / np.pi), 0.5 * k * s**2 * np.sinc(k * s / (2 * np.pi)) ** 2,
                            np.full_like(s, self.radius)], axis=1)
         points[:, 1] -= points[:, 1].mean()
         return points + variant["target_shift"]
@@ -190,6 +190,10 @@ class CableRoute(CableTask):
 
     id = "diffsim/CableRoute-v0"
     peg_radius = 0.02
+
+    def interpolate_variant(self, a: dict, b: dict, t: float) -> dict:
+        """Linear, but the peg's side is a choice: it switches half-way, never lands on the cable."""
+        return {**super().interpolate_variant(a, b, t), "side": a["side"] if t < 0.5 else b["side"]}
 
     def obstacles(self) -> list:
         return [collider_cylinder(self.peg_radius, 0.05, position=(0.0, 0.1, 0.05), friction=0.3)]

@@ -108,8 +108,13 @@ class TaskVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "render_fps": round(1.0 / self.task.config.frame_dt)}
         self._seeded = False
 
+    @property
+    def horizon(self) -> int:
+        """Env steps per episode."""
+        return self.task.horizon
+
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        super().reset(seed=seed)
+        super().reset(seed=seed if seed is None or isinstance(seed, int) else int(seed[0]))
         mask = None
         if options and "reset_mask" in options:
             mask = np.asarray(options["reset_mask"], dtype=bool)
@@ -290,12 +295,13 @@ class DiffTaskEnv:
     def action_dim(self) -> int:
         return self.task.action_dim
 
-    def reset(self, seed: int | None = None) -> torch.Tensor:
-        """New episodes in every world (world ``i`` seeded with ``seed + i``); returns observations."""
+    def reset(self, seed: int | None = None, *, variants: list[dict] | None = None) -> torch.Tensor:
+        """New episodes in every world (world ``i`` seeded with ``seed + i``, or given its variant
+        ``variants[i]``); returns observations."""
         if seed is not None:
             for i in range(self.num_envs):
                 self.batch.rngs[i] = gym.utils.seeding.np_random(seed + i)[0]
-        self.batch.reset()
+        self.batch.reset(variants=variants)
         self._state = [_to_torch(self.batch.state.array(n)) for n in self.state_names]
         self._loss = torch.as_tensor(self.batch.loss, dtype=torch.float32)
         self._last_state = self.batch.state

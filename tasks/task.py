@@ -89,6 +89,21 @@ class Task(abc.ABC):
         """Write world ``world``'s initial state into ``state`` and its target into the task's
         per-world target arrays."""
 
+    def interpolate_variant(self, a: dict[str, Any], b: dict[str, Any], t: float) -> dict[str, Any]:
+        """The variant a fraction ``t`` in [0, 1] of the way from ``a`` to ``b``, for transfer along a
+        path of variants: numbers and arrays linearly, anything else switched at ``t = 0.5``.
+        Tasks whose variants do not interpolate linearly (a sign, a choice) override it."""
+        out = {}
+        for key, start in a.items():
+            end = b[key]
+            if isinstance(start, (int, float, np.floating, np.ndarray)) and not isinstance(start, bool):
+                out[key] = (1.0 - t) * np.asarray(start, np.float64) + t * np.asarray(end, np.float64)
+                if np.ndim(start) == 0:
+                    out[key] = float(out[key])
+            else:
+                out[key] = start if t < 0.5 else end
+        return out
+
     #: the task's observation terms; tasks that set it need not override the two methods below
     observation: Observation | None = None
 
@@ -247,13 +262,16 @@ class TaskBatch:
     def seed(self, world: int, seed: int | None) -> None:
         self.rngs[world] = np.random.default_rng(seed)
 
-    def reset(self, mask: np.ndarray | None = None) -> None:
-        """Start new episodes in the worlds of ``mask`` (all when None), each drawn from its rng."""
+    def reset(self, mask: np.ndarray | None = None, variants: list[dict] | None = None) -> None:
+        """Start new episodes in the worlds of ``mask`` (all when None), each drawn from its rng,
+        or given: ``variants[w]`` for world ``w`` (one per world)."""
         mask = np.ones(self.num_worlds, bool) if mask is None else np.asarray(mask, bool)
+        if variants is not None and len(variants) != self.num_worlds:
+            raise InvalidParameter("variants", f"{len(variants)} variants", f"one per world ({self.num_worlds})")
         # each variant is written over the template, never over the last episode's variant
         self.scene.reset_worlds(self.initial, self.template, mask)
         for w in np.flatnonzero(mask):
-            self.variants[w] = self.task.sample_variant(self.rngs[w])
+            self.variants[w] = self.task.sample_variant(self.rngs[w]) if variants is None else variants[w]
             self.task.set_variant(self.initial, int(w), self.variants[w])
         self.scene.reset_worlds(self.state, self.initial, mask)
         self.elapsed[mask] = 0
