@@ -14,7 +14,6 @@ writes ``benchmarks/results/ray_scaling_cpu.json``. Run it on an otherwise idle 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time

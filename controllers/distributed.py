@@ -143,16 +143,17 @@ def _merge(infos: list[dict]) -> dict:
     """One info dict of the shards' infos (arrays concatenated, ``final_info`` merged likewise,
     object arrays of ``final_obs`` joined with None where a shard had no finished world)."""
     merged = {}
+    sizes = [len(info["loss"]) for info in infos]
     keys = {k for info in infos for k in info}
     for key in keys:
         present = [info.get(key) for info in infos]
         if key == "final_info":
-            sizes = [len(info["loss"]) for info in infos]
-            merged[key] = _merge([p if p is not None else _blank_info(n) for p, n in zip(present, sizes, strict=True)])
+            parts = [p if p is not None else _blank_info(n) for p, n in zip(present, sizes, strict=True)]
+            merged[key] = _merge(parts)
         elif key in ("final_obs", "_final_obs", "_final_info"):
-            sizes = [len(info["loss"]) for info in infos]
             blank = (lambda n: np.empty(n, dtype=object)) if key == "final_obs" else (lambda n: np.zeros(n, bool))
-            merged[key] = np.concatenate([p if p is not None else blank(n) for p, n in zip(present, sizes, strict=True)])
+            parts = [p if p is not None else blank(n) for p, n in zip(present, sizes, strict=True)]
+            merged[key] = np.concatenate(parts)
         else:
             merged[key] = np.concatenate(present)
     return merged

@@ -279,7 +279,6 @@ def _task_options(args: argparse.Namespace) -> dict:
 
 def _run_evaluate(args: argparse.Namespace, device: str) -> int:
     from diffsim.controllers.evaluate import evaluate_file
-    from diffsim.tasks import task_type
 
     options = _task_options(args)
     result = evaluate_file(args.task, args.policy, worlds=args.worlds, video=args.video, device=device,
@@ -293,7 +292,6 @@ def _run_evaluate(args: argparse.Namespace, device: str) -> int:
 
 
 def _run_train(args: argparse.Namespace, device: str) -> int:
-    from diffsim.tasks import task_type
 
     options = _task_options(args)
     common = dict(iterations=args.iters, out=args.out, seed=args.seed, resume=args.resume, device=device,
@@ -347,7 +345,6 @@ def _run_transfer(args: argparse.Namespace, device: str) -> int:
 
 def _run_optimize(args: argparse.Namespace, device: str) -> int:
     from diffsim.controllers import optimize_task
-    from diffsim.tasks import task_type
 
     options = _task_options(args)
     summary = optimize_task(args.task, iterations=args.iters, out=args.out, seed=args.seed, worlds=args.worlds,
