@@ -177,7 +177,9 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
                 plans = np.clip(mean[:, None] + std[:, None] * noise, -1.0, 1.0)
             else:
                 plans = np.stack([np.asarray(es.ask(), np.float64) for es in strategies])
+            playing = time.perf_counter()
             loss, _ = worlds.play(plans_to_actions(plans))
+            state["simulation_seconds"] = float(state.get("simulation_seconds", 0.0)) + time.perf_counter() - playing
             loss = loss.reshape(variants, population)
             if not np.all(np.isfinite(loss)):
                 loss = np.where(np.isfinite(loss), loss, np.inf)  # a diverged candidate ranks last
@@ -220,6 +222,7 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
     save_checkpoint(run.path / "actions.pt", {"actions": physical, "seed": torch.tensor(seed), "task": kind.id})
     initial = list(state["initial_scores"])
     iterations_done = int(state["iteration"])
+    simulated = float(state.get("simulation_seconds", 0.0))
     summary = {
         "task": kind.id, "method": method, "seed": seed, "variants": variants, "population": population,
         "knots": knots, "horizon": horizon, "elite_fraction": elite_fraction if method == "cem" else None,
@@ -228,6 +231,8 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
         "initial_scores": initial, "final_scores": final, "best_loss": float(state["best_loss"].sum()),
         "iterations": iterations_done, "env_steps": iterations_done * horizon * variants * population,
         "evaluation_env_steps": 2 * horizon * variants, "wall_s": float(state["wall_time"]),
+        "time_split_s": {"simulation_forward": simulated,
+                         "sampler_and_checkpoints": float(state["wall_time"]) - simulated},
     }
     run.write_summary(summary)
     return summary

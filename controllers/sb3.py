@@ -67,6 +67,8 @@ class SB3VecEnv(VecEnv):
         super().__init__(env.num_envs, observation_space, action_space)
         self._actions: np.ndarray | None = None
         self._seed: int | list[int] | None = None
+        #: wall seconds spent stepping the simulation (the rest of a run is SB3's own work)
+        self.simulation_seconds = 0.0
 
     def normalise_observation(self, obs: np.ndarray) -> np.ndarray:
         """What SB3 sees of task observations ``obs``: shifted, scaled and clipped at 10 spreads."""
@@ -93,7 +95,9 @@ class SB3VecEnv(VecEnv):
         return (self._middle + self._half * np.clip(actions, -1.0, 1.0)).astype(np.float32)
 
     def step_wait(self):
+        started = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(self._actions)
+        self.simulation_seconds += time.perf_counter() - started
         done = terminated | truncated
         infos = [{"loss": float(info["loss"][i]), "score": float(info["score"][i])} for i in range(self.num_envs)]
         if done.any():
@@ -271,6 +275,7 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
     if run.resuming:
         start, losses, wall = int(saved["iteration"]), list(saved["losses"]), float(saved["wall_time"])
         initial = list(saved["initial_scores"])
+        env.simulation_seconds = float(saved.get("simulation_seconds", 0.0))
         model = ALGORITHMS[algo].load(run.path / str(saved["model_file"]), env=env, device="cpu")
         if algo == "sac":
             model.load_replay_buffer(run.path / str(saved["buffer_file"]))
@@ -301,6 +306,7 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
             save_policy(run.path / "policy.pt", model, algo, kind.id, mean, scale)
             save_checkpoint(run.checkpoint, {"format": 1, "algo": algo, "iteration": iteration + 1, "losses": losses,
                                              "wall_time": elapsed, "initial_scores": initial, **names,
+                                             "simulation_seconds": env.simulation_seconds,
                                              "observation_mean": torch.from_numpy(mean),
                                              "observation_scale": torch.from_numpy(scale)})
             for stale in run.path.glob("sb3_*"):  # the files the checkpoint no longer names
@@ -320,6 +326,8 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
         "initial_scores": initial, "final_scores": final, "final_loss": losses[-1] if losses else None,
         "iterations": len(losses), "env_steps": len(losses) * chunk,
         "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s,
+        "time_split_s": {"simulation_forward": env.simulation_seconds,
+                         "networks_optimisers_checkpoints": wall_s - env.simulation_seconds},
     }
     run.write_summary(summary)
     return summary
