@@ -8,7 +8,7 @@ throughput(2) / (2 throughput(1)) for both. Each figure is the median of ``--rep
 
     python benchmarks/ray_scaling.py [--task Push-v0] [--worlds-per-actor 8] [--worlds 16]
 
-writes ``benchmarks/results/ray_scaling_cpu.json``. Run it on an otherwise idle machine.
+writes ``benchmarks/results/ray_scaling_push_cpu.json`` (or ``--json``). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=RESULTS / "ray_scaling_cpu.json")
+    parser.add_argument("--json", type=Path, default=RESULTS / "ray_scaling_push_cpu.json")
     args = parser.parse_args()
 
     from diffsim.controllers.distributed import RayVectorEnv, connect
