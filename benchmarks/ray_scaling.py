@@ -8,12 +8,14 @@ throughput(2) / (2 throughput(1)) for both. Each figure is the median of ``--rep
 
     python benchmarks/ray_scaling.py [--task Push-v0] [--worlds-per-actor 8] [--worlds 16]
 
-writes ``benchmarks/results/ray_scaling_push_cpu.json`` (or ``--json``). Run it on an otherwise idle machine.
+adds the run to ``benchmarks/results/ray_scaling_push_cpu.json`` (or ``--json``). Run it on an
+otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -69,7 +71,9 @@ def main() -> None:
     local = TaskVectorEnv(task_type(args.task), num_envs=args.worlds)  # one process, every core
     result["one_process_all_cores_env_steps_per_s"] = throughput(local, args.steps, args.repeats)
     print(f"one process, {args.worlds} worlds, all cores: {result['one_process_all_cores_env_steps_per_s']:.1f}")
-    write_json_atomic(args.json, result)
+    runs = json.loads(args.json.read_text()).get("runs", []) if args.json.exists() else []
+    runs = [r for r in runs if r.get("task") == result["task"]] + [result]  # each run kept, for medians
+    write_json_atomic(args.json, {"task": result["task"], "runs": runs})
 
 
 if __name__ == "__main__":
