@@ -3,7 +3,8 @@
 A cell is one (task, method, seed) run through the ``diffsim`` CLI in its own process, in its own
 run folder under ``--runs`` (default ``outputs/controllers``); a cell whose folder holds a
 finished summary is read, one with a checkpoint is resumed, so the table fills across sessions and
-survives kills. After every cell the table is rewritten atomically to ``--json`` (default
+survives kills; several instances may fill different cells at once. After every cell the table
+is re-read, updated and rewritten atomically to ``--json`` (default
 ``benchmarks/results/controllers_cpu.json``). ``--markdown`` prints the README table and
 ``--plot`` draws score against env steps and wall time per task family.
 
@@ -185,6 +186,9 @@ def main() -> None:
         for task in args.tasks:
             for method in args.methods:
                 cell = run_cell(task, method, seed, args.runs, lambda text: print(text, flush=True))
+                # re-read before writing: another instance may be filling other cells of the table
+                if args.json.exists():
+                    payload["cells"] = json.loads(args.json.read_text()).get("cells", {})
                 payload["cells"].setdefault(task, {}).setdefault(method, {})[str(seed)] = cell
                 payload["table"] = aggregate(payload["cells"])
                 write_json_atomic(args.json, payload)

@@ -86,6 +86,42 @@ class ClockPolicy(torch.nn.Module):
         return self.action_middle + self.action_half * torch.tanh(self.out(h))
 
 
+class GradientBook:
+    """What the gradient-trained policies (BPTT, SHAC) count across iterations: windows skipped
+    for a non-finite gradient, iterations in a row with nothing else (training stops after
+    :data:`MAX_EXPLODED_ITERATIONS`), and the simulation's share of the wall time."""
+
+    def __init__(self, env, saved: dict | None = None):
+        self.env = env
+        saved = saved or {}
+        self.skipped = int(saved.get("skipped_updates", 0))
+        self.split = {k: float(v) for k, v in saved.get("time_split", {"simulation_forward": 0.0,
+                                                                       "simulation_backward": 0.0}).items()}
+        self.exploded_in_a_row = 0
+        self._seen = dict(env.simulation_seconds)
+
+    def end_iteration(self, iteration: int, norms: list[float]) -> float:
+        """Count one iteration's windows; returns its largest finite gradient norm (inf if none)."""
+        finite = [n for n in norms if math.isfinite(n)]
+        self.skipped += len(norms) - len(finite)
+        self.exploded_in_a_row = 0 if finite else self.exploded_in_a_row + 1
+        if self.exploded_in_a_row >= MAX_EXPLODED_ITERATIONS:
+            raise SimulationDiverged(iteration, "policy gradient",
+                                     hint=f"every window of the last {MAX_EXPLODED_ITERATIONS} iterations had a "
+                                          "non-finite gradient; shorten --window or lower --lr.")
+        for key, name in (("simulation_forward", "forward"), ("simulation_backward", "backward")):
+            self.split[key] += self.env.simulation_seconds[name] - self._seen[name]
+        self._seen = dict(self.env.simulation_seconds)
+        return max(finite) if finite else math.inf
+
+    def state(self) -> dict:
+        """Its part of a checkpoint."""
+        return {"skipped_updates": self.skipped, "time_split": dict(self.split)}
+
+    def time_split(self, wall_s: float) -> dict:
+        return dict(self.split, networks_optimisers_checkpoints=wall_s - sum(self.split.values()))
+
+
 def _episode(env, policy: ClockPolicy, seed: int, *, window: int | None = None, optimizer=None,
              clip: float = 1.0) -> tuple[list[float], float, list[float]]:
     """Play one episode in every world (world i seeded seed + i). With an optimizer, take an Adam
@@ -185,44 +221,31 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
                          hidden=hidden)
     policy.standardise_from(_observations(env, policy, seed))
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
-    start, losses, wall, skipped, exploded_in_a_row = 0, [], 0.0, 0, 0
-    split = {"simulation_forward": 0.0, "simulation_backward": 0.0}
+    start, losses, wall, saved = 0, [], 0.0, None
     if run.resuming:
         saved = load_checkpoint(run.checkpoint)
-        split = {k: float(v) for k, v in saved.get("time_split", split).items()}
         policy.load_state_dict(saved["policy"])
         optimizer.load_state_dict(saved["optimizer"])
         start, losses, wall = int(saved["iteration"]), list(saved["losses"]), float(saved["wall_time"])
-        skipped = int(saved["skipped_updates"])
         initial = list(saved["initial_scores"])
         run.trim_log(start)
     else:
         initial = evaluate_policy(evaluation, policy)
-    sim_before = dict(env.simulation_seconds)
+    book = GradientBook(env, saved)
     started = time.perf_counter()
     bar = tqdm(total=iterations, initial=start, desc="bptt", unit="it", disable=not progress)
     try:
         for iteration in range(start, iterations):
             _, loss, norms = _episode(env, policy, seed + iteration * worlds, window=window, optimizer=optimizer,
                                       clip=clip)
-            finite = [n for n in norms if math.isfinite(n)]
-            skipped += len(norms) - len(finite)
-            exploded_in_a_row = 0 if finite else exploded_in_a_row + 1
-            if exploded_in_a_row >= MAX_EXPLODED_ITERATIONS:
-                raise SimulationDiverged(iteration, "policy gradient",
-                                         hint=f"every window of the last {MAX_EXPLODED_ITERATIONS} iterations had a "
-                                              "non-finite gradient; shorten --window or lower --lr.")
+            largest = book.end_iteration(iteration, norms)
             losses.append(loss)
             elapsed = wall + time.perf_counter() - started
-            for key, name in (("simulation_forward", "forward"), ("simulation_backward", "backward")):
-                split[key] += env.simulation_seconds[name] - sim_before[name]
-            sim_before = dict(env.simulation_seconds)
-            run.log_iteration(iteration, loss, max(finite) if finite else math.inf, elapsed)
+            run.log_iteration(iteration, loss, largest, elapsed)
             save_policy(run.path / "policy.pt", policy, kind.id)
             save_checkpoint(run.checkpoint, {"format": 1, "iteration": iteration + 1, "policy": policy.state_dict(),
                                              "optimizer": optimizer.state_dict(), "losses": losses,
-                                             "wall_time": elapsed, "initial_scores": initial,
-                                             "skipped_updates": skipped, "time_split": split})
+                                             "wall_time": elapsed, "initial_scores": initial, **book.state()})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
     finally:
@@ -237,8 +260,8 @@ def train_bptt(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
         "initial_scores": initial, "final_scores": final, "final_loss": losses[-1] if losses else None,
         "iterations": len(losses), "env_steps": len(losses) * horizon * worlds,
         "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s,
-        "skipped_updates": skipped, "windows_per_episode": math.ceil(horizon / (window or horizon)),
-        "time_split_s": dict(split, networks_optimisers_checkpoints=wall_s - sum(split.values())),
+        "skipped_updates": book.skipped, "windows_per_episode": math.ceil(horizon / (window or horizon)),
+        "time_split_s": book.time_split(wall_s),
     }
     run.write_summary(summary)
     return summary

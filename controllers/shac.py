@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from diffsim.controllers.bptt import (
-    MAX_EXPLODED_ITERATIONS,
     ClockPolicy,
+    GradientBook,
     _observations,
     evaluate_policy,
     load_policy,
@@ -110,8 +110,7 @@ def train_shac(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
     target.actor = critic.actor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=actor_lr, betas=(0.7, 0.95))
     critic_opt = torch.optim.Adam(critic.parameters(), lr=critic_lr, betas=(0.7, 0.95))
-    start, losses, wall, skipped, exploded_in_a_row = 0, [], 0.0, 0, 0
-    split = {"simulation_forward": 0.0, "simulation_backward": 0.0}
+    start, losses, wall, saved = 0, [], 0.0, None
     generator = torch.Generator().manual_seed(seed)  # the critic's minibatches
     if run.resuming:
         saved = load_checkpoint(run.checkpoint)
@@ -121,13 +120,12 @@ def train_shac(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
         actor_opt.load_state_dict(saved["actor_optimizer"])
         critic_opt.load_state_dict(saved["critic_optimizer"])
         start, losses, wall = int(saved["iteration"]), list(saved["losses"]), float(saved["wall_time"])
-        skipped, initial = int(saved["skipped_updates"]), list(saved["initial_scores"])
-        split = {k: float(v) for k, v in saved["time_split"].items()}
+        initial = list(saved["initial_scores"])
         generator.set_state(saved["critic_rng"])
         run.trim_log(start)
     else:
         initial = evaluate_policy(evaluation, actor)
-    sim_before = dict(env.simulation_seconds)
+    book = GradientBook(env, saved)
     started = time.perf_counter()
     bar = tqdm(total=iterations, initial=start, desc="shac", unit="it", disable=not progress)
     try:
@@ -164,27 +162,17 @@ def train_shac(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
                 with torch.no_grad():
                     for p_target, p in zip(target.parameters(), critic.parameters(), strict=True):
                         p_target.mul_(target_alpha).add_((1.0 - target_alpha) * p)
-            finite = [n for n in norms if math.isfinite(n)]
-            skipped += len(norms) - len(finite)
-            exploded_in_a_row = 0 if finite else exploded_in_a_row + 1
-            if exploded_in_a_row >= MAX_EXPLODED_ITERATIONS:
-                raise SimulationDiverged(iteration, "policy gradient",
-                                         hint=f"every window of the last {MAX_EXPLODED_ITERATIONS} iterations had a "
-                                              "non-finite gradient; shorten --window or lower --lr.")
+            largest = book.end_iteration(iteration, norms)
             value = float(loss.detach().sum())
             losses.append(value)
             elapsed = wall + time.perf_counter() - started
-            for key, name in (("simulation_forward", "forward"), ("simulation_backward", "backward")):
-                split[key] += env.simulation_seconds[name] - sim_before[name]
-            sim_before = dict(env.simulation_seconds)
-            run.log_iteration(iteration, value, max(finite) if finite else math.inf, elapsed)
+            run.log_iteration(iteration, value, largest, elapsed)
             save_policy(run.path / "policy.pt", actor, kind.id)
             save_checkpoint(run.checkpoint, {
                 "format": 1, "iteration": iteration + 1, "policy": actor.state_dict(), "critic": critic.state_dict(),
                 "target_critic": target.state_dict(), "actor_optimizer": actor_opt.state_dict(),
                 "critic_optimizer": critic_opt.state_dict(), "losses": losses, "wall_time": elapsed,
-                "initial_scores": initial, "skipped_updates": skipped, "time_split": split,
-                "critic_rng": generator.get_state()})
+                "initial_scores": initial, **book.state(), "critic_rng": generator.get_state()})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}")
     finally:
@@ -199,8 +187,8 @@ def train_shac(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
         "initial_score": sum(initial) / evaluation_worlds, "final_score": sum(final) / evaluation_worlds,
         "initial_scores": initial, "final_scores": final, "final_loss": losses[-1] if losses else None,
         "iterations": len(losses), "env_steps": len(losses) * horizon * worlds,
-        "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s, "skipped_updates": skipped,
-        "time_split_s": dict(split, networks_optimisers_checkpoints=wall_s - sum(split.values())),
+        "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s,
+        "skipped_updates": book.skipped, "time_split_s": book.time_split(wall_s),
     }
     run.write_summary(summary)
     return summary
