@@ -34,7 +34,7 @@ from diffsim.controllers.run import RunDirectory, check_counts
 from diffsim.controllers.trajectory import load_checkpoint, save_checkpoint
 from diffsim.errors import ConfigError, InvalidParameter
 
-__all__ = ["train_sampling", "interpolation_matrix", "SAMPLERS"]
+__all__ = ["PlanBatch", "SAMPLERS", "interpolation_matrix", "train_sampling"]
 
 SAMPLERS = ("cem", "cmaes")
 #: control points per actuator unless told (or the horizon, if shorter)
@@ -55,9 +55,10 @@ def interpolation_matrix(horizon: int, knots: int) -> np.ndarray:
     return m
 
 
-class _Batch:
-    """``variants`` x ``population`` worlds of a task; plays plans and returns each world's final
-    loss, forward only. World ``v * population + j`` plays variant ``v`` (seeded seed + v)."""
+class PlanBatch:
+    """``variants`` x ``population`` worlds of a task in this process; plays plans and returns each
+    world's final loss, forward only. World ``v * population + j`` plays variant ``v`` (seeded
+    seed + v). :class:`~controllers.distributed.RayPlanBatch` is the same over Ray actors."""
 
     def __init__(self, kind, variants: int, population: int, seed: int, device, options: dict):
         import gymnasium as gym
@@ -85,10 +86,8 @@ class _Batch:
         return self.batch.loss.copy(), np.asarray(self.batch.score(), np.float64)
 
 
-def _check_sampler(name: str, population: int, elite_fraction: float, init_std: float, min_std: float,
-                   knots: int, horizon: int) -> None:
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampling method {name!r}; choose one of {', '.join(SAMPLERS)}.")
+def _check_sampler(population: int, elite_fraction: float, init_std: float, min_std: float, knots: int,
+                   horizon: int) -> None:
     if population < 2:
         raise InvalidParameter("population", population, "integers >= 2 (candidates per variant)")
     if not 0 < elite_fraction <= 1:
@@ -119,11 +118,13 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
     from diffsim.tasks.env import task_type
 
     check_counts(iterations=iterations, population=population, variants=variants)
+    if method not in SAMPLERS:  # before any scene is built
+        raise ConfigError(f"unknown sampling method {method!r}; choose one of {', '.join(SAMPLERS)}.")
     if not isinstance(seed, int) or seed < 0:
         raise InvalidParameter("seed", seed, "integers >= 0")
     kind = task_type(task)
     if ray is None:
-        worlds = _Batch(kind, variants, population, seed, device, options or {})
+        worlds = PlanBatch(kind, variants, population, seed, device, options or {})
     else:
         from diffsim.controllers.distributed import RayPlanBatch, connect
 
@@ -132,7 +133,7 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
     horizon = worlds.horizon
     knots = min(DEFAULT_KNOTS, horizon) if knots is None else knots
     check_counts(knots=knots)
-    _check_sampler(method, population, elite_fraction, init_std, min_std, knots, horizon)
+    _check_sampler(population, elite_fraction, init_std, min_std, knots, horizon)
     run = RunDirectory(out, resume=resume, progress_field="search_std")
     dim = worlds.action_dim
     basis = interpolation_matrix(horizon, knots)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsim.controllers.sampling import interpolation_matrix, train_sampling
+from diffsim.controllers.sampling import PlanBatch, interpolation_matrix, train_sampling
 from diffsim.controllers.shac import td_lambda_targets, train_shac
 from diffsim.errors import ConfigError, InvalidParameter
 from diffsim.tasks import task_type
@@ -61,9 +61,7 @@ def test_sampling_lowers_the_loss_reruns_identically_and_resumes_exactly(tmp_pat
     start = torch.load(tmp_path / "whole" / "actions.pt", weights_only=True)["actions"]
     assert tuple(start.shape) == (options["horizon"], 2, 3)
     assert losses[-1] <= losses[0]
-    from diffsim.controllers.sampling import _Batch
-
-    worlds = _Batch(task_type(SAMPLING_TASK), 2, 1, 4, None, options)
+    worlds = PlanBatch(task_type(SAMPLING_TASK), 2, 1, 4, None, options)
     zero_loss, _ = worlds.play(np.zeros((options["horizon"], 2, 3)))
     assert whole["best_loss"] < float(zero_loss.sum())
 
