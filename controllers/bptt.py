@@ -119,7 +119,10 @@ class GradientBook:
         return {"skipped_updates": self.skipped, "time_split": dict(self.split)}
 
     def time_split(self, wall_s: float) -> dict:
-        return dict(self.split, networks_optimisers_checkpoints=wall_s - sum(self.split.values()))
+        """Wall seconds by part: the simulation's steps forward and backward (inside the
+        differentiable step), any part a method timed itself (SHAC's critic), and ``other``: the
+        policy network, Adam, torch's autograd bookkeeping of the state tensors, checkpoints."""
+        return dict(self.split, other=wall_s - sum(self.split.values()))
 
 
 def _episode(env, policy: ClockPolicy, seed: int, *, window: int | None = None, optimizer=None,

@@ -327,7 +327,7 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
         "iterations": len(losses), "env_steps": len(losses) * chunk,
         "evaluation_env_steps": 2 * horizon * evaluation_worlds, "wall_s": wall_s,
         "time_split_s": {"simulation_forward": env.simulation_seconds,
-                         "networks_optimisers_checkpoints": wall_s - env.simulation_seconds},
+                         "sb3_and_checkpoints": wall_s - env.simulation_seconds},
     }
     run.write_summary(summary)
     return summary

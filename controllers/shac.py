@@ -157,11 +157,13 @@ def train_shac(task: str, *, iterations: int, out: str | Path, seed: int = 0, wo
                     actor_opt.step()
                 env.detach()
                 observation = observation.detach()
+                fitting = time.perf_counter()
                 _fit_critic(critic, target, critic_opt, states, torch.stack(rewards), list(steps), horizon, gamma,
                             lam, critic_epochs, critic_batches, generator)
                 with torch.no_grad():
                     for p_target, p in zip(target.parameters(), critic.parameters(), strict=True):
                         p_target.mul_(target_alpha).add_((1.0 - target_alpha) * p)
+                book.split["critic"] = book.split.get("critic", 0.0) + time.perf_counter() - fitting
             largest = book.end_iteration(iteration, norms)
             value = float(loss.detach().sum())
             losses.append(value)

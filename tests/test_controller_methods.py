@@ -101,7 +101,7 @@ def test_shac_trains_the_actor_reruns_identically_and_resumes_exactly(tmp_path):
     assert whole["final_loss"] == again["final_loss"] == resumed["final_loss"]
     assert all(float(g) > 0 for _, g in rows)  # the simulator's gradient reaches the actor
     split = whole["time_split_s"]
-    assert split["simulation_forward"] > 0 and split["simulation_backward"] > 0
+    assert split["simulation_forward"] > 0 and split["simulation_backward"] > 0 and split["critic"] > 0
     assert abs(sum(split.values()) - whole["wall_s"]) < 1e-6
 
 
