@@ -2,10 +2,11 @@
 of variants below, one process and one run folder each (``--runs``, resumable), collected into
 ``benchmarks/results/transfer_cpu.json``.
 
-The pairs are chosen far apart: Push with targets spread over +-6 cm (``target_jitter=0.06``;
-variants 1 and 3 lie 9 cm apart, in opposite directions sideways), CableShape from a bend one way
-to a bend the other way (variant 5 turns +95 degrees, variant 2 -71 degrees). A stage stops at
-``score``; scratch may spend what the transfer may at most (steps x iterations per stage).
+Push's targets are spread over +-6 cm (``target_jitter=0.06``): variants 1 and 3 lie 9 cm apart
+on opposite sides of the block's path, 2 and 3 2 cm apart, 0 and 5 7 cm apart on the same side.
+CableShape goes from a bend one way to a bend the other way (variant 5 turns +95 degrees,
+variant 2 -71 degrees). A stage stops at ``score``; scratch may spend what the transfer may at
+most (steps x iterations per stage).
 
     python benchmarks/transfer.py [--only Push-v0 ...]
 """
@@ -23,9 +24,10 @@ ROOT = Path(__file__).parent.parent
 
 #: task, source seed, target seed, stages, iterations per stage, score a stage stops at, task options
 PAIRS = [
-    ("Push-v0", 1, 3, 2, 20, 0.9, ["target_jitter=0.06"]),
-    ("Push-v0", 4, 3, 2, 20, 0.9, ["target_jitter=0.06"]),
-    ("CableShape-v0", 5, 2, 2, 12, 0.6, []),
+    ("Push-v0", 1, 3, 2, 20, 0.9, ["target_jitter=0.06"]),  # targets on opposite sides of the block
+    ("Push-v0", 2, 3, 2, 20, 0.7, ["target_jitter=0.06"]),  # neighbouring targets, 2 cm apart
+    ("Push-v0", 0, 5, 2, 20, 0.7, ["target_jitter=0.06"]),  # same side, 7 cm apart
+    ("CableShape-v0", 5, 2, 2, 12, 0.6, []),  # a bend one way, then the other
 ]
 
 
