@@ -86,11 +86,15 @@ def cell_command(task: str, method: str, seed: int, folder: Path) -> list[str]:
     return command
 
 
-def run_cell(task: str, method: str, seed: int, runs: Path, log) -> dict:
+def run_cell(task: str, method: str, seed: int, runs: Path, log, *, collect: bool = False) -> dict | None:
+    """The cell's result: read from a finished run, else run (or resume) it; with ``collect``,
+    None for a cell not finished yet."""
     folder = runs / task.replace(":", "-") / method / f"seed{seed}"
     summary = folder / "summary.json"
     if summary.exists():
         return _kept(json.loads(summary.read_text()))
+    if collect:
+        return None
     started = time.perf_counter()
     result = subprocess.run(cell_command(task, method, seed, folder), capture_output=True, text=True, cwd=ROOT)
     log(f"{task} {method} seed {seed}: exit {result.returncode} after {time.perf_counter() - started:.0f} s")
@@ -178,6 +182,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS / "controllers_cpu.json")
     parser.add_argument("--markdown", action="store_true", help="print the README table and stop")
     parser.add_argument("--plot", action="store_true", help="draw the plots from --json and stop")
+    parser.add_argument("--collect", action="store_true",
+                        help="only gather the cells whose runs have finished; run nothing")
     args = parser.parse_args()
     from diffsim.controllers.run import write_json_atomic
 
@@ -193,7 +199,10 @@ def main() -> None:
     for seed in args.seeds:
         for task in args.tasks:
             for method in args.methods:
-                cell = run_cell(task, method, seed, args.runs, lambda text: print(text, flush=True))
+                cell = run_cell(task, method, seed, args.runs, lambda text: print(text, flush=True),
+                                collect=args.collect)
+                if cell is None:
+                    continue
                 # re-read before writing: another instance may be filling other cells of the table
                 if args.json.exists():
                     payload["cells"] = json.loads(args.json.read_text()).get("cells", {})
