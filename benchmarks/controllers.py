@@ -149,6 +149,7 @@ def plot(payload: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     families = [f for f, tasks in FAMILIES.items() if any(t in payload["table"] for t in tasks)]
     if not families:
@@ -157,18 +158,20 @@ def plot(payload: dict, path: Path) -> None:
     for column, family in enumerate(families):
         for row, (key, label) in enumerate((("env_steps", "env steps"), ("wall_s", "wall time [s]"))):
             ax = axes[row][column]
-            for method in METHODS:
-                points = [(c[key], c["score_mean"], c["score_std"]) for t in FAMILIES[family]
-                          if (c := payload["table"].get(t, {}).get(method))]
-                if points:
-                    x, y, e = zip(*points, strict=True)
-                    ax.errorbar(x, y, yerr=e, fmt="o", label=method, capsize=3)
+            for m, method in enumerate(METHODS):
+                for t, task in enumerate(FAMILIES[family]):  # a marker per task, a colour per method
+                    c = payload["table"].get(task, {}).get(method)
+                    if c:
+                        ax.errorbar([c[key]], [c["score_mean"]], yerr=[c["score_std"]], fmt="osD^v<>"[t % 7],
+                                    color=f"C{m}", capsize=3, label=f"{method}, {task}")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(label)
             ax.set_ylabel("normalised score")
             ax.set_ylim(-0.05, 1.05)
             ax.set_title(family)
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
