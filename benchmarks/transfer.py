@@ -27,7 +27,7 @@ PAIRS = [
     ("Push-v0", 1, 3, 2, 20, 0.9, ["target_jitter=0.06"]),  # targets on opposite sides of the block
     ("Push-v0", 2, 3, 2, 20, 0.7, ["target_jitter=0.06"]),  # neighbouring targets, 2 cm apart
     ("Push-v0", 0, 5, 2, 20, 0.7, ["target_jitter=0.06"]),  # same side, 7 cm apart
-    ("CableShape-v0", 5, 2, 2, 12, 0.6, []),  # a bend one way, then the other
+    ("CableShape-v0", 5, 2, 2, 8, 0.5, []),  # a bend one way, then the other
 ]
 
 
