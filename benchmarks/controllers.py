@@ -131,15 +131,18 @@ def markdown(payload: dict) -> str:
     methods = list(METHODS)
     lines = ["| task | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
     for task in ORDER:
-        row = payload["table"].get(task)
-        if not row:
+        row = payload["table"].get(task, {})
+        if not row and task not in payload["cells"]:
             continue
         cells = []
         for method in methods:
             c = row.get(method)
-            cells.append("" if c is None else
-                         f"{c['score_mean']:.2f} ± {c['score_std']:.2f} ({c['seeds']}; {c['env_steps'] / 1e3:.1f}k, "
-                         f"{c['wall_s'] / 60:.0f} min)")
+            failed = [v for v in payload["cells"].get(task, {}).get(method, {}).values() if v.get("status") == "failed"]
+            if c is None:
+                cells.append(f"failed ({len(failed)})" if failed else "")
+            else:
+                cells.append(f"{c['score_mean']:.3f} ± {c['score_std']:.3f} ({c['seeds']}; "
+                             f"{c['env_steps'] / 1e3:.1f}k, {c['wall_s'] / 60:.0f} min)")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
