@@ -32,7 +32,7 @@ import torch
 
 from diffsim.controllers.run import RunDirectory, check_counts
 from diffsim.controllers.trajectory import load_checkpoint, save_checkpoint
-from diffsim.errors import ConfigError, InvalidParameter
+from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
 
 __all__ = ["PlanBatch", "SAMPLERS", "interpolation_matrix", "train_sampling"]
 
@@ -82,7 +82,7 @@ class PlanBatch:
             self.batch.rngs[w] = self._gym_rng(self.seed + w // self.population)[0]
         self.batch.reset()
         for frame in range(actions.shape[0]):
-            self.batch.step(self.physical(actions[frame]))
+            self.batch.step(self.physical(actions[frame]), check_finite=False)  # a diverged world ranks last
         return self.batch.loss.copy(), np.asarray(self.batch.score(), np.float64)
 
 
@@ -182,8 +182,10 @@ def train_sampling(task: str, method: str = "cem", *, iterations: int, out: str 
             loss, _ = worlds.play(plans_to_actions(plans))
             state["simulation_seconds"] = float(state.get("simulation_seconds", 0.0)) + time.perf_counter() - playing
             loss = loss.reshape(variants, population)
-            if not np.all(np.isfinite(loss)):
-                loss = np.where(np.isfinite(loss), loss, np.inf)  # a diverged candidate ranks last
+            if not np.any(np.isfinite(loss)):
+                raise SimulationDiverged(iteration, "every candidate's loss",
+                                         hint="Every plan of the population diverged; lower init_std.")
+            loss = np.where(np.isfinite(loss), loss, np.inf)  # a diverged candidate ranks last
             order = np.argsort(loss, axis=1, kind="stable")
             for v in range(variants):
                 j = order[v, 0]

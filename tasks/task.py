@@ -296,14 +296,19 @@ class TaskBatch:
                                    f"finite floats of shape {expected if self.num_worlds > 1 else (dim,)}")
         return np.clip(a, self.low, self.high)
 
-    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Advance every world one frame; returns (reward, terminated, truncated) per world."""
+    def step(self, actions, *, check_finite: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every world one frame; returns (reward, terminated, truncated) per world.
+
+        With ``check_finite=False`` a world whose state turns non-finite is not reported here: its
+        loss goes NaN while the other worlds step on (what a population search wants, ranking
+        such a candidate last instead of losing the whole population)."""
         a = self.check_actions(actions)
         self._actions.assign(a)
         self.scene.apply_actions(self._actions, self.control)
         self.scene.advance(self.state, self._next, self.control)
         self.state, self._next = self._next, self.state
-        self.scene.solver.check_finite(self.scene.model, self.state, int(self.elapsed.max()))
+        if check_finite:
+            self.scene.solver.check_finite(self.scene.model, self.state, int(self.elapsed.max()))
         self.task.after_step(self.state)
         loss = self.task.evaluate_loss(self.state)
         reward = self.loss - loss
