@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{demo,validate,bench,calibrate,optimize,train,evaluate}")
 
+    # the options of a task's scene, shared by the commands that run a task
+    task_flags = argparse.ArgumentParser(add_help=False)
+    task_flags.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
+    task_flags.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                            help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     demo = commands.add_parser("demo", parents=[device_flag],
                                help="optimise a pusher trajectory through the MPM solver; "
                                     "write a GIF and plots")
@@ -161,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate_rod.set_defaults(handler=_run_calibrate_rod)
 
-    optimize = commands.add_parser("optimize", parents=[device_flag],
+    optimize = commands.add_parser("optimize", parents=[device_flag, task_flags],
                                    help="open-loop trajectory optimisation of a task (Adam through the simulator)")
     optimize.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
     optimize.add_argument("--iters", type=_positive_int, required=True, help="Adam iterations (in all, resumed or not)")
@@ -173,13 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="task variants optimised at once, as worlds (default: 1)")
     optimize.add_argument("--lr", type=_positive_float, default=0.05,
                           help="Adam step in normalised action units, -1 .. 1 per actuator (default: 0.05)")
-    optimize.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
-    optimize.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
-                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     optimize.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     optimize.set_defaults(handler=_run_optimize)
 
-    train = commands.add_parser("train", parents=[device_flag], help="train a policy or search plans on a task")
+    train = commands.add_parser("train", parents=[device_flag, task_flags],
+                                help="train a policy or search plans on a task")
     train.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
     train.add_argument("--algo", choices=TRAIN_ALGORITHMS, default="bptt",
                        help="bptt: an MLP policy by backpropagation through the simulator; shac: short-horizon "
@@ -209,13 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="step cem/cmaes populations or ppo/sac worlds over Ray actors: 'local' starts Ray "
                             "here, 'auto' joins the cluster of `ray start`, or HOST:PORT")
     train.add_argument("--actors", type=_positive_int, default=2, help="Ray actors with --ray (default: 2)")
-    train.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
-    train.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
-                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_run_train)
 
-    transfer = commands.add_parser("transfer", parents=[device_flag],
+    transfer = commands.add_parser("transfer", parents=[device_flag, task_flags],
                                    help="adapt a solved plan from one task variant to another, against solving "
                                         "it from scratch")
     transfer.add_argument("task", help="task id, e.g. Push-v0 or diffsim/Push-v0")
@@ -233,22 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--lr", type=_positive_float, default=0.05,
                           help="Adam step in normalised action units (default: 0.05)")
     transfer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    transfer.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
-    transfer.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
-                          help="a task option, e.g. target_jitter=0.05 (repeatable)")
     transfer.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     transfer.set_defaults(handler=_run_transfer)
 
-    evaluate = commands.add_parser("evaluate", parents=[device_flag],
+    evaluate = commands.add_parser("evaluate", parents=[device_flag, task_flags],
                                    help="score a trained policy or optimised actions on a task")
     evaluate.add_argument("task", help="task id, e.g. Pinch-v0 or diffsim/Pinch-v0")
     evaluate.add_argument("--policy", required=True,
                           help="a run's policy.pt (scored on held-out variants) or actions.pt (on its own)")
     evaluate.add_argument("--worlds", type=_positive_int, default=8, help="held-out variants for a policy (default: 8)")
     evaluate.add_argument("--video", default=None, help="also write the first world's episode (.gif or .mp4)")
-    evaluate.add_argument("--tiny", action="store_true", help="the task's tiny test scene")
-    evaluate.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
-                       help="a task option, e.g. horizon=30 or tactile_observation=false (repeatable)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a line")
     evaluate.set_defaults(handler=_run_evaluate)
     return parser
