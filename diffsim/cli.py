@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="step of the implicit integrators [s]")
     bench_tactile.add_argument("--preconditioner", choices=("auto", "cholesky", "jacobi"), default="auto",
                                help="CG preconditioner of the implicit integrators (default: auto, Cholesky here)")
+    bench_tactile.add_argument("--duration", type=_positive_float, default=0.2,
+                               help="simulated seconds per run of the implicit integrators, up to 1.2: the sphere "
+                                    "presses for the first 0.2 s while sliding, then slides at depth (default: 0.2)")
     bench_tactile.add_argument("--repeats", type=_positive_int, default=5,
                                help="timed runs after a warm-up; medians are reported (default: 5)")
     bench_tactile.add_argument("--json", action="store_true", help="print JSON instead of a report")
@@ -412,7 +415,7 @@ def _run_bench_tactile(args: argparse.Namespace, device: str) -> int:
     from diffsim.fem.benchmark import format_report, run_benchmark
 
     result = run_benchmark(steps=args.steps, repeats=args.repeats, device=device, integrator=args.integrator,
-                           frame_dt=args.frame_dt, preconditioner=args.preconditioner)
+                           frame_dt=args.frame_dt, preconditioner=args.preconditioner, duration=args.duration)
     print(json.dumps(result, indent=2, default=str) if args.json else format_report(result))
     return 0
 

@@ -26,6 +26,11 @@ computes a product's per-iterate factors once per Newton iteration, a diagonal f
 preconditioning, and a :class:`~diffsim.core.cholesky.SparseCholesky` with an ``assemble``
 function for a factored preconditioner that lives across solves.
 
+Newton may linearise an approximation of the Jacobian (it converges linearly then) and switches
+to the exact product once a line search takes the full step; for a residual with branches
+(penalty contact) an :class:`ActiveSetPrediction` lets Newton's model take the branch a step
+would enter, not the one at the iterate. Both change Newton's path only, never its solution.
+
 ``ImplicitSolve.solve`` records itself on an active ``wp.Tape`` as a single entry whose backward
 is the adjoint solve, so an implicit step sits inside a taped rollout like any kernel.
 """
@@ -42,7 +47,7 @@ import warp as wp
 from diffsim.core.launch import LaunchCache
 from diffsim.errors import DiffsimError
 
-__all__ = ["ImplicitSolve", "NewtonReport", "NotConverged"]
+__all__ = ["ActiveSetPrediction", "ImplicitSolve", "NewtonReport", "NotConverged"]
 
 
 class NotConverged(DiffsimError, RuntimeError):
@@ -66,6 +71,8 @@ class NewtonReport:
     scaled_residual: float = math.inf  #: max |r_i / J_ii| (x's unit), with a preconditioner
     step: float = math.inf  #: largest change of an entry of x in the last Newton step (x's unit)
     adjoint_cg_iterations: int = 0
+    #: Newton iterations whose exact Jacobian had negative curvature (the approximation was used)
+    indefinite_steps: int = 0
 
 
 @wp.kernel
@@ -78,6 +85,30 @@ def _axpy(x: wp.array(dtype=float), y: wp.array(dtype=float), a: float, out: wp.
 def _scale_by(x: wp.array(dtype=float), d: wp.array(dtype=float), out: wp.array(dtype=float)):
     i = wp.tid()
     out[i] = x[i] * d[i]
+
+
+class ActiveSetPrediction:
+    """Newton's prediction of a residual's branches (a contact that is open at x but that the
+    step would close), for :class:`ImplicitSolve`'s ``active_set``.
+
+    Linearised at x, a branch that is inactive there is invisible to the step: a node just off an
+    indenter, pushed towards it, is driven deep inside in one step, and the line search can only
+    shorten the step for every unknown. A prediction makes ``jacobian_product`` linearise the
+    branch the step would enter instead and corrects the right-hand side by that branch's value
+    at x. Only Newton's model changes: the residual that decides convergence and the line search
+    stay exact, and Newton drops the prediction for a step that fails to descend.
+    """
+
+    def predict(self, x: wp.array, r: wp.array, step: wp.array | None, rhs: wp.array) -> bool:
+        """Update the prediction at x (residual r) and correct ``rhs`` (-r, the linear solve's
+        right-hand side, same dtype as x) for it. Called with ``step=None`` first, then with a
+        preview of the step and with the solved step; returns True if a step call changed the
+        prediction (the step is then solved again)."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forget the prediction: the plain linearisation at x (also called after each solve)."""
+        raise NotImplementedError
 
 
 def _flat(array: wp.array) -> wp.array:
@@ -121,7 +152,12 @@ class ImplicitSolve:
             approximation will do (projected element Hessians, Gauss-Newton contact): the residual
             stays exact, so Newton still lands on r = 0. The adjoint solve calls it with
             ``exact=True`` and needs the exact product then (return False instead to have the
-            taped Jacobian used), so gradients are exact too.
+            taped Jacobian used), so gradients are exact too. An approximation alone makes Newton
+            converge linearly; ``exact_tail`` (default) has Newton ask for the exact product once a
+            line search took the full step (the quadratic basin), and fall back to the
+            approximation in any iteration where the exact Jacobian shows negative curvature.
+        active_set: optional :class:`ActiveSetPrediction` for a residual with branches
+            (contact): Newton's model may then linearise a branch other than the one at x.
         tolerance: Newton stops when ``max |r| <= tolerance`` (the residual's unit, e.g. N).
         step_tolerance: with a preconditioner, Newton also stops once the Jacobi-scaled residual
             ``max |r_i / J_ii|`` (about the remaining correction, in x's unit, e.g. m) is at most
@@ -147,6 +183,7 @@ class ImplicitSolve:
                  factorization=None, assemble: Callable[[wp.array, wp.array], None] | None = None,
                  linearize: Callable[[wp.array], None] | None = None,
                  jacobian_product: Callable[[wp.array, wp.array, wp.array], None] | None = None,
+                 active_set: ActiveSetPrediction | None = None, exact_tail: bool = True,
                  tolerance: float = 1e-6, step_tolerance: float | None = None, max_iterations: int = 30,
                  cg_tolerance: float = 1e-4, cg_max_iterations: int = 200, adjoint_tolerance: float = 1e-6,
                  name: str = "implicit solve"):
@@ -160,6 +197,8 @@ class ImplicitSolve:
         self.assemble = assemble
         self.linearize = linearize
         self.jacobian_product = jacobian_product
+        self.active_set = active_set
+        self.exact_tail = bool(exact_tail)
         self.tolerance = float(tolerance)
         self.step_tolerance = step_tolerance
         self.max_iterations = int(max_iterations)
@@ -169,6 +208,7 @@ class ImplicitSolve:
         self.name = name
         self.report = NewtonReport()
         self._launches = LaunchCache()
+        self._linearized = False  # linearize has run at the current iterate
 
     # -- Jacobian products -----------------------------------------------------------------
     def _jacobian_transpose_product(self, x: wp.array, v: wp.array, out: wp.array) -> None:
@@ -194,10 +234,11 @@ class ImplicitSolve:
 
     # -- linear solve ----------------------------------------------------------------------
     def _cg(self, x: wp.array, b: wp.array, diag: wp.array | None, *, exact: bool = False,
-            tolerance: float | None = None) -> tuple[wp.array, int]:
-        """Solve J s = b (flat float arrays) by preconditioned CG; stops at negative curvature
-        (then returns the iterate so far, or the preconditioned b if there is none). Newton's
-        solves use ``jacobian_product`` when one is given; ``exact`` forces the taped Jacobian."""
+            tolerance: float | None = None) -> tuple[wp.array, int, bool]:
+        """Solve J s = b (flat float arrays) by preconditioned CG: (s, iterations, whether it
+        stopped at negative curvature, returning the iterate so far or, if there is none, the
+        preconditioned b). ``jacobian_product``, when given, is asked for the exact product if
+        ``exact``, else for its approximation; without one the taped Jacobian is used."""
         product = self._jacobian_transpose_product
         if self.jacobian_product is not None:
             views: dict[int, wp.array] = {}  # p and Ap keep their buffers: view each once
@@ -222,24 +263,101 @@ class ImplicitSolve:
         rz = _dot(r, z)
         b_norm = math.sqrt(max(_dot(b, b), 0.0))
         if b_norm == 0.0:
-            return s, 0
+            return s, 0, False
         for k in range(1, self.cg_max_iterations + 1):
             product(x, p, Ap)
             curvature = _dot(p, Ap)
             if not curvature > 0.0:
                 if k == 1:
                     wp.copy(s, z)  # no curvature information: a preconditioned gradient step
-                return s, k
+                return s, k, True
             alpha = rz / curvature
             launch("cg_s", _axpy, n, [s, p, alpha], [s], device)
             launch("cg_r", _axpy, n, [r, Ap, -alpha], [r], device)
             if math.sqrt(max(_dot(r, r), 0.0)) <= (tolerance or self.cg_tolerance) * b_norm:
-                return s, k
+                return s, k, False
             self._precondition(r, diag, z)
             rz_new = _dot(r, z)
             launch("cg_p", _axpy, n, [z, p, rz_new / rz], [p], device)
             rz = rz_new
-        return s, self.cg_max_iterations
+        return s, self.cg_max_iterations, False
+
+    def _direction(self, x: wp.array, r: wp.array, inverse_diagonal: wp.array | None, forcing: float, *,
+                   exact: bool, report: NewtonReport, predict: bool) -> wp.array:
+        """Newton's step from x, with the active-set prediction if ``predict``: the prediction sees
+        the state, then a preview of the step (the preconditioned right-hand side, one application),
+        so that most branch changes are known before the solve; if the solved step still crosses
+        one, it is solved again. A predicted step that does not descend is dropped for the plain one."""
+        n = _flat(x).shape[0]
+        minus_r = wp.zeros(n, dtype=float, device=x.device)
+        wp.launch(_axpy, n, [minus_r, _flat(r), -1.0], [minus_r], device=x.device)
+        if predict:
+            preview = wp.zeros_like(minus_r)
+            with _no_tape():
+                self.active_set.predict(x, r, None, _unflat(minus_r, x))
+                self._precondition(minus_r, inverse_diagonal, preview)
+                self.active_set.predict(x, r, _unflat(preview, x), _unflat(minus_r, x))
+        step = self._newton_step(x, minus_r, inverse_diagonal, forcing, exact=exact, report=report)
+        if predict:
+            with _no_tape():
+                changed = self.active_set.predict(x, r, _unflat(step, x), _unflat(minus_r, x))
+            if changed:
+                step = self._newton_step(x, minus_r, inverse_diagonal, forcing, exact=exact, report=report)
+            if self.energy is not None and _dot(_flat(r), step) >= 0.0:
+                self.active_set.clear()
+                return self._direction(x, r, inverse_diagonal, forcing, exact=exact, report=report, predict=False)
+        return step
+
+    def _line_search(self, x: wp.array, r: wp.array, step: wp.array, trial: wp.array):
+        """Backtracking from the full step (Armijo on the energy, else on |r|^2/2): (accepted, t,
+        residual at the trial point). ``step`` descends either, since J is positive definite
+        along it (CG stops at negative curvature)."""
+        flat_x, flat_trial, n = _flat(x), _flat(trial), _flat(x).shape[0]
+        merit0, rounding = self._merit(x, r)
+        residual_norm = _norm(_flat(r))
+        slope = _dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r is its gradient)
+        if self.energy is None:
+            jr = wp.zeros(n, dtype=float, device=x.device)
+            self._jacobian_transpose_product(x, _flat(r), jr)
+            slope = _dot(jr, step)
+        t = 1.0
+        r_trial = None
+        for _ in range(30):
+            wp.launch(_axpy, n, [flat_x, step, t], [flat_trial], device=x.device)
+            r_trial = self._evaluate(trial)
+            merit, _ = self._merit(trial, r_trial)
+            # Near the solution a float32 energy stops resolving the decrease (~r^2/k below its
+            # rounding). Within that rounding the energy says nothing either way, and a step is
+            # accepted if it shrinks the residual instead (comparing energies there let Newton
+            # cycle between two points, one "lower" in energy, one in residual).
+            if math.isfinite(merit):
+                if abs(merit - merit0) > rounding:
+                    accepted = merit <= merit0 + 1e-4 * t * min(slope, 0.0)
+                else:
+                    accepted = _norm(_flat(r_trial)) < (1.0 - 1e-4 * t) * residual_norm
+                if accepted:
+                    return True, t, r_trial
+            t *= 0.5
+        return False, t, r_trial
+
+    def _newton_step(self, x: wp.array, minus_r: wp.array, inverse_diagonal: wp.array | None, forcing: float, *,
+                     exact: bool, report: NewtonReport) -> wp.array:
+        """Newton's direction from J s = -r, with the exact Jacobian product if ``exact`` and one
+        is given (falling back to the approximation where the exact one has negative curvature)."""
+        exact = exact and self.jacobian_product is not None
+        if not exact:
+            self._linearize(x, approximate=True)
+        step, its, negative = self._cg(x, minus_r, inverse_diagonal, exact=exact, tolerance=forcing)
+        report.cg_iterations += its
+        if exact and negative:
+            report.indefinite_steps += 1
+            self._linearize(x, approximate=True)
+            step, more, _ = self._cg(x, minus_r, inverse_diagonal, tolerance=forcing)
+            report.cg_iterations += more
+            its += more
+        if self.factorization is not None:
+            self.factorization.note_iterations(its, -math.log10(forcing))
+        return step
 
     def _precondition(self, r: wp.array, diag: wp.array | None, out: wp.array) -> None:
         if self.factorization is not None:
@@ -275,11 +393,11 @@ class ImplicitSolve:
     def _newton(self, x: wp.array) -> None:
         report = NewtonReport()
         flat_x = _flat(x)
-        n = flat_x.shape[0]
         trial = wp.zeros_like(x)
-        flat_trial = _flat(trial)
+        plain_trial = wp.zeros_like(x)
         r = self._evaluate(x)
         history = [math.inf, math.inf]
+        full_step = False  # the last line search took the full step: Newton is in its quadratic basin
         for it in range(self.max_iterations + 1):
             values = _flat(r).numpy().astype(np.float64)
             report.residual = float(np.abs(values).max()) if values.size else 0.0
@@ -304,47 +422,27 @@ class ImplicitSolve:
                 return
             if it == self.max_iterations:
                 break
-            minus_r = wp.zeros(n, dtype=float, device=x.device)
-            wp.launch(_axpy, n, [minus_r, _flat(r), -1.0], [minus_r], device=x.device)
             # inexact Newton (Eisenstat and Walker's forcing terms): far from the solution a rough
             # linear solve does as well; the tolerance tightens with the residual's decrease
             if it == 0:
                 initial = report.residual
             forcing = min(0.1, max(self.cg_tolerance, report.residual / max(initial, 1e-30)))
+            self._linearized = False
             self._linearize(x)
-            step, cg_its = self._cg(x, minus_r, inverse_diagonal, tolerance=forcing)
-            report.cg_iterations += cg_its
-            if self.factorization is not None:
-                self.factorization.note_iterations(cg_its, -math.log10(forcing))
-            # backtracking line search (Armijo on the energy, else on |r|^2/2): a descent direction
-            # for either, since J is positive definite along it (CG stops at negative curvature)
-            merit0, rounding = self._merit(x, r)
-            residual_norm = _norm(_flat(r))
-            slope = _dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r is its gradient)
-            if self.energy is None:
-                jr = wp.zeros(n, dtype=float, device=x.device)
-                self._jacobian_transpose_product(x, _flat(r), jr)
-                slope = _dot(jr, step)
-            t = 1.0
-            accepted = False
-            for _ in range(30):
-                wp.launch(_axpy, n, [flat_x, step, t], [flat_trial], device=x.device)
-                r_trial = self._evaluate(trial)
-                merit, _ = self._merit(trial, r_trial)
-                # Near the solution a float32 energy stops resolving the decrease (~r^2/k below
-                # its rounding). Within that rounding the energy says nothing either way, and a
-                # step is accepted if it shrinks the residual instead (comparing energies there
-                # let Newton cycle between two points, one "lower" in energy, one in residual).
-                if not math.isfinite(merit):
-                    t *= 0.5
-                    continue
-                if abs(merit - merit0) > rounding:
-                    accepted = merit <= merit0 + 1e-4 * t * min(slope, 0.0)
-                else:
-                    accepted = _norm(_flat(r_trial)) < (1.0 - 1e-4 * t) * residual_norm
-                if accepted:
-                    break
-                t *= 0.5
+            predicted = self.active_set is not None
+            step = self._direction(x, r, inverse_diagonal, forcing, exact=full_step, report=report,
+                                   predict=predicted)
+            accepted, t, r_trial = self._line_search(x, r, step, trial)
+            if predicted and (not accepted or t < 0.5):
+                # the predicted branches misled the step (a node held apart by the pad, pulled to
+                # the indenter by the model): the plain linearisation, if its step does better
+                self.active_set.clear()
+                plain = self._direction(x, r, inverse_diagonal, forcing, exact=full_step, report=report,
+                                        predict=False)
+                plain_result = self._line_search(x, r, plain, plain_trial)
+                if plain_result[0] and (not accepted or plain_result[1] > t):
+                    step, (accepted, t, r_trial) = plain, plain_result
+                    wp.copy(trial, plain_trial)
             if not accepted:
                 report.newton_iterations = it + 1
                 self.report = report
@@ -355,6 +453,7 @@ class ImplicitSolve:
             wp.copy(x, trial)
             r = r_trial
             report.step = t * _max_abs(step)
+            full_step = t == 1.0 and self.exact_tail
         report.newton_iterations = self.max_iterations
         self.report = report
         raise NotConverged(self.name, report.newton_iterations, report.residual, self.tolerance,
@@ -371,8 +470,12 @@ class ImplicitSolve:
         from diffsim.core.scratch import taping
 
         tape = _active_tape() if taping() else None
-        with _no_tape():
-            self._newton(x)
+        try:
+            with _no_tape():
+                self._newton(x)
+        finally:
+            if self.active_set is not None:
+                self.active_set.clear()  # the adjoint solve takes the exact Jacobian
         if tape is not None:
             solution = wp.clone(x)  # the tape's x may be overwritten later by the caller
             tape.record_func(lambda: self._backward(solution, x),
@@ -397,13 +500,17 @@ class ImplicitSolve:
         # (no tape.reset(): it would zero the gradients just accumulated)
         x.grad.zero_()  # x* was produced here: its adjoint is consumed, not passed further back
 
-    def _linearize(self, x: wp.array) -> None:
-        """Per-iterate factors of the products, and a new factor if the kept one is stale."""
-        if self.linearize is not None:
+    def _linearize(self, x: wp.array, *, approximate: bool = False) -> None:
+        """Per-iterate factors of the approximate products, computed once per iterate and only
+        when they are used (an approximate solve, or a factorisation), then a new factor if the kept
+        one is stale. ``self._linearized`` is cleared whenever x moves."""
+        f = self.factorization
+        refactor = f is not None and f.stale
+        if self.linearize is not None and (approximate or refactor) and not self._linearized:
             with _no_tape():
                 self.linearize(x)
-        f = self.factorization
-        if f is not None and f.stale:
+            self._linearized = True
+        if refactor:
             with _no_tape():
                 self.assemble(x, f.values)
             try:
@@ -414,9 +521,10 @@ class ImplicitSolve:
     def _adjoint_cg(self, solution: wp.array, x_bar: wp.array) -> tuple[wp.array, int]:
         # a backward pass runs the steps in reverse: the factor kept from the last forward solve
         # drifts as it goes, so it is renewed by the same rule as in Newton
+        self._linearized = False
         self._linearize(solution)
-        lam, its = self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
-                            tolerance=self.adjoint_tolerance)
+        lam, its, _ = self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
+                               tolerance=self.adjoint_tolerance)
         if self.factorization is not None:
             self.factorization.note_iterations(its, -math.log10(self.adjoint_tolerance))
         return lam, its

@@ -39,8 +39,14 @@ linear-elastic diagonal (Jacobi); ``preconditioner="auto"`` factors on CPUs up t
 :data:`AUTO_CHOLESKY_UNKNOWNS` unknowns. The
 residual is exact, so Newton lands on r = 0 either way (the approximations cost iterations, not
 accuracy), and the adjoint solve of the backward pass uses the exact Jacobian (unprojected, with
-the curvature term). Fixed-corotated tets take the taped Jacobian and Jacobi preconditioning
-(slower, same solution).
+the curvature term). The approximation alone makes Newton converge linearly (a quasi-static
+sliding frame of the benchmark pad took 8-11 iterations, each cutting the residual by 2-3x), so
+once a line search has taken the full step Newton switches to the exact product (falling back at
+negative curvature): 4-7 iterations. With the Cholesky preconditioner Newton also predicts the
+contacts a step would close (:class:`ContactPrediction`): linearised apart from the indenter, a
+node a few micrometres off it was driven a third of a millimetre inside by one step, and the
+line search then shortened every node's step by 32x. Fixed-corotated tets take the taped Jacobian
+and Jacobi preconditioning (slower, same solution).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import numpy as np
 import warp as wp
 
 from diffsim.core.cholesky import SparseCholesky
-from diffsim.core.implicit import ImplicitSolve, arrays_with_gradients
+from diffsim.core.implicit import ActiveSetPrediction, ImplicitSolve, arrays_with_gradients
 from diffsim.core.parallel import launch_items
 from diffsim.fem.kernels import (
     STABLE_NEO_HOOKEAN,
@@ -313,12 +319,14 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
                              body_contact_stiffness: wp.array(dtype=float), colliders: ColliderSet, smoothing: float,
                              friction_velocity: float, dt: float, lagged_force: wp.array2d(dtype=float),
                              lagged_normal: wp.array2d(dtype=wp.vec3), lagged_velocity: wp.array2d(dtype=wp.vec3),
-                             exact: int, out: wp.array(dtype=wp.vec3)):
+                             exact: int, anticipated: wp.array2d(dtype=int), out: wp.array(dtype=wp.vec3)):
     """Gauss-Newton contact share of J v: the penalty's k A s'(depth) n n^T without the term of the
     surface's curvature (which makes the exact Jacobian indefinite along the surface of a convex
     indenter: -k A depth / R, larger than the pad's own shear stiffness at the default k), and the
-    lagged friction's exact, positive semi-definite Jacobian. With ``exact`` the curvature term of
-    spheres is added (planes have none): the exact product, for the adjoint solve."""
+    lagged friction's exact, positive semi-definite Jacobian; (node, collider) pairs that
+    :func:`anticipate_contacts` flagged count as in contact (Newton's model only: the flags are
+    cleared after each solve). With ``exact`` the curvature term of spheres is added (planes have
+    none): the exact product."""
     i = wp.tid()
     area = node_contact_area[i]
     if area > 0.0 and node_fixed[i] == 0:
@@ -337,6 +345,8 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
                     slope = 1.0
                 elif depth > -smoothing:
                     slope = (depth + smoothing) / (2.0 * smoothing)
+                if anticipated[i, c] != 0:
+                    slope = 1.0
                 total = total + (body_contact_stiffness[body] * area * slope * wp.dot(q.normal, dv)) * q.normal
                 if exact != 0 and colliders.shape[c] == SPHERE_SHAPE and depth > -smoothing:
                     # d n / d x = (I - n n^T) / |x - centre| for a sphere
@@ -353,6 +363,63 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
                     total = total + (colliders.friction[c] * lam / speed) * (
                         tangent - (wp.dot(slip, tangent) / (speed * speed)) * slip)
         out[i] = out[i] + total
+
+
+@wp.kernel
+def anticipate_contacts(x: wp.array(dtype=wp.vec3), r: wp.array(dtype=wp.vec3), step: wp.array(dtype=wp.vec3),
+                        has_step: int, node_fixed: wp.array(dtype=int), node_body: wp.array(dtype=int),
+                        node_contact_area: wp.array(dtype=float), body_world: wp.array(dtype=int),
+                        body_contact_stiffness: wp.array(dtype=float), colliders: ColliderSet, smoothing: float,
+                        anticipated: wp.array2d(dtype=int), rhs: wp.array(dtype=wp.vec3), changed: wp.array(dtype=int)):
+    """Newton's active-set prediction for the penalty contact. A node apart from a collider at x has
+    no contact in Newton's linearisation, so a step can drive it far into the indenter (a node of the
+    contact patch, a few micrometres off the sphere and pushed up by the pad, moves a third of a
+    millimetre into it in one step) and the line search could only shorten the step for every
+    node. A pair whose step would take the node deeper inside than it now is apart is flagged:
+    Newton's model then takes the contact branch's linearisation, force k A (-d - n.s) n for
+    distance d, whose stiffness the products add and whose value at x, -k A d n, the right-hand
+    side gets, so the step stops the node near the surface. A flag is
+    dropped once the node's force (without contact, since it is apart) no longer pushes it
+    towards the collider. Without a step: update the flags and correct ``rhs``; with one: flag
+    the pairs the step pushes in (``changed`` counts them) and correct ``rhs`` for those."""
+    i = wp.tid()
+    area = node_contact_area[i]
+    if area > 0.0 and node_fixed[i] == 0:
+        body = node_body[i]
+        world = body_world[body]
+        for c in range(wp.static(MAX_COLLIDERS)):
+            if c < colliders.count:
+                slot = collider_slot(colliders, world, c)
+                q = collider_query(colliders, c, slot, x[i])
+                flag = int(0)
+                if q.distance >= smoothing and wp.dot(r[i], q.normal) > 0.0:  # apart, pushed towards it
+                    flag = anticipated[i, c]
+                    if has_step != 0 and flag == 0:
+                        if collider_query(colliders, c, slot, x[i] + step[i]).distance < -wp.max(smoothing, q.distance):
+                            flag = 1
+                            wp.atomic_add(changed, 0, 1)
+                    if flag != 0 and (has_step == 0 or anticipated[i, c] == 0):
+                        rhs[i] = rhs[i] - (body_contact_stiffness[body] * area * q.distance) * q.normal
+                anticipated[i, c] = flag
+
+
+class ContactPrediction(ActiveSetPrediction):
+    """The penalty contacts Newton's model treats as closed before they are (see
+    :func:`anticipate_contacts`): flags per (node, collider) that ``contact_jacobian_product``
+    reads, kept across one step's Newton iterations."""
+
+    def __init__(self, flags: wp.array, changed: wp.array, args: list):
+        self.flags, self.changed, self.args = flags, changed, args
+        self.clear()
+
+    def predict(self, x, r, step, rhs) -> bool:
+        self.changed.zero_()
+        wp.launch(anticipate_contacts, x.shape[0], [x, r, step if step is not None else x, int(step is not None),
+                                                    *self.args], [self.flags, rhs, self.changed], device=x.device)
+        return step is not None and bool(self.changed.numpy()[0])
+
+    def clear(self) -> None:
+        self.flags.zero_()
 
 
 # -- projected (SPD) stable Neo-Hookean Hessians: Newton's products and the Cholesky preconditioner --
@@ -687,6 +754,9 @@ class ImplicitFEMStep:
             rows, columns, structural = hessian_pattern(model)
             self.cholesky = SparseCholesky(3 * model.node_count, rows, columns, structural=structural, device=device,
                                            refresh_iterations=solver.refresh_iterations)
+        # the contacts Newton's linearisation treats as active before they are (anticipate_contacts)
+        self._anticipated = wp.zeros((model.node_count, max(model.collider_count, 1)), dtype=int, device=device)
+        self._changed = wp.zeros(1, dtype=int, device=device)
         self._probe = wp.zeros(model.node_count, dtype=wp.vec3, device=device)
         self._block = wp.zeros(model.node_count, dtype=wp.vec3, device=device)
 
@@ -793,7 +863,7 @@ class ImplicitFEMStep:
                 contact_exact(x, v, out)
             elif model.collider_count:
                 launch("jv_contacts", contact_jacobian_product, n,
-                       [x, contact_args[0], v, *contact_args[1:], int(exact)], [out], device)
+                       [x, contact_args[0], v, *contact_args[1:], int(exact), self._anticipated], [out], device)
 
         def jacobian_product(x, v, out, exact):
             # (the node products write ``out`` first; the tets add to it.) The tets are the products'
@@ -823,13 +893,25 @@ class ImplicitFEMStep:
                 node_products(x, self._probe, self._block, False)
                 wp.launch(_node_block_column, n, [self._block, axis, 144 * model.tet_count], [values], device=device)
 
+        prediction = ContactPrediction(self._anticipated, self._changed, [
+            model.node_fixed, model.node_body, model.node_contact_area, model.body_world,
+            model.body_contact_stiffness, colliders_end, s.contact_smoothing])
+
         # the analytic products cover stable Neo-Hookean tets; fixed-corotated ones take the taped Jacobian
         fast = self._all_stable_neo_hookean
         factored = self.cholesky is not None
         solve = ImplicitSolve(residual, energy=energy, preconditioner=preconditioner,
                               factorization=self.cholesky, assemble=assemble if factored else None,
                               linearize=linearize if fast else None,
-                              jacobian_product=jacobian_product if fast else None, tolerance=s.newton_tolerance,
+                              jacobian_product=jacobian_product if fast else None,
+                              # Both pay with the Cholesky preconditioner only. Jacobi-preconditioned CG,
+                              # stopped early by the forcing terms, leaves steps at the contact's edge
+                              # too rough to predict from (the Hertz check's Newton iterations went from
+                              # 66 to 86), and Newton's linear rate is not what costs there: the exact
+                              # tail took it from 66 to 67 iterations and 30 to 37 s.
+                              active_set=prediction if s.predict_contacts and model.collider_count and fast
+                              and factored else None, exact_tail=s.exact_tail and factored,
+                              tolerance=s.newton_tolerance,
                               step_tolerance=s.newton_step_tolerance,
                               max_iterations=s.newton_iterations, cg_tolerance=s.cg_tolerance,
                               cg_max_iterations=s.cg_iterations, adjoint_tolerance=s.adjoint_tolerance,

@@ -63,13 +63,20 @@ class FEMSolver(PooledScratchSolver, Solver):
             always take Jacobi.
         refresh_iterations: see ``preconditioner``; the default is about what a factorisation of an
             8k-tet pad costs in CG iterations on a 2-core CPU.
+        exact_tail: with the Cholesky preconditioner, Newton switches from the projected to the
+            exact Hessian once a line search takes the full step (default; False keeps the projected
+            one, which converges linearly).
+        predict_contacts: with the Cholesky preconditioner, Newton linearises the contacts a step
+            would close as closed (default; see :class:`~diffsim.fem.implicit.ContactPrediction`).
+            Neither option changes the solution, only the iterations to it.
     """
 
     def __init__(self, model: FEMModel, *, integrator: str = "explicit", stability: float = 0.5,
                  contact_smoothing: float = 1e-6, friction_velocity: float = 1e-3, newton_tolerance: float = 1e-5,
                  newton_step_tolerance: float | None = None,
                  newton_iterations: int = 50, cg_tolerance: float = 1e-2, cg_iterations: int = 500,
-                 adjoint_tolerance: float = 1e-5, preconditioner: str = "auto", refresh_iterations: int = 60):
+                 adjoint_tolerance: float = 1e-5, preconditioner: str = "auto", refresh_iterations: int = 60,
+                 exact_tail: bool = True, predict_contacts: bool = True):
         if integrator not in INTEGRATORS:
             raise InvalidParameter("integrator", integrator, ", ".join(f"'{i}'" for i in INTEGRATORS))
         if not (newton_tolerance > 0 and math.isfinite(newton_tolerance)):
@@ -95,6 +102,8 @@ class FEMSolver(PooledScratchSolver, Solver):
         self.cg_iterations = cg_iterations
         self.preconditioner = preconditioner
         self.refresh_iterations = refresh_iterations
+        self.exact_tail = bool(exact_tail)
+        self.predict_contacts = bool(predict_contacts)
         if integrator == "quasistatic":
             fixed = np.bincount(model.node_body.numpy()[model.node_fixed.numpy() != 0], minlength=model.num_bodies)
             if np.any(fixed < 3):

@@ -307,8 +307,11 @@ GRADIENT_CHECKS = {
     "friction": lambda d, i="explicit": _gradient_check(
         "friction coefficient", "model.collider_friction", eps=0.02, relative=True, device=d, directions=1,
         integrator=i),
+    # 1 mm/s over a 1 ms frame moves the backing 1 um: at 0.2 um (2e-4) the float32 rounding of
+    # positions and of the converged solves left the central difference 1-2.4% off the tape's
+    # gradient under every integrator, from 1 um on within 0.25%
     "sensor_pose": lambda d, i="explicit": _gradient_check(
-        "sensor trajectory (backing velocity, frame 2)", "controls[2].body_velocity", eps=2e-4, relative=False,
+        "sensor trajectory (backing velocity, frame 2)", "controls[2].body_velocity", eps=1e-3, relative=False,
         device=d, integrator=i),
     "indenter_pose": lambda d, i="explicit": _gradient_check(
         "indenter pose (initial position)", "state0.collider_position", eps=2e-6, relative=False, device=d,
