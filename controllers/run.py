@@ -19,35 +19,13 @@ refuses before writing anything, so no earlier result is overwritten by mistake.
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from diffsim.core.files import atomic_file, write_json_atomic
 from diffsim.errors import ConfigError, InvalidParameter
 
 __all__ = ["RunDirectory", "atomic_file", "check_counts", "write_json_atomic"]
 
-
-
-@contextmanager
-def atomic_file(path: Path, mode: str = "w", **options):
-    """A file opened beside ``path`` that replaces it only once fully written and synced: a crash
-    mid-write leaves the previous file intact (and no temporary file behind)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **options) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also on KeyboardInterrupt
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_counts(**counts) -> None:
@@ -55,13 +33,6 @@ def check_counts(**counts) -> None:
     for name, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidParameter(name, value, "positive integers")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON through :func:`atomic_file`."""
-    with atomic_file(path) as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
 
 
 class RunDirectory:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from diffsim.core.device import init_warp
-from diffsim.errors import ConfigError, DiffsimError
+from diffsim.errors import ConfigError, DiffsimError, InvalidParameter
 
 #: Exit status of a run whose checks failed, and of a command that could not run at all.
 EXIT_CHECKS_FAILED = 1
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tasks.set_defaults(handler=_run_bench_tasks)
 
     calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
-    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod}")
+    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod,rigid}")
     calibrate_rod = calibrate_targets.add_parser(
         "rod", parents=[device_flag], help="fit a cable's rod parameters to motion-capture recordings")
     calibrate_rod.add_argument("--train", required=True,
@@ -168,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_rod.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
     calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate_rod.set_defaults(handler=_run_calibrate_rod)
+    calibrate_rigid = calibrate_targets.add_parser(
+        "rigid", help="fit a tossed cube's contact (friction, softness, damping) and inertia in MuJoCo to tosses")
+    calibrate_rigid.add_argument("--train", required=True,
+                                 help="train tosses: a .npz (contactnets/cube_tosses.npz format), optionally with a "
+                                      "slice over tosses after '@', e.g. cube_tosses.npz@0::2")
+    calibrate_rigid.add_argument("--eval", required=True, dest="eval_path", help="held-out tosses (same form)")
+    calibrate_rigid.add_argument("--out", required=True, help="output folder")
+    calibrate_rigid.add_argument("--iterations", type=_positive_int, default=25, help="Adam iterations (default: 25)")
+    calibrate_rigid.add_argument("--learning-rate", type=_positive_float, default=0.05,
+                                 help="Adam step on the log-parameters (default: 0.05)")
+    calibrate_rigid.add_argument("--substeps", type=_positive_int, default=10,
+                                 help="MuJoCo steps per recorded frame (default: 10)")
+    calibrate_rigid.add_argument("--initial", action="append", default=[], metavar="NAME=VALUE",
+                                 help="initial value of a fitted parameter (repeatable): friction, time_constant, "
+                                      "damping_ratio, inertia_fraction")
+    calibrate_rigid.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
+    calibrate_rigid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    calibrate_rigid.set_defaults(handler=_run_calibrate_rigid)
 
     optimize = commands.add_parser("optimize", parents=[device_flag, task_flags],
                                    help="open-loop trajectory optimisation of a task (Adam through the simulator)")
@@ -446,6 +464,25 @@ def _run_calibrate_rod(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
+def _run_calibrate_rigid(args: argparse.Namespace, device: str) -> int:
+    from diffsim.calibrate.engine import FitSettings, calibrate
+    from diffsim.calibrate.rigid import CubeFamily, load_tosses
+
+    initial = {}
+    for item in args.initial:
+        name, sep, value = item.partition("=")
+        try:
+            initial[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidParameter("--initial", item, "NAME=NUMBER, e.g. friction=0.3")
+    calibrate(CubeFamily(substeps=args.substeps), load_tosses(args.train), load_tosses(args.eval_path), args.out,
+              settings=FitSettings(iterations=args.iterations, learning_rate=args.learning_rate), initial=initial,
+              resume=not args.restart, progress=not args.no_progress, log=lambda line: print(line, flush=True))
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from diffsim.core.device import resolve_device
 
-        device = resolve_device(args.device)
+        device = resolve_device(getattr(args, "device", None))  # MuJoCo commands take none
         return args.handler(args, device)
     except DiffsimError as exc:
         # One line, whatever the message: scripts grep stderr, people read the first line.

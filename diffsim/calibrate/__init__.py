@@ -1,7 +1,12 @@
-"""Calibration against real measurements: motion-capture recordings of cables, their metrics and baselines.
+"""Calibration against real measurements.
 
-``load_recordings`` reads the DEFORM data set (``.npz``, or its pickles through a restricted unpickler);
-``evaluate`` scores a predicted rollout with the data set's two metrics, ``l1_all`` and ``interior_mean_m``.
+:mod:`diffsim.calibrate.engine` is the family-independent fit (bounded, log-space parameters,
+batched recordings, per-recording clipping, best iterate, resume, params.json / metrics.json);
+:mod:`diffsim.calibrate.rigid` is its rigid family (a tossed cube in MuJoCo, ``diffsim calibrate
+rigid``). Cables still fit through their own gradient-based loop (:mod:`diffsim.calibrate.fit`):
+``load_recordings`` reads the DEFORM data set (``.npz``, or its pickles through a restricted
+unpickler); ``evaluate`` scores a predicted rollout with the data set's two metrics, ``l1_all``
+and ``interior_mean_m``.
 """
 
 from diffsim.calibrate.recordings import (
