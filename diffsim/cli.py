@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tasks.set_defaults(handler=_run_bench_tasks)
 
     calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
-    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod,rigid}")
+    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod,rigid,optics}")
     calibrate_rod = calibrate_targets.add_parser(
         "rod", parents=[device_flag], help="fit a cable's rod parameters to motion-capture recordings")
     calibrate_rod.add_argument("--train", required=True,
@@ -168,24 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_rod.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
     calibrate_rod.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate_rod.set_defaults(handler=_run_calibrate_rod)
-    calibrate_rigid = calibrate_targets.add_parser(
-        "rigid", help="fit a tossed cube's contact (friction, softness, damping) and inertia in MuJoCo to tosses")
-    calibrate_rigid.add_argument("--train", required=True,
-                                 help="train tosses: a .npz (contactnets/cube_tosses.npz format), optionally with a "
-                                      "slice over tosses after '@', e.g. cube_tosses.npz@0::2")
-    calibrate_rigid.add_argument("--eval", required=True, dest="eval_path", help="held-out tosses (same form)")
-    calibrate_rigid.add_argument("--out", required=True, help="output folder")
-    calibrate_rigid.add_argument("--iterations", type=_positive_int, default=25, help="Adam iterations (default: 25)")
-    calibrate_rigid.add_argument("--learning-rate", type=_positive_float, default=0.05,
-                                 help="Adam step on the log-parameters (default: 0.05)")
-    calibrate_rigid.add_argument("--substeps", type=_positive_int, default=10,
-                                 help="MuJoCo steps per recorded frame (default: 10)")
-    calibrate_rigid.add_argument("--initial", action="append", default=[], metavar="NAME=VALUE",
-                                 help="initial value of a fitted parameter (repeatable): friction, time_constant, "
-                                      "damping_ratio, inertia_fraction")
-    calibrate_rigid.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
-    calibrate_rigid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    calibrate_rigid.set_defaults(handler=_run_calibrate_rigid)
+    for target, summary, what, default_iterations in (
+            ("rigid", "fit a tossed cube's contact (friction, softness, damping) and inertia in MuJoCo to tosses",
+             "tosses: a .npz (contactnets/cube_tosses.npz format)", 25),
+            ("optics", "fit a tactile sensor's three-light shading to real images of a pressed ball",
+             "images: a .npz (taxim/gelsight_ball_presses.npz format)", 500)):
+        family = calibrate_targets.add_parser(target, help=summary)
+        family.add_argument("--train", required=True,
+                            help=f"train {what}, optionally with a slice after '@', e.g. FILE.npz@0::2")
+        family.add_argument("--eval", required=True, dest="eval_path", help="held-out recordings (same form)")
+        family.add_argument("--out", required=True, help="output folder")
+        family.add_argument("--iterations", type=_positive_int, default=default_iterations,
+                            help=f"Adam iterations on all parameters (default: {default_iterations})")
+        family.add_argument("--learning-rate", type=_positive_float, default=0.05,
+                            help="Adam step in the fitted coordinates (default: 0.05)")
+        if target == "rigid":
+            family.add_argument("--substeps", type=_positive_int, default=10,
+                                help="MuJoCo steps per recorded frame (default: 10)")
+        family.add_argument("--initial", action="append", default=[], metavar="NAME=VALUE",
+                            help="initial value of a fitted parameter (repeatable; names in params.json)")
+        family.add_argument("--restart", action="store_true", help="ignore a saved fit state in --out")
+        family.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        family.set_defaults(handler=_run_calibrate_family)
 
     optimize = commands.add_parser("optimize", parents=[device_flag, task_flags],
                                    help="open-loop trajectory optimisation of a task (Adam through the simulator)")
@@ -464,10 +468,18 @@ def _run_calibrate_rod(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
-def _run_calibrate_rigid(args: argparse.Namespace, device: str) -> int:
+def _run_calibrate_family(args: argparse.Namespace, device: str) -> int:
     from diffsim.calibrate.engine import FitSettings, calibrate
-    from diffsim.calibrate.rigid import CubeFamily, load_tosses
 
+    if args.target == "rigid":
+        from diffsim.calibrate.rigid import CubeFamily, load_tosses
+
+        family, load = CubeFamily(substeps=args.substeps), load_tosses
+    else:
+        from diffsim.calibrate.optics import OpticsFamily, load_presses
+
+        family, load = OpticsFamily(), load_presses
+    names = [p.name for p in family.parameters]
     initial = {}
     for item in args.initial:
         name, sep, value = item.partition("=")
@@ -475,9 +487,9 @@ def _run_calibrate_rigid(args: argparse.Namespace, device: str) -> int:
             initial[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise InvalidParameter("--initial", item, "NAME=NUMBER, e.g. friction=0.3")
-    calibrate(CubeFamily(substeps=args.substeps), load_tosses(args.train), load_tosses(args.eval_path), args.out,
+        if not sep or name.strip() not in names:
+            raise InvalidParameter("--initial", item, f"NAME=NUMBER with NAME among {', '.join(names)}")
+    calibrate(family, load(args.train), load(args.eval_path), args.out,
               settings=FitSettings(iterations=args.iterations, learning_rate=args.learning_rate), initial=initial,
               resume=not args.restart, progress=not args.no_progress, log=lambda line: print(line, flush=True))
     return 0

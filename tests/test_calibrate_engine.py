@@ -131,3 +131,60 @@ def test_calibrate_refuses_a_state_of_another_family(tmp_path):
     with pytest.raises(ConfigError, match="rod fit"):
         calibrate(CubeFamily(), tosses, tosses, tmp_path, settings=FitSettings(iterations=1), progress=False,
                   log=lambda line: None)
+
+
+def synthetic_presses(values, images=6, seed=0):
+    """Tiny tactile images rendered by the optics model itself on a smooth synthetic background."""
+    from diffsim.calibrate.optics import TactilePresses, render
+
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:40, 0:48]
+    background = np.stack([120 + 30 * np.sin(cols / 15.0), 140 + 20 * np.cos(rows / 11.0),
+                           100 + 0.5 * cols], axis=-1).astype(np.float64)
+    centers = np.stack([rng.uniform(15, 33, images), rng.uniform(13, 27, images)], axis=1)
+    radii = rng.uniform(7.0, 10.0, images)
+    presses = TactilePresses(np.zeros((images, 40, 48, 3)), background, centers, radii, pixel_size=0.25e-3)
+    for k in range(images):
+        presses.images[k] = render(presses, k, values)
+    return presses
+
+
+def test_optics_gradient_matches_finite_differences_and_the_fit_recovers_the_lights():
+    from diffsim.calibrate.optics import OpticsFamily
+
+    family = OpticsFamily()
+    truth = {p.name: p.initial for p in family.parameters}
+    truth.update({"azimuth_0": 0.3, "elevation_0": 0.7, "gain_0_r": 80.0, "gain_0_b": -30.0, "gain_1_g": 120.0,
+                  "elevation_2": 0.4, "gain_2_b": 60.0, "contact_offset_r": 8.0})
+    presses = synthetic_presses(truth)
+    start = {p.name: p.initial for p in family.parameters}
+    losses, grads = family.loss_gradients(start, presses)
+    names = [p.name for p in family.parameters]
+    for name, eps in (("azimuth_0", 1e-5), ("elevation_2", 1e-5), ("gain_1_g", 1e-3), ("contact_offset_r", 1e-3)):
+        up, down = dict(start), dict(start)
+        up[name] += eps
+        down[name] -= eps
+        fd = (family.losses(up, presses) - family.losses(down, presses)) / (2 * eps)
+        np.testing.assert_allclose(grads[:, names.index(name)], fd, rtol=1e-3, atol=1e-6)
+    result = fit(family, presses, settings=FitSettings(iterations=400), progress=False)
+    metrics = family.metrics(result.values, presses)
+    assert metrics["mae_inside_contact"] < 0.05 * family.metrics(start, presses)["mae_inside_contact"]
+    assert result.values["gain_1_g"] == pytest.approx(120.0, rel=0.05)
+
+
+def test_bad_tactile_images_are_refused_naming_the_field(tmp_path):
+    from diffsim.calibrate.optics import load_presses
+
+    presses = synthetic_presses({p.name: p.initial for p in __import__(
+        "diffsim.calibrate.optics", fromlist=["OpticsFamily"]).OpticsFamily.parameters}, images=2)
+    base = {"images": presses.images, "background": presses.background, "touch_center_px": presses.centers,
+            "touch_radius_px": presses.radii}
+    for change, words in (({"images": presses.images / 255.0}, "0-255 scale"),
+                          ({"background": presses.background[:10]}, "field 'background' has shape"),
+                          ({"touch_radius_px": np.array([5.0, np.nan])}, "non-finite"),
+                          ({"touch_center_px": None}, "field 'touch_center_px' is missing")):
+        fields = {**base, **change}
+        np.savez(tmp_path / "bad.npz", **{k: v for k, v in fields.items() if v is not None})
+        with pytest.raises(ConfigError) as error:
+            load_presses(tmp_path / "bad.npz")
+        assert words in str(error.value) and "bad.npz" in str(error.value)

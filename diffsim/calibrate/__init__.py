@@ -2,8 +2,9 @@
 
 :mod:`diffsim.calibrate.engine` is the family-independent fit (bounded, log-space parameters,
 batched recordings, per-recording clipping, best iterate, resume, params.json / metrics.json);
-:mod:`diffsim.calibrate.rigid` is its rigid family (a tossed cube in MuJoCo, ``diffsim calibrate
-rigid``). Cables still fit through their own gradient-based loop (:mod:`diffsim.calibrate.fit`):
+:mod:`diffsim.calibrate.rigid` and :mod:`diffsim.calibrate.optics` are its families (a tossed
+cube in MuJoCo, ``diffsim calibrate rigid``; a tactile sensor's shading, ``diffsim calibrate
+optics``). Cables still fit through their own gradient-based loop (:mod:`diffsim.calibrate.fit`):
 ``load_recordings`` reads the DEFORM data set (``.npz``, or its pickles through a restricted
 unpickler); ``evaluate`` scores a predicted rollout with the data set's two metrics, ``l1_all``
 and ``interior_mean_m``.

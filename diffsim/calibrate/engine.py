@@ -52,21 +52,26 @@ class Parameter:
     unit: str = ""
     log: bool = True
     doc: str = ""
+    #: a linear parameter's typical size: it is fitted in these units, so that one learning rate
+    #: suits parameters in radians and in intensity levels alike
+    scale: float = 1.0
 
     def __post_init__(self):
         if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
             raise InvalidParameter(f"{self.name} bounds", (self.lower, self.upper), "finite, lower < upper")
         if self.log and self.lower <= 0:
             raise InvalidParameter(f"{self.name} lower bound", self.lower, "(0, inf) for a log-fitted parameter")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise InvalidParameter(f"{self.name} scale", self.scale, "(0, inf)")
         if not self.lower <= self.initial <= self.upper:
             raise InvalidParameter(self.name, self.initial, f"[{self.lower:g}, {self.upper:g}] {self.unit}".strip())
 
     def encode(self, value: float) -> float:
         """The fitted coordinate of ``value``."""
-        return math.log(value) if self.log else float(value)
+        return math.log(value) if self.log else float(value) / self.scale
 
     def decode(self, u: float) -> float:
-        return math.exp(u) if self.log else float(u)
+        return math.exp(u) if self.log else float(u) * self.scale
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -94,8 +99,8 @@ class Family:
         raise NotImplementedError
 
     def loss_gradients(self, values: dict[str, float], recordings) -> tuple[np.ndarray, np.ndarray] | None:
-        """(losses, d loss / d fitted coordinate per recording and parameter), or None to have the
-        engine take finite differences."""
+        """(losses, d loss / d parameter value per recording and parameter, in the parameters'
+        order), or None to have the engine take finite differences."""
         return None
 
     def metrics(self, values: dict[str, float], recordings) -> dict:
@@ -151,10 +156,13 @@ def _gradients(family: Family, u: np.ndarray, recordings, step: float,
     """(losses at u, per-recording gradient in the fitted coordinates over the ``active``
     parameters (zero for the others), evaluations used)."""
     parameters = family.parameters
-    exact = family.loss_gradients(_values(parameters, u), recordings)
+    values = _values(parameters, u)
+    exact = family.loss_gradients(values, recordings)
     if exact is not None:
         losses, grads = exact
-        return np.asarray(losses, dtype=np.float64), np.asarray(grads, dtype=np.float64) * active, 1
+        # chain rule to the fitted coordinates: d value / d u is the value (log) or the scale
+        jacobian = np.array([values[p.name] if p.log else p.scale for p in parameters])
+        return np.asarray(losses, dtype=np.float64), np.asarray(grads, dtype=np.float64) * jacobian * active, 1
     centre = np.asarray(family.losses(_values(parameters, u), recordings), dtype=np.float64)
     grads = np.zeros((centre.size, len(parameters)))
     for j, p in enumerate(parameters):
