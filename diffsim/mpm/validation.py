@@ -252,20 +252,9 @@ def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float
     b.add_particles(_quarter_cylinder_lattice(axis, floor, radius, height, spacing), sand, volume=spacing**3)
     model = b.finalize(device)
     solver = MPMSolver(model)
-    dt = 0.9 * solver.max_stable_dt(model)
-    mass = model.particle_mass.numpy().astype(np.float64)
-    chunk = max(1, int(round(0.01 / dt)))
-    state, t, ke, ke_peak = model.state(), 0.0, 0.0, 0.0
-    while True:
-        state = simulate(model, solver, state, chunk, dt)
-        t += chunk * dt
-        v = state.particle_v.numpy().astype(np.float64)
-        ke = 0.5 * float(np.sum(mass * np.sum(v * v, axis=1)))
-        ke_peak = max(ke_peak, ke)
-        if (t >= 0.1 and ke <= 1e-3 * ke_peak) or t >= 1.0:
-            break
+    state, t, ke, ke_peak, max_speed = _settle(model, solver, 0.9 * solver.max_stable_dt(model), at_least=0.1,
+                                               at_most=1.0)
     settled = ke <= 1e-3 * ke_peak
-    max_speed = float(np.sqrt(np.max(np.sum(v * v, axis=1))))
     x = state.particle_x.numpy().astype(np.float64)
     r, h, per_sector = _pile_surface(x, axis, floor, 0.5 * dx)
     angle, used = _flank_angle(r, h)
@@ -278,6 +267,81 @@ def sand_column_collapse(*, device: str | None = None, friction_angle_deg: float
                         "sector_angles_deg": [round(a, 2) for a in sector_angles],
                         "simulated_s": round(t, 3), "settled": settled, "final_kinetic_energy_J": ke,
                         "peak_kinetic_energy_J": ke_peak, "final_max_speed_m_s": max_speed})
+
+
+def _settle(model: MPMModel, solver: MPMSolver, dt: float, *, at_least: float, at_most: float):
+    """Step until the kinetic energy is below 1e-3 of its peak (checked every 10 ms, after
+    ``at_least`` seconds) or ``at_most`` seconds have passed: (state, simulated s, final and peak
+    kinetic energy [J], final largest speed [m/s])."""
+    mass = model.particle_mass.numpy().astype(np.float64)
+    chunk = max(1, int(round(0.01 / dt)))
+    state, t, ke, ke_peak = model.state(), 0.0, 0.0, 0.0
+    while True:
+        state = simulate(model, solver, state, chunk, dt)
+        t += chunk * dt
+        v = state.particle_v.numpy().astype(np.float64)
+        ke = 0.5 * float(np.sum(mass * np.sum(v * v, axis=1)))
+        ke_peak = max(ke_peak, ke)
+        if (t >= at_least and ke <= 1e-3 * ke_peak) or t >= at_most:
+            return state, t, ke, ke_peak, float(np.sqrt(np.max(np.sum(v * v, axis=1))))
+
+
+@timed
+def granular_runout(*, device: str | None = None, friction_angle_deg: float = 30.0, aspect_ratio: float = 2.0,
+                    grid_res: int = 48) -> CheckResult:
+    """A planar column of dry sand (height / length ``aspect_ratio`` = 2) collapses along a rough
+    floor: its normalised runout (L_inf - L0) / L0 must lie in the band that the laboratory scaling
+    laws of quasi-two-dimensional collapses give at a = 2, about 2.4-3.6 (Lube, Huppert, Sparks
+    and Freundt 2005, Phys. Rev. E 72, 041301; Lajeunesse, Monnier and Homsy 2005, Phys. Fluids
+    17, 103302), checked as 3.0 +- 0.6.
+
+    Scene: a column L0 = 35 mm long and 70 mm tall against the domain's slip wall at x (the mirror
+    plane of a column twice as long, released from both sides: a smooth back wall), in a slab
+    four cells thick between the slip wall at y and a frictionless plane (plane strain), on a
+    rough floor: Coulomb friction tan(phi), a bed of the same sand; 4.2 mm cells, 8 particles
+    per cell. The run continues until the kinetic energy is below 1e-3 of its peak (at most
+    1.5 s). L_inf is the far edge of the outermost half-cell bin along x that holds at least 3
+    particles; 175 mm of room, a ratio of 4.0.
+
+    Not met by this solver: at the sand preset's 30 degrees the ratio is 1.92. It moves with the
+    friction angle far more than the experiments do (22 degrees: the flow reaches the domain's
+    end, over 3.9; 25: 3.05; 30: 1.92) and with the floor (30 degrees on a no-slip floor: 1.68;
+    on a floor of friction 0.3: 3.17), measured with this scene.
+    """
+    phi = math.radians(friction_angle_deg)
+    sand = preset("sand").with_(friction_angle=phi)
+    b = MPMBuilder(grid_res=grid_res, domain_size=0.2, boundary=Boundary.SLIP)
+    dx = b.dx
+    wall = BOUNDARY_CELLS * dx
+    floor = (BOUNDARY_CELLS + 1.02) * dx
+    thickness = 4 * dx
+    b.add_collider(collider_plane(position=(0.0, 0.0, floor), friction=math.tan(phi)))
+    b.add_collider(collider_plane(position=(0.0, wall + thickness, 0.0), normal=(0.0, -1.0, 0.0), friction=0.0))
+    length = 0.035
+    height = aspect_ratio * length
+    spacing = 0.5 * dx
+    axes = [wall + (np.arange(int(round(extent / spacing))) + 0.5) * spacing for extent in (length, thickness)]
+    z = floor + (np.arange(int(round(height / spacing))) + 0.5) * spacing
+    X, Y, Z = np.meshgrid(axes[0], axes[1], z, indexing="ij")
+    b.add_particles(np.stack([X.ravel(), Y.ravel(), Z.ravel()], axis=1), sand, volume=spacing**3)
+    model = b.finalize(device)
+    solver = MPMSolver(model)
+    state, t, ke, ke_peak, max_speed = _settle(model, solver, 0.9 * solver.max_stable_dt(model), at_least=0.2,
+                                               at_most=1.5)
+    settled = ke <= 1e-3 * ke_peak
+    x = state.particle_x.numpy().astype(np.float64)
+    bins = np.maximum(np.floor((x[:, 0] - wall) / (0.5 * dx)).astype(np.int64), 0)
+    counts = np.bincount(bins, minlength=1)
+    outermost = int(np.flatnonzero(counts >= 3).max())
+    runout = (outermost + 1) * 0.5 * dx
+    ratio = (runout - length) / length
+    error = abs(ratio - 3.0) if settled else float("inf")
+    free = 0.2 - 2 * wall
+    return CheckResult("granular collapse: runout (L_inf - L0) / L0 at a = 2", ratio, 3.0, error, 0.6,
+                       "absolute", "",
+                       {"particles": model.particle_count, "cell_m": dx, "runout_m": runout,
+                        "deposit_height_m": float(x[:, 2].max() - floor), "room_m": free,
+                        "simulated_s": round(t, 3), "settled": settled, "final_max_speed_m_s": max_speed})
 
 
 @timed
@@ -341,6 +405,7 @@ PHYSICS_CHECKS = {
     "momentum": momentum_conservation,
     "wave_speed": elastic_wave_speed,
     "sand_collapse": sand_column_collapse,
+    "granular_runout": granular_runout,
     "hydrostatic": hydrostatic_pressure,
 }
 
