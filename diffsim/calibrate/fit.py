@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from diffsim.calibrate.cable import CableParameters, cable_scene, measure_marker_gaps, replay_controls
 from diffsim.calibrate.recordings import CableRecordings
+from diffsim.core.files import write_json_atomic
 from diffsim.errors import InvalidParameter
 from diffsim.rod.losses import MarkerLoss
 
@@ -278,10 +279,10 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         vector[0] = min(vector[0], math.log(0.2))
         vector[at["memory"]] = np.clip(vector[at["memory"]], 0.0, 1.0)
         vector[at["profile"]] = np.clip(vector[at["profile"]], -2.0, 2.0)
-        if state_path is not None:
-            Path(state_path).write_text(json.dumps({"vector": vector.tolist(), "adam": adam.state(),
-                                                    "history": history, "best": best,
-                                                    "initial_velocity": options.initial_velocity}))
+        if state_path is not None:  # atomically: a kill mid-write must not lose the fit
+            write_json_atomic(Path(state_path), {"vector": vector.tolist(), "adam": adam.state(),
+                                                 "history": history, "best": best,
+                                                 "initial_velocity": options.initial_velocity})
         bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=substeps)
         bar.update(1)
     bar.close()
