@@ -123,6 +123,9 @@ def test_parameters_validate_their_bounds():
     with pytest.raises(InvalidParameter):
         fit(CubeFamily(), synthetic_tosses(tosses=1, frames=5), settings=FitSettings(iterations=1),
             initial={"stiffness": 1.0}, progress=False)
+    with pytest.raises(InvalidParameter, match=r"friction = -0.3 is invalid; the valid range is \[0.02, 1.5\]"):
+        fit(CubeFamily(), synthetic_tosses(tosses=1, frames=5), settings=FitSettings(iterations=1),
+            initial={"friction": -0.3}, progress=False)
 
 
 def test_calibrate_refuses_a_state_of_another_family(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,41 @@ from tqdm.auto import tqdm
 from diffsim.core.files import write_json_atomic
 from diffsim.errors import ConfigError, InvalidParameter
 
-__all__ = ["Family", "FitResult", "FitSettings", "Parameter", "calibrate", "fit"]
+__all__ = ["Family", "FitResult", "FitSettings", "Parameter", "calibrate", "fit", "open_recordings",
+           "select_recordings"]
+
+
+def open_recordings(spec: str | Path, what: str, fields: Sequence[str], expected: str):
+    """A recording file named as ``FILE.npz`` or ``FILE.npz@SLICE``: (its arrays, the path, the
+    selection text). Refuses a missing or unreadable file, or one without ``fields``, in a
+    sentence naming the file and field and saying what was ``expected``."""
+    path, _, selection = str(spec).partition("@")
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: no such recording file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable .npz of {what} ({error})") from error
+    for key in fields:
+        if key not in data:
+            raise ConfigError(f"{path}: field '{key}' is missing; expected {expected}")
+    return data, path, selection
+
+
+def select_recordings(recordings, spec: str | Path, selection: str, what: str):
+    """``recordings.select`` of the slice ``selection`` (Python's syntax, e.g. ``0::2``; a single
+    index picks one), refusing a malformed or empty selection."""
+    if not selection:
+        return recordings
+    if not re.fullmatch(r"-?\d*(:-?\d*){0,2}", selection):
+        raise ConfigError(f"{spec}: the selection after '@' must be a slice such as 0::2 or 10:50")
+    parts = [int(p) if p else None for p in selection.split(":")]
+    if len(parts) == 1 and parts[0] is None:
+        raise ConfigError(f"{spec}: the selection after '@' is empty; give a slice such as 0::2")
+    picked = recordings.select(slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1))
+    if not len(picked):
+        raise ConfigError(f"{spec}: the selection picks no {what} (the file has {len(recordings)})")
+    return picked
 
 
 @dataclass(frozen=True)
@@ -201,9 +236,13 @@ def fit(family: Family, recordings, *, settings: FitSettings | None = None, stat
     parameters = list(family.parameters)
     names = [p.name for p in parameters]
     start_values = {p.name: p.initial for p in parameters}
+    by_name = {p.name: p for p in parameters}
     for name, value in (initial or {}).items():
         if name not in start_values:
             raise InvalidParameter("initial", name, ", ".join(names))
+        p = by_name[name]
+        if not (math.isfinite(value) and p.lower <= value <= p.upper):
+            raise InvalidParameter(name, value, f"[{p.lower:g}, {p.upper:g}] {p.unit}".strip())
         start_values[name] = float(value)
     u = np.array([p.encode(start_values[p.name]) for p in parameters])
     lower = np.array([p.bounds[0] for p in parameters])

@@ -23,13 +23,12 @@ analytic here (the engine does no finite differences for this family).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffsim.calibrate.engine import Family, Parameter
+from diffsim.calibrate.engine import Family, Parameter, open_recordings, select_recordings
 from diffsim.errors import ConfigError
 
 __all__ = ["OpticsFamily", "TactilePresses", "load_presses"]
@@ -76,18 +75,10 @@ class TactilePresses:
 def load_presses(spec: str | Path) -> TactilePresses:
     """Presses from an ``.npz`` (the format of ``taxim/gelsight_ball_presses.npz``), optionally with
     a selection after ``@`` in Python's slice syntax over images: ``gelsight_ball_presses.npz@0::2``."""
-    text = str(spec)
-    path, _, selection = text.partition("@")
-    if not Path(path).exists():
-        raise ConfigError(f"{path}: no such recording file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: not a readable .npz of tactile images ({error})") from error
-    for key in ("images", "background", "touch_center_px", "touch_radius_px"):
-        if key not in data:
-            raise ConfigError(f"{path}: field '{key}' is missing; expected images (N, H, W, 3), background "
-                              "(H, W, 3) on a 0-255 scale, touch_center_px (N, 2) [px], touch_radius_px (N,) [px]")
+    data, path, selection = open_recordings(
+        spec, "tactile images", ("images", "background", "touch_center_px", "touch_radius_px"),
+        "images (N, H, W, 3), background (H, W, 3) on a 0-255 scale, touch_center_px (N, 2) [px], "
+        "touch_radius_px (N,) [px]")
     images, background = np.asarray(data["images"], dtype=np.float64), np.asarray(data["background"], np.float64)
     centers, radii = np.asarray(data["touch_center_px"], np.float64), np.asarray(data["touch_radius_px"], np.float64)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -107,14 +98,7 @@ def load_presses(spec: str | Path) -> TactilePresses:
         raise ConfigError(f"{path}: field 'touch_radius_px' must be positive pixels")
     presses = TactilePresses(images, background, centers, radii, ids=np.asarray(data["names"]) if "names" in data
                              else np.arange(len(images)), source=path)
-    if selection:
-        if not re.fullmatch(r"-?\d*(:-?\d*){0,2}", selection):
-            raise ConfigError(f"{text}: the selection after '@' must be a slice such as 0::2 or 10:20")
-        parts = [int(p) if p else None for p in selection.split(":")]
-        presses = presses.select(slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1))
-        if not len(presses):
-            raise ConfigError(f"{text}: the selection picks no image (the file has {len(images)})")
-    return presses
+    return select_recordings(presses, spec, selection, "image")
 
 
 def _lights(values: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:

@@ -25,13 +25,12 @@ coefficient act differently with the direction of sliding, and with the data set
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffsim.calibrate.engine import Family, Parameter
+from diffsim.calibrate.engine import Family, Parameter, open_recordings, select_recordings
 from diffsim.errors import ConfigError
 
 __all__ = ["CubeFamily", "CubeTosses", "load_tosses", "simulate_tosses"]
@@ -71,18 +70,10 @@ class CubeTosses:
 def load_tosses(spec: str | Path) -> CubeTosses:
     """Tosses from an ``.npz`` (the format of ``contactnets/cube_tosses.npz``), optionally with a
     selection after ``@`` in Python's slice syntax over tosses: ``cube_tosses.npz@0::2``."""
-    text = str(spec)
-    path, _, selection = text.partition("@")
-    if not Path(path).exists():
-        raise ConfigError(f"{path}: no such recording file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: not a readable .npz of tosses ({error})") from error
-    for key in ("states", "offsets", "dt", "half_width", "mass"):
-        if key not in data:
-            raise ConfigError(f"{path}: field '{key}' is missing; expected states (N, 13) [m, quaternion w x y z, "
-                              "m/s, rad/s in the body frame], offsets (tosses + 1), dt [s], half_width [m], mass [kg]")
+    data, path, selection = open_recordings(
+        spec, "tosses", ("states", "offsets", "dt", "half_width", "mass"),
+        "states (N, 13) [m, quaternion w x y z, m/s, rad/s in the body frame], offsets (tosses + 1), dt [s], "
+        "half_width [m], mass [kg]")
     states, offsets = np.asarray(data["states"], dtype=np.float64), np.asarray(data["offsets"], dtype=np.int64)
     if states.ndim != 2 or states.shape[1] != 13:
         raise ConfigError(f"{path}: field 'states' has shape {states.shape}; expected (frames, 13)")
@@ -108,15 +99,7 @@ def load_tosses(spec: str | Path) -> CubeTosses:
         raise ConfigError(f"{path}: field 'half_width' is {half_width}, over 1 m: expected metres (not mm)")
     ids = np.asarray(data["ids"]) if "ids" in data else np.arange(len(offsets) - 1)
     tosses = CubeTosses(states, offsets, dt, half_width, mass, ids, source=path)
-    if selection:
-        if not re.fullmatch(r"-?\d*(:-?\d*){0,2}", selection):
-            raise ConfigError(f"{text}: the selection after '@' must be a slice such as 0::2 or 10:50")
-        parts = [int(p) if p else None for p in selection.split(":")]
-        index = slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
-        tosses = tosses.select(index)
-        if not len(tosses):
-            raise ConfigError(f"{text}: the selection picks no toss (the file has {len(data['offsets']) - 1})")
-    return tosses
+    return select_recordings(tosses, spec, selection, "toss")
 
 
 def cube_model_xml(tosses: CubeTosses, values: dict[str, float], substeps: int, cone: str = "elliptic") -> str:
