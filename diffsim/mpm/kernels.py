@@ -340,6 +340,44 @@ def grid_update(
 
 
 @wp.kernel
+def collider_wrench(
+    grid_mass: wp.array4d(dtype=float),
+    grid_momentum: wp.array4d(dtype=wp.vec3),
+    grid_force: wp.array4d(dtype=wp.vec3),
+    gravity: wp.array(dtype=wp.vec3),
+    colliders: ColliderSet,
+    contact_distance: float,
+    origin: wp.vec3,
+    dx: float,
+    dt: float,
+    offset: wp.vec3i,
+    wrench: wp.array(dtype=wp.vec3),
+):
+    """Force [N] and torque [N m] about its origin that the material exerts on each (world,
+    collider) slot during the step: ``wrench[2 slot]`` and ``wrench[2 slot + 1]``.
+
+    Replays :func:`grid_update`'s collider sequence: collider ``c`` changes node momentum by
+    m (v_after - v_before), and the collider receives the opposite impulse. Differentiable (a
+    taped two-way coupled step differentiates the wrench; see :mod:`diffsim.coupling.mujoco`).
+    """
+    world, ii, jj, kk = wp.tid()
+    m = grid_mass[world, ii, jj, kk]
+    if m <= 0.0:
+        return
+    v = node_velocity(grid_momentum[world, ii, jj, kk] + dt * grid_force[world, ii, jj, kk], m) + dt * gravity[0]
+    x = origin + wp.vec3(float(ii + offset[0]), float(jj + offset[1]), float(kk + offset[2])) * dx
+    for c in range(wp.static(MAX_COLLIDERS)):
+        if c < colliders.count:
+            slot = collider_slot(colliders, world, c)
+            after = collider_response(v, x, colliders, c, slot, contact_distance)
+            force = (m / dt) * (v - after)
+            if wp.dot(force, force) > 0.0:
+                wp.atomic_add(wrench, 2 * slot, force)
+                wp.atomic_add(wrench, 2 * slot + 1, wp.cross(x - colliders.position[slot], force))
+            v = after
+
+
+@wp.kernel
 def grid_to_particle(
     particle_x: wp.array(dtype=wp.vec3),
     particle_world: wp.array(dtype=int),

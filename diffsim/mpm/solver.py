@@ -137,6 +137,13 @@ class MPMSolver(Solver):
         self._launches = LaunchCache()
         self._views: dict[tuple, wp.array] = {}
         self.grid_force_hooks: list[Callable[[MPMModel, MPMState, GridView, float], None]] = []
+        #: when True, every step writes :attr:`collider_wrench`: per (world, collider) slot ``s``,
+        #: the force [N] (entry ``2 s``) and torque about the collider's origin [N m] (``2 s + 1``,
+        #: world axes) that the material exerted on it, averaged over the step (two-way coupling)
+        self.measure_collider_wrench = False
+        self._wrench_buffer = wp.zeros(2 * model.num_worlds * model.collider_count, dtype=wp.vec3,
+                                       device=model.device)
+        self.collider_wrench = self._wrench_buffer
 
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: MPMModel, *, requires_grad: bool = False) -> MPMState:
@@ -298,6 +305,19 @@ class MPMSolver(Solver):
                 self._colliders.pack(model, state_out, control), model.contact_distance, origin, model.dx, dt, res,
                 int(model.boundary), BOUNDARY_CELLS, offset],
                [scratch.grid_v], device, variant=state_in)
+        if self.measure_collider_wrench and nc:
+            recording = _taping()
+            if recording:  # a taped step's wrench is its own array, so its gradient stays with it
+                self.collider_wrench = wp.zeros(2 * model.num_worlds * nc, dtype=wp.vec3, device=device,
+                                                requires_grad=True)
+            else:
+                self.collider_wrench = self._wrench_buffer
+                self.collider_wrench.zero_()
+            wp.launch(kernels.collider_wrench, dim=(model.num_worlds, *extent),
+                      inputs=[scratch.grid_mass, scratch.grid_momentum, scratch.grid_force, model.gravity,
+                              self._colliders.pack(model, state_out, control), model.contact_distance, origin,
+                              model.dx, dt, offset],
+                      outputs=[self.collider_wrench], device=device, record_tape=recording)
         launch_items(
             kernels.grid_to_particle,
             model.particle_count,

@@ -1,0 +1,635 @@
+"""MuJoCo robots driving the soft solvers: :class:`MujocoRobot` (an MJCF robot whose chosen bodies'
+geoms become colliders), :class:`RobotModel` and :class:`RobotSolver` (a soft solver and the robot
+stepped together under the Model/State/Control protocol).
+
+The robot's joint state lives in the State (``robot_qpos``, ``robot_qvel``, ``robot_act``, and
+``robot_wrench``, what the material pushes on each coupled body with) and its commands in the
+Control (``robot_ctrl``, one entry per MJCF actuator), beside the soft solver's own arrays under
+their usual names; so scenes, rollouts, checkpoints, tasks and world resets handle a robot scene
+like any other, and a robot is actuated by a plain :class:`~diffsim.core.scene.Actuator` on
+``robot_ctrl`` (:func:`robot_actuator`).
+
+One coupled step of ``dt`` (staggered, explicit):
+
+1. MuJoCo advances ``dt`` in ``ceil(dt / timestep)`` equal steps under ``robot_ctrl``, with the
+   wrench the material exerted during the previous step applied to each coupled body as
+   ``xfrc_applied`` (held over the step);
+2. each coupled geom's collider moves from its pose in the soft state to the geom's new pose at a
+   constant linear and angular velocity (so soft and rigid poses never drift apart), the soft solver
+   steps, and measures the force and torque the material exerts on every collider.
+
+Staggering delays the reaction by one soft step (well under a millisecond); it is stable while
+the robot's servos and inertia respond slowly over one step, which holds for position-servoed arms
+and grippers against soft matter.
+
+Gradients: MuJoCo is not on Warp's tape, so a taped step records two custom functions there. One
+maps gradients on the colliders' velocities and poses to the robot's joint positions through
+MuJoCo's geom Jacobians (``mj_jacGeom``), and through MuJoCo's step by its transition Jacobians
+(``mjd_transitionFD``, centred differences) to the previous joint state, to ``robot_ctrl`` and to
+the wrench applied during the step (centred differences of ``mj_step`` in ``xfrc_applied``). The
+other carries gradients on that wrench back to the soft solver's taped wrench measurement, so the
+material's reaction on the robot is differentiated too. Held constant in the backward pass: the
+lever arm from a geom to its body's centre of mass (exact for single-geom bodies). Gradients need
+hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks them against
+central differences of whole two-way rollouts.
+
+MPM material couples both ways (its solver measures collider wrenches); the rod solver takes
+robot colliders one way (``two_way=False``). FEM bodies and tactile sensors are not mounted on
+robots yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import warp as wp
+
+from diffsim.core.protocol import Solver
+from diffsim.core.scene import Actuator, taping
+from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
+from diffsim.geometry import Collider, ShapeType, TriangleMesh
+from diffsim.geometry.motion import rotation_vector
+
+__all__ = ["MujocoRobot", "RobotModel", "RobotSolver", "robot_actuator", "ASSETS"]
+
+#: the MJCF robots shipped with diffsim (``assets/robots``)
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "robots"
+
+_SHAPES = {"box": ShapeType.BOX, "sphere": ShapeType.SPHERE, "capsule": ShapeType.CAPSULE,
+           "cylinder": ShapeType.CYLINDER, "mesh": ShapeType.MESH}
+
+
+def _runtime():
+    from warp._src.context import runtime
+
+    return runtime
+
+
+def _quat_xyzw(xmat: np.ndarray) -> np.ndarray:
+    import mujoco
+
+    q = np.empty(4)
+    mujoco.mju_mat2Quat(q, np.ascontiguousarray(xmat, dtype=np.float64).reshape(9))
+    return np.array([q[1], q[2], q[3], q[0]])
+
+
+def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz])
+
+
+def _rotation_to_quaternion_gradient(q: np.ndarray, g_theta: np.ndarray) -> np.ndarray:
+    """d(loss)/d(q) (4 floats) of a loss whose gradient with respect to a small world-axis rotation
+    of the orientation ``q`` (x, y, z, w) is ``g_theta``: the rotation is 2 vec(dq q*)."""
+    conj = np.array([-q[0], -q[1], -q[2], q[3]])
+    m = np.stack([2.0 * _quat_mul(e, conj)[:3] for e in np.eye(4)], axis=1)  # (3, 4)
+    return m.T @ g_theta
+
+
+class MujocoRobot:
+    """An MJCF robot for the soft solvers: MuJoCo's model, one ``MjData`` per world, and the geoms of
+    ``bodies`` as colliders.
+
+    Args:
+        mjcf: path of an MJCF file (relative names are looked up in :data:`ASSETS` too).
+        bodies: names of the bodies whose geoms (box, sphere, capsule, cylinder, mesh) touch soft matter.
+        num_worlds: worlds (one ``MjData`` each).
+        friction: Coulomb coefficient of those geoms against soft matter (default: each geom's
+            MJCF sliding friction).
+        keyframe: name of the MJCF keyframe that gives the initial joint state (default: the
+            model's reference configuration ``qpos0``, or the keyframe ``"home"`` if there is one).
+
+    Raises:
+        ConfigError: when the file is missing or MuJoCo cannot load it, a body does not exist, or a
+            body has no geom of a supported shape.
+    """
+
+    def __init__(self, mjcf: str | Path, *, bodies: Sequence[str], num_worlds: int = 1,
+                 friction: float | None = None, keyframe: str | None = None):
+        import mujoco
+
+        path = Path(mjcf)
+        if not path.is_file() and (ASSETS / path).is_file():
+            path = ASSETS / path
+        if not path.is_file():
+            raise ConfigError(f"MJCF file {str(mjcf)!r} does not exist (nor in {ASSETS}).")
+        try:
+            self.mj_model = mujoco.MjModel.from_xml_path(str(path))
+        except Exception as exc:  # mujoco raises ValueError with the parser's message
+            raise ConfigError(f"MuJoCo could not load MJCF file {str(path)!r}: {str(exc).strip()}") from exc
+        if not isinstance(num_worlds, int) or num_worlds < 1:
+            raise InvalidParameter("num_worlds", num_worlds, "integers >= 1")
+        m = self.mj_model
+        self.path = path
+        self.num_worlds = num_worlds
+        names = [m.body(i).name for i in range(m.nbody)]
+        if isinstance(bodies, str):
+            bodies = [bodies]
+        if not bodies:
+            raise ConfigError(f"choose at least one body of {path.name} to couple; it has: {names[1:]}.")
+        self.body_ids = []
+        for name in bodies:
+            if name not in names:
+                raise ConfigError(f"MJCF file {path.name} has no body named {name!r}; its bodies are {names[1:]}.")
+            self.body_ids.append(names.index(name))
+        self.body_names = list(bodies)
+        type_names = {int(getattr(mujoco.mjtGeom, f"mjGEOM_{k.upper()}")): k for k in _SHAPES}
+        self.geom_ids, self.geom_body = [], []  # coupled geoms and the index (into body_ids) of each one's body
+        for b, body in enumerate(self.body_ids):
+            geoms = [g for g in range(m.ngeom) if m.geom_bodyid[g] == body and int(m.geom_type[g]) in type_names]
+            if not geoms:
+                raise ConfigError(f"body {names[body]!r} of {path.name} has no box, sphere, capsule, cylinder or "
+                                  "mesh geom to collide with.")
+            self.geom_ids += geoms
+            self.geom_body += [b] * len(geoms)
+        self._type_names = type_names
+        self.friction = friction
+        self.datas = [mujoco.MjData(m) for _ in range(num_worlds)]
+        self.timestep = float(m.opt.timestep)
+        key = keyframe if keyframe is not None else ("home" if mujoco.mj_name2id(
+            m, mujoco.mjtObj.mjOBJ_KEY, "home") >= 0 else None)
+        self.initial_qpos = m.qpos0.copy()
+        self.initial_ctrl = np.zeros(m.nu)
+        if key is not None:
+            k = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_KEY, key)
+            if k < 0:
+                raise ConfigError(f"MJCF file {path.name} has no keyframe named {key!r}.")
+            self.initial_qpos = m.key_qpos[k].copy()
+            self.initial_ctrl = m.key_ctrl[k].copy()
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def nq(self) -> int:
+        return int(self.mj_model.nq)
+
+    @property
+    def nv(self) -> int:
+        return int(self.mj_model.nv)
+
+    @property
+    def na(self) -> int:
+        return int(self.mj_model.na)
+
+    @property
+    def nu(self) -> int:
+        return int(self.mj_model.nu)
+
+    @property
+    def geom_count(self) -> int:
+        return len(self.geom_ids)
+
+    def actuator_names(self) -> list[str]:
+        return [self.mj_model.actuator(i).name or f"actuator{i}" for i in range(self.nu)]
+
+    def ctrl_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bound of each actuator's command (MJCF ``ctrlrange``; +-inf when unlimited)."""
+        m = self.mj_model
+        limited = m.actuator_ctrllimited.astype(bool)
+        low = np.where(limited, m.actuator_ctrlrange[:, 0], -np.inf)
+        high = np.where(limited, m.actuator_ctrlrange[:, 1], np.inf)
+        return low, high
+
+    # -- geometry ----------------------------------------------------------------------------
+    def geom_poses(self, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World positions [m] (G, 3) and orientations (G, 4; x, y, z, w) of the coupled geoms at
+        joint positions ``qpos``."""
+        import mujoco
+
+        d = self.datas[0]
+        d.qpos[:] = qpos
+        mujoco.mj_kinematics(self.mj_model, d)
+        return self._read_poses(d)
+
+    def _read_poses(self, d) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.array([d.geom_xpos[g] for g in self.geom_ids])
+        quat = np.array([_quat_xyzw(d.geom_xmat[g]) for g in self.geom_ids])
+        return pos, quat
+
+    def colliders(self) -> list[Collider]:
+        """One collider per coupled geom, posed as at the initial joint positions."""
+        m = self.mj_model
+        pos, quat = self.geom_poses(self.initial_qpos)
+        out = []
+        for i, g in enumerate(self.geom_ids):
+            kind = self._type_names[int(m.geom_type[g])]
+            size = tuple(float(v) for v in m.geom_size[g])
+            mesh = None
+            if kind == "mesh":
+                k = int(m.geom_dataid[g])
+                start, count = int(m.mesh_vertadr[k]), int(m.mesh_vertnum[k])
+                fstart, fcount = int(m.mesh_faceadr[k]), int(m.mesh_facenum[k])
+                mesh = TriangleMesh(m.mesh_vert[start:start + count], m.mesh_face[fstart:fstart + fcount])
+                size = (1.0, 1.0, 1.0)
+            elif kind == "sphere":
+                size = (size[0], 0.0, 0.0)
+            elif kind in ("capsule", "cylinder"):
+                size = (size[0], size[1], 0.0)
+            friction = float(m.geom_friction[g, 0]) if self.friction is None else float(self.friction)
+            out.append(Collider(_SHAPES[kind], size, friction, mesh, tuple(pos[i]), tuple(quat[i])))
+        return out
+
+    def add_to(self, builder) -> list[int]:
+        """Add :meth:`colliders` to a soft solver's builder (``add_collider``); returns their indices,
+        which :class:`RobotModel` needs."""
+        return [builder.add_collider(c) for c in self.colliders()]
+
+
+def _extend(cls: type, name: str, fields: Sequence[str]) -> type:
+    """A dataclass subclass of ``cls`` with extra ``wp.array`` fields."""
+    return dataclasses.make_dataclass(name, [(f, wp.array) for f in fields], bases=(cls,))
+
+
+_STATE_FIELDS = ("robot_qpos", "robot_qvel", "robot_act", "robot_wrench")
+_CONTROL_FIELDS = ("robot_ctrl",)
+
+
+class RobotModel:
+    """A soft solver's Model with a :class:`MujocoRobot` mounted on it: every attribute of the soft
+    model reads through (``num_worlds``, ``collider_count``, ...), and States and Controls carry the
+    robot's arrays too.
+
+    Args:
+        soft: the soft solver's Model, built with the robot's colliders (:meth:`MujocoRobot.add_to`).
+        robot: the robot; its ``num_worlds`` must equal the soft model's.
+        colliders: the soft-model collider index of each coupled geom (what ``add_to`` returned).
+    """
+
+    def __init__(self, soft, robot: MujocoRobot, colliders: Sequence[int]):
+        if robot.num_worlds != soft.num_worlds:
+            raise ConfigError(f"the robot has {robot.num_worlds} worlds and the soft model {soft.num_worlds}.")
+        if len(colliders) != robot.geom_count:
+            raise ConfigError(f"the robot couples {robot.geom_count} geoms; {len(colliders)} collider indices given.")
+        self.soft = soft
+        self.robot = robot
+        self.robot_colliders = np.asarray(colliders, dtype=np.int64)
+        self._state_type = _extend(type(soft.state()), "Robot" + type(soft.state()).__name__, _STATE_FIELDS)
+        self._control_type = _extend(type(soft.control()), "Robot" + type(soft.control()).__name__, _CONTROL_FIELDS)
+
+    def __getattr__(self, name):
+        if name in ("soft", "robot"):
+            raise AttributeError(name)
+        return getattr(self.soft, name)
+
+    def arrays(self):
+        return self.soft.arrays()
+
+    @property
+    def robot_slots(self) -> np.ndarray:
+        """(num_worlds, geoms) index of each coupled geom's collider in the per-(world, collider) arrays."""
+        nc = self.soft.collider_count
+        return np.arange(self.soft.num_worlds)[:, None] * nc + self.robot_colliders[None, :]
+
+    def _robot_arrays(self, requires_grad: bool) -> dict:
+        r, w = self.robot, self.soft.num_worlds
+        kw = dict(dtype=float, device=self.soft.device, requires_grad=requires_grad)
+        return {"robot_qpos": wp.array(np.tile(r.initial_qpos, w), **kw),
+                "robot_qvel": wp.zeros(w * r.nv, **kw), "robot_act": wp.zeros(w * r.na, **kw),
+                "robot_wrench": wp.zeros(w * len(r.body_ids) * 6, **kw)}
+
+    def state(self, *, requires_grad: bool = False):
+        soft = self.soft.state(requires_grad=requires_grad)
+        return self._state_type(**{f.name: getattr(soft, f.name) for f in dataclasses.fields(soft)},
+                                **self._robot_arrays(requires_grad))
+
+    def wrap_state(self, soft_state, *, requires_grad: bool = False):
+        """``soft_state`` (a soft solver State) with fresh robot arrays at the initial joint state."""
+        return self._state_type(**{f.name: getattr(soft_state, f.name) for f in dataclasses.fields(soft_state)},
+                                **self._robot_arrays(requires_grad))
+
+    def control(self, *, requires_grad: bool = False):
+        soft = self.soft.control(requires_grad=requires_grad)
+        r, w = self.robot, self.soft.num_worlds
+        ctrl = wp.array(np.tile(r.initial_ctrl, w), dtype=float, device=self.soft.device, requires_grad=requires_grad)
+        return self._control_type(**{f.name: getattr(soft, f.name) for f in dataclasses.fields(soft)},
+                                  robot_ctrl=ctrl)
+
+    def world_of(self, name: str) -> np.ndarray:
+        r, w = self.robot, self.soft.num_worlds
+        per_world = {"robot_qpos": r.nq, "robot_qvel": r.nv, "robot_act": r.na,
+                     "robot_wrench": 6 * len(r.body_ids), "robot_ctrl": r.nu}
+        if name in per_world:
+            return np.repeat(np.arange(w), per_world[name])
+        return self.soft.world_of(name)
+
+    def set_joint_positions(self, state, world: int, qpos: Sequence[float]) -> None:
+        """Put world ``world``'s robot at rest at joint positions ``qpos``, its coupled colliders with it."""
+        r = self.robot
+        qpos = np.asarray(qpos, dtype=np.float64).reshape(-1)
+        if qpos.shape != (r.nq,):
+            raise InvalidParameter("qpos", f"{qpos.size} values", f"{r.nq} joint positions of {r.path.name}")
+        for name, values in (("robot_qpos", qpos), ("robot_qvel", np.zeros(r.nv)), ("robot_act", np.zeros(r.na)),
+                             ("robot_wrench", np.zeros(6 * len(r.body_ids)))):
+            arr = state.array(name)
+            host = arr.numpy()
+            n = values.size
+            host[world * n:(world + 1) * n] = values
+            arr.assign(host)
+        pos, quat = r.geom_poses(qpos)
+        slots = self.robot_slots[world]
+        for name, values in (("collider_position", pos), ("collider_rotation", quat)):
+            arr = state.array(name)
+            host = arr.numpy()
+            host[slots] = values
+            arr.assign(host)
+
+
+def robot_actuator(model: RobotModel, name: str = "robot", *, actuators: Sequence[str] | None = None,
+                   unit: str = "MJCF ctrl") -> Actuator:
+    """The robot's commands as a scene :class:`~diffsim.core.scene.Actuator`: one action component per
+    MJCF actuator (all, or those named in ``actuators``), written to ``robot_ctrl`` as is and
+    bounded by its ``ctrlrange`` (position servos: joint targets in rad or m)."""
+    r = model.robot
+    names = r.actuator_names()
+    chosen = list(range(r.nu)) if actuators is None else []
+    for a in actuators or ():
+        if a not in names:
+            raise ConfigError(f"{r.path.name} has no actuator named {a!r}; its actuators are {names}.")
+        chosen.append(names.index(a))
+    low, high = r.ctrl_range()
+    if not np.all(np.isfinite(low[chosen])) or not np.all(np.isfinite(high[chosen])):
+        raise ConfigError(f"actuators of {r.path.name} used as actions need a ctrlrange (ctrllimited).")
+    w = model.soft.num_worlds
+    target = np.arange(w)[:, None] * r.nu + np.asarray(chosen)[None, :]
+    return Actuator(name, "robot_ctrl", target, np.arange(len(chosen)), np.ones(len(chosen)), low[chosen],
+                    high[chosen], unit, tuple(names[i] for i in chosen))
+
+
+@dataclasses.dataclass
+class _StepRecord:
+    """What the adjoint of one taped step needs."""
+
+    dt: float
+    A: np.ndarray  # (W, 2nv+na, 2nv+na) transition Jacobian of the whole step
+    B: np.ndarray  # (W, 2nv+na, nu)
+    C: np.ndarray  # (W, 2nv+na, 6 bodies): d(next state) / d(applied wrench)
+    jac: np.ndarray  # (W, G, 6, nv) geom position / rotation Jacobians at the step's end
+    rotation_in: np.ndarray  # (W, G, 4) collider orientations at the step's start
+
+
+class RobotSolver(Solver):
+    """A soft solver and a MuJoCo robot stepped together (see the module docstring for the split).
+
+    Args:
+        soft: the soft solver (built for ``model.soft``).
+        model: the :class:`RobotModel`.
+        two_way: feed the material's wrench back to the robot (needs a soft solver that measures
+            collider wrenches, like :class:`~diffsim.mpm.MPMSolver`).
+        fd_eps: step of MuJoCo's finite-difference transition Jacobians (taped steps only).
+        wrench_eps: step [N, N m] of the central differences of MuJoCo's step with respect to
+            the applied wrench (taped two-way steps only; the step is linear in it).
+    """
+
+    def __init__(self, soft: Solver, model: RobotModel, *, two_way: bool = True, fd_eps: float = 1e-6,
+                 wrench_eps: float = 1e-2):
+        self.soft = soft
+        self.two_way = bool(two_way)
+        if self.two_way:
+            if not hasattr(soft, "measure_collider_wrench"):
+                raise ConfigError(f"{type(soft).__name__} does not measure collider wrenches; use two_way=False.")
+            soft.measure_collider_wrench = True
+        self.fd_eps = float(fd_eps)
+        self.wrench_eps = float(wrench_eps)
+        self.tape_spans_steps = getattr(soft, "tape_spans_steps", False)
+        self._velocity: tuple | None = None
+
+    # -- protocol, mostly the soft solver's ----------------------------------------------------
+    def new_state(self, model: RobotModel, *, requires_grad: bool = False):
+        return model.wrap_state(self.soft.new_state(model.soft, requires_grad=requires_grad),
+                                requires_grad=requires_grad)
+
+    def max_stable_dt(self, model: RobotModel) -> float:
+        return self.soft.max_stable_dt(model.soft)
+
+    def stability_limit(self, model: RobotModel) -> str:
+        return self.soft.stability_limit(model.soft)
+
+    def validate_dt(self, model: RobotModel, dt: float) -> None:
+        self.soft.validate_dt(model.soft, dt)
+
+    def begin_step_scratch(self):
+        return self.soft.begin_step_scratch()
+
+    def end_step_scratch(self, claim) -> None:
+        self.soft.end_step_scratch(claim)
+
+    def release_step_scratch(self, claim) -> None:
+        self.soft.release_step_scratch(claim)
+
+    def scratch_arrays(self) -> list:
+        return self.soft.scratch_arrays()
+
+    def zero_scratch_grad(self) -> None:
+        self.soft.zero_scratch_grad()
+
+    def check_finite(self, model: RobotModel, state, step: int) -> None:
+        for name in _STATE_FIELDS:
+            values = state.array(name).numpy()
+            if not np.all(np.isfinite(values)):
+                raise SimulationDiverged(f"the robot's {name} turned non-finite by step {step}: MuJoCo diverged "
+                                         "(lower its timestep, or stiffen the soft material's contact less).")
+        self.soft.check_finite(model.soft, state, step)
+
+    def check_finite_adjoint(self, model: RobotModel, state, step: int, **kw) -> None:
+        self.soft.check_finite_adjoint(model.soft, state, step, **kw)
+
+    # -- the coupled step ----------------------------------------------------------------------
+    def _velocity_arrays(self, control, recording: bool):
+        """Collider velocity arrays the soft step reads: new ones under a tape, else reused."""
+        v_in, w_in = control.collider_velocity, control.collider_angular_velocity
+        if recording:
+            return (wp.clone(v_in, requires_grad=True), wp.clone(w_in, requires_grad=True))
+        if self._velocity is None or self._velocity[0].shape != v_in.shape:
+            self._velocity = (wp.empty_like(v_in, requires_grad=False), wp.empty_like(w_in, requires_grad=False))
+        wp.copy(self._velocity[0], v_in)
+        wp.copy(self._velocity[1], w_in)
+        return self._velocity
+
+    def step(self, model: RobotModel, state_in, state_out, control, dt: float) -> None:
+        import mujoco
+
+        robot, m = model.robot, model.robot.mj_model
+        w_count, g_count, nb = robot.num_worlds, robot.geom_count, len(robot.body_ids)
+        recording = taping()
+        if recording and robot.nq != robot.nv:
+            raise ConfigError(f"gradients through {robot.path.name} need hinge and slide joints only "
+                              f"(nq = {robot.nq}, nv = {robot.nv}).")
+        nsub = max(1, math.ceil(dt / robot.timestep * (1 - 1e-9)))
+        m.opt.timestep = dt / nsub
+        qpos = state_in.robot_qpos.numpy().reshape(w_count, robot.nq).astype(np.float64)
+        qvel = state_in.robot_qvel.numpy().reshape(w_count, robot.nv).astype(np.float64)
+        act = state_in.robot_act.numpy().reshape(w_count, robot.na).astype(np.float64)
+        ctrl = control.robot_ctrl.numpy().reshape(w_count, robot.nu).astype(np.float64)
+        wrench = state_in.robot_wrench.numpy().reshape(w_count, nb, 6).astype(np.float64)
+        out_qpos, out_qvel, out_act = np.empty_like(qpos), np.empty_like(qvel), np.empty_like(act)
+        pos_after = np.empty((w_count, g_count, 3))
+        quat_after = np.empty((w_count, g_count, 4))
+        com_after = np.empty((w_count, nb, 3))
+        n_x = 2 * robot.nv + robot.na
+        if recording:
+            A_tot = np.empty((w_count, n_x, n_x))
+            B_tot = np.empty((w_count, n_x, robot.nu))
+            C_tot = np.zeros((w_count, n_x, 6 * nb))
+            jac = np.empty((w_count, g_count, 6, robot.nv))
+            A = np.empty((n_x, n_x))
+            B = np.empty((n_x, robot.nu))
+        for w in range(w_count):
+            d = robot.datas[w]
+            d.qpos[:], d.qvel[:], d.ctrl[:] = qpos[w], qvel[w], ctrl[w]
+            if robot.na:
+                d.act[:] = act[w]
+            d.xfrc_applied[:] = 0.0
+            if self.two_way:
+                d.xfrc_applied[robot.body_ids] = wrench[w]
+            if recording:
+                A_w, B_w, C_w = np.eye(n_x), np.zeros((n_x, robot.nu)), np.zeros((n_x, 6 * nb))
+            for _ in range(nsub):
+                if recording:
+                    mujoco.mjd_transitionFD(m, d, self.fd_eps, True, A, B, None, None)
+                    A_w, B_w = A @ A_w, A @ B_w + B
+                    if self.two_way:
+                        C_w = A @ C_w + self._wrench_jacobian(robot, d)
+                mujoco.mj_step(m, d)
+            mujoco.mj_kinematics(m, d)
+            mujoco.mj_comPos(m, d)
+            out_qpos[w], out_qvel[w] = d.qpos, d.qvel
+            if robot.na:
+                out_act[w] = d.act
+            pos_after[w], quat_after[w] = robot._read_poses(d)
+            com_after[w] = d.xipos[robot.body_ids]
+            if recording:
+                A_tot[w], B_tot[w], C_tot[w] = A_w, B_w, C_w
+                jp, jr = np.empty((3, robot.nv)), np.empty((3, robot.nv))
+                for i, g in enumerate(robot.geom_ids):
+                    mujoco.mj_jacGeom(m, d, jp, jr, g)
+                    jac[w, i, :3], jac[w, i, 3:] = jp, jr
+        if not (np.all(np.isfinite(out_qpos)) and np.all(np.isfinite(out_qvel))):
+            raise SimulationDiverged(f"MuJoCo's step of {robot.path.name} turned non-finite (joint state "
+                                     f"{out_qpos.tolist()}): lower the MJCF timestep ({robot.timestep} s) or the "
+                                     "soft material's stiffness.")
+
+        # the coupled colliders move from their soft-state pose to the geoms' new pose over dt
+        slots = model.robot_slots
+        p_in = state_in.collider_position.numpy()[slots].astype(np.float64)
+        q_in = state_in.collider_rotation.numpy()[slots].astype(np.float64)
+        velocity, angular = self._velocity_arrays(control, recording)
+        v_host, w_host = velocity.numpy(), angular.numpy()
+        v_host[slots] = (pos_after - p_in) / dt
+        w_host[slots] = rotation_vector(q_in, quat_after) / dt
+        velocity.assign(v_host)
+        angular.assign(w_host)
+        soft_control = control.with_arrays({"collider_velocity": velocity, "collider_angular_velocity": angular})
+
+        if recording:
+            record = _StepRecord(dt, A_tot, B_tot, C_tot, jac, q_in)
+            _runtime().tape.record_func(
+                lambda: self._adjoint(model, state_in, state_out, control, velocity, angular, record),
+                [velocity, angular])
+        self.soft.step(model.soft, state_in, state_out, soft_control, dt)
+
+        out_wrench = np.zeros((w_count, nb, 6))
+        if self.two_way:
+            wrench_array = self.soft.collider_wrench
+            measured = wrench_array.numpy().reshape(-1, 2, 3)[slots].astype(np.float64)  # (W, G, 2, 3)
+            # xfrc_applied acts at the body's centre of mass: a geom's torque gains r x F
+            arm = pos_after - com_after[:, robot.geom_body]  # (W, G, 3)
+            for i, b in enumerate(robot.geom_body):
+                force, torque = measured[:, i, 0], measured[:, i, 1]
+                out_wrench[:, b, :3] += force
+                out_wrench[:, b, 3:] += torque + np.cross(arm[:, i], force)
+            if recording:
+                _runtime().tape.record_func(
+                    lambda: self._wrench_adjoint(model, state_out, wrench_array, arm), [wrench_array])
+        state_out.robot_qpos.assign(out_qpos.reshape(-1))
+        state_out.robot_qvel.assign(out_qvel.reshape(-1))
+        state_out.robot_act.assign(out_act.reshape(-1))
+        state_out.robot_wrench.assign(out_wrench.reshape(-1))
+
+    def _wrench_jacobian(self, robot: MujocoRobot, d) -> np.ndarray:
+        """d(state after one MuJoCo step) / d(xfrc_applied of the coupled bodies), (2nv+na, 6 bodies),
+        by central differences (``d`` is left as it was)."""
+        import mujoco
+
+        m = robot.mj_model
+        scratch = getattr(self, "_fd_data", None)
+        if scratch is None or scratch[0] is not m:
+            scratch = self._fd_data = (m, mujoco.MjData(m))
+        work = scratch[1]
+        out = np.empty((2 * robot.nv + robot.na, 6 * len(robot.body_ids)))
+        for b, body in enumerate(robot.body_ids):
+            for k in range(6):
+                sides = []
+                for sign in (1.0, -1.0):
+                    mujoco.mj_copyData(work, m, d)
+                    work.xfrc_applied[body, k] += sign * self.wrench_eps
+                    mujoco.mj_step(m, work)
+                    sides.append(np.concatenate([work.qpos, work.qvel, work.act]))
+                out[:, 6 * b + k] = (sides[0] - sides[1]) / (2 * self.wrench_eps)
+        return out
+
+    @staticmethod
+    def _wrench_adjoint(model: RobotModel, state_out, wrench_array, arm: np.ndarray) -> None:
+        """Gradients on the coupled bodies' wrench (state_out.robot_wrench) back to the collider
+        wrenches the soft solver measured (the lever arms r are held: their change with the pose is
+        not differentiated)."""
+        if state_out.robot_wrench.grad is None:
+            return
+        robot = model.robot
+        g = state_out.robot_wrench.grad.numpy().reshape(robot.num_worlds, len(robot.body_ids), 6).astype(np.float64)
+        host = wrench_array.grad.numpy().reshape(-1, 2, 3)
+        slots = model.robot_slots
+        for i, b in enumerate(robot.geom_body):
+            g_force, g_torque = g[:, b, :3], g[:, b, 3:]
+            host[slots[:, i], 0] += g_force + np.cross(g_torque, arm[:, i])  # d(r x F)/dF^T g = g x r
+            host[slots[:, i], 1] += g_torque
+        wrench_array.grad.assign(host.reshape(-1, 3))
+
+    def _adjoint(self, model: RobotModel, state_in, state_out, control, velocity, angular, record: _StepRecord):
+        robot = model.robot
+        w_count, g_count, nv, na = robot.num_worlds, robot.geom_count, robot.nv, robot.na
+        slots = model.robot_slots
+        dt = record.dt
+        g_v = velocity.grad.numpy().astype(np.float64)
+        g_w = angular.grad.numpy().astype(np.float64)
+        # the uncoupled colliders' velocities came from the caller's control as they were
+        mask = np.ones(len(g_v), bool)
+        mask[slots.reshape(-1)] = False
+        for src, dst in ((g_v, control.collider_velocity), (g_w, control.collider_angular_velocity)):
+            if dst.grad is not None and mask.any():
+                host = dst.grad.numpy()
+                host[mask] += src[mask]
+                dst.grad.assign(host)
+        gv, gw = g_v[slots], g_w[slots]  # (W, G, 3)
+        # v = (p_after - p_in) / dt and w = rotvec(q_in -> q_after) / dt
+        if state_in.collider_position.grad is not None:
+            host = state_in.collider_position.grad.numpy()
+            host[slots] -= gv / dt
+            state_in.collider_position.grad.assign(host)
+        if state_in.collider_rotation.grad is not None:
+            host = state_in.collider_rotation.grad.numpy()
+            for w in range(w_count):
+                for i in range(g_count):
+                    host[slots[w, i]] += _rotation_to_quaternion_gradient(record.rotation_in[w, i], -gw[w, i] / dt)
+            state_in.collider_rotation.grad.assign(host)
+
+        def grad(arr, n):
+            return (np.zeros((w_count, n)) if arr.grad is None
+                    else arr.grad.numpy().reshape(w_count, n).astype(np.float64))
+
+        g_x = np.concatenate([grad(state_out.robot_qpos, robot.nq), grad(state_out.robot_qvel, nv),
+                              grad(state_out.robot_act, na)], axis=1)
+        g_pose = np.concatenate([gv, gw], axis=2) / dt  # (W, G, 6)
+        g_x[:, :nv] += np.einsum("wgkn,wgk->wn", record.jac, g_pose)
+        g_in = np.einsum("wij,wi->wj", record.A, g_x)
+        g_ctrl = np.einsum("wiu,wi->wu", record.B, g_x)
+        g_wrench = np.einsum("wib,wi->wb", record.C, g_x)
+        for arr, values in ((state_in.robot_qpos, g_in[:, :nv]), (state_in.robot_qvel, g_in[:, nv:2 * nv]),
+                            (state_in.robot_act, g_in[:, 2 * nv:]), (control.robot_ctrl, g_ctrl),
+                            (state_in.robot_wrench, g_wrench)):
+            if arr.grad is not None and values.size:
+                arr.grad.assign(arr.grad.numpy() + values.reshape(-1).astype(np.float32))

@@ -1,0 +1,285 @@
+"""MuJoCo robots driving MPM material (diffsim.coupling.mujoco): geoms as colliders that track
+MuJoCo's poses, the material's wrench fed back through xfrc_applied (a held plate's joint torque
+equals the load's weight times its lever arm; a pushing servo lags by force / gain), gradients
+from a loss on the material to the joint commands against central differences, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+
+import mujoco
+import numpy as np
+import pytest
+import warp as wp
+
+from diffsim.core.scene import Scene
+from diffsim.coupling.mujoco import ASSETS, MujocoRobot, RobotModel, RobotSolver, robot_actuator
+from diffsim.errors import ConfigError
+from diffsim.geometry import ShapeType, collider_plane
+from diffsim.materials import preset
+from diffsim.mpm import MPMBuilder, MPMSolver
+
+
+def _mjcf(tmp_path, name: str, body: str, actuators: str = "") -> str:
+    path = tmp_path / f"{name}.xml"
+    path.write_text(f"""<mujoco model="{name}"><compiler angle="radian"/>
+<option timestep="0.001" gravity="0 0 -9.81" integrator="implicitfast"/>
+<default><geom contype="0" conaffinity="0" friction="0.5"/></default>
+<worldbody>{body}</worldbody><actuator>{actuators}</actuator></mujoco>""")
+    return str(path)
+
+
+def _scene(robot: MujocoRobot, add_material, *, two_way=True, substeps=24, frame_dt=1 / 60, **grid):
+    b = MPMBuilder(**grid)
+    add_material(b)
+    colliders = robot.add_to(b)
+    soft = b.finalize("cpu", requires_grad=True)
+    model = RobotModel(soft, robot, colliders)
+    solver = RobotSolver(MPMSolver(soft), model, two_way=two_way)
+    return Scene(model, solver, frame_dt=frame_dt, substeps=substeps, actuators=[robot_actuator(model)])
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+def test_every_geom_shape_becomes_a_collider_that_tracks_mujocos_pose(tmp_path):
+    """Box, sphere, capsule and cylinder geoms of a spinning, sliding body: same shapes and sizes,
+    and after 30 coupled steps the colliders sit where MuJoCo puts the geoms (no drift)."""
+    path = _mjcf(tmp_path, "shapes", """
+<body name="tool" pos="0.5 0.5 0.6" euler="0.3 0.2 0.1">
+  <joint name="spin" type="hinge" axis="0.3 0.4 0.87" damping="1"/>
+  <joint name="slide" type="slide" axis="1 0 0" damping="1"/>
+  <geom type="box" size="0.03 0.02 0.01" pos="0.05 0 0" mass="0.2"/>
+  <geom type="sphere" size="0.02" pos="-0.05 0 0" mass="0.2"/>
+  <geom type="capsule" size="0.01 0.03" pos="0 0.05 0" euler="0.5 0 0" mass="0.2"/>
+  <geom type="cylinder" size="0.015 0.02" pos="0 -0.05 0.02" mass="0.2"/>
+</body>""", '<motor joint="spin" gear="20" ctrlrange="-1 1"/><motor joint="slide" ctrlrange="-1 1"/>')
+    robot = MujocoRobot(path, bodies=["tool"])
+    colliders = robot.colliders()
+    assert [c.shape for c in colliders] == [ShapeType.BOX, ShapeType.SPHERE, ShapeType.CAPSULE, ShapeType.CYLINDER]
+    np.testing.assert_allclose([c.size for c in colliders],
+                               [[0.03, 0.02, 0.01], [0.02, 0, 0], [0.01, 0.03, 0], [0.015, 0.02, 0]], atol=1e-7)
+    scene = _scene(robot, lambda b: b.add_box((0.5, 0.5, 0.3), (0.03, 0.03, 0.03), preset("plasticine")),
+                   substeps=4, grid_res=16)
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    control.robot_ctrl.assign(np.array([0.6, 0.3], np.float32))
+    for _ in range(10):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+    d = robot.datas[0]
+    assert abs(d.qpos[0]) > 0.5  # it really turned (about 30 degrees) and slid
+    pos, quat = robot.geom_poses(d.qpos)
+    np.testing.assert_allclose(state.collider_position.numpy()[:4], pos, atol=2e-5)
+    q = state.collider_rotation.numpy()[:4]
+    np.testing.assert_allclose(np.abs(np.sum(q * quat, axis=1)), 1.0, atol=1e-5)  # same orientation
+
+
+# -- two-way coupling ----------------------------------------------------------------------------
+
+def test_held_plate_joint_torque_is_the_load_weight_times_its_lever_arm(tmp_path):
+    """A gravity-compensated arm holds a plate level with a position servo about a hinge; an
+    elastic block rests on the plate. The servo's torque must equal the block's weight times the
+    horizontal distance from the hinge axis to its centre of mass (mean over the last 20 frames)."""
+    path = _mjcf(tmp_path, "plate_arm", """
+<body name="arm" pos="0.2 0.5 0.3" gravcomp="1">
+  <joint name="hinge" type="hinge" axis="0 1 0" damping="200" armature="0.1"/>
+  <geom name="plate" type="box" size="0.2 0.12 0.02" pos="0.35 0 -0.02" mass="2"/>
+</body>""", '<position name="hold" joint="hinge" kp="20000" ctrlrange="-1 1"/>')
+    robot = MujocoRobot(path, bodies=["arm"])
+    res = 32
+    block = preset("rubber").with_(young_modulus=2e5)
+    scene = _scene(robot, lambda b: b.add_box((0.55, 0.5, 0.3 + 0.04 + 0.3 / res), (0.05, 0.05, 0.04), block),
+                   substeps="auto", frame_dt=1 / 100, grid_res=res)
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    torque = []
+    for _ in range(40):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+        torque.append(robot.datas[0].qfrc_actuator[0])
+    model = scene.model
+    mass = model.particle_mass.numpy()
+    x_com = float(mass @ state.particle_x.numpy()[:, 0] / mass.sum())
+    expected = -mass.sum() * 9.81 * (x_com - 0.2)  # the servo holds the load's moment about +y
+    held = float(np.mean(torque[-20:]))
+    assert abs(held - expected) <= 0.05 * abs(expected), (held, expected)
+    assert abs(robot.datas[0].qpos[0]) < 1e-3  # the plate stayed level
+
+
+def _block_on_floor(material, half=0.03, center=(0.55, 0.5)):
+    def add(b):
+        floor = b.domain_origin[2] + 3 * b.dx + 0.002
+        b.add_collider(collider_plane(position=(0, 0, floor), friction=0.5))
+        b.add_box((*center, floor + half + 0.001), (half, half, half), material)
+    return add
+
+
+def _press(tmp_path, joint: str):
+    if joint == "slide":
+        body = """<body name="press" pos="0.55 0.5 0.3" gravcomp="1">
+  <joint name="q" type="slide" axis="0 0 1" damping="60" armature="0.01"/>
+  <geom type="box" size="0.05 0.05 0.02" mass="1"/></body>"""
+    else:  # a lever about a horizontal hinge 0.25 m away, its pad over the block
+        body = """<body name="press" pos="0.30 0.5 0.3" gravcomp="1">
+  <joint name="q" type="hinge" axis="0 1 0" damping="6" armature="0.01"/>
+  <geom type="box" size="0.05 0.05 0.02" pos="0.25 0 0" mass="1"/></body>"""
+    gain = 3000.0 if joint == "slide" else 3000.0 * 0.25**2
+    return _mjcf(tmp_path, f"press_{joint}", body, f'<position joint="q" kp="{gain}" ctrlrange="-1 1"/>')
+
+
+def _press_start(model) -> float:
+    """Slide joint position that holds the press's pad 5 mm above the block of _block_on_floor."""
+    floor = model.domain_origin[2] + 3 * model.dx + 0.002
+    return floor + 0.062 + 0.02 + 0.005 - 0.3
+
+
+def test_a_pressing_servo_feels_the_block_it_presses(tmp_path):
+    """A position-servoed pad presses an elastic block against the floor, its target 1 cm into
+    it: fed back, the material's force F makes the servo settle short of its target by F / kp (a
+    static balance); one-way the pad reaches its target."""
+    kp = 3000.0
+    final = {}
+    for two_way in (True, False):
+        robot = MujocoRobot(_press(tmp_path, "slide"), bodies=["press"])
+        scene = _scene(robot, _block_on_floor(preset("rubber").with_(young_modulus=5e4)), two_way=two_way,
+                       grid_res=20, domain_size=0.4, domain_origin=(0.35, 0.3, 0.15))
+        model = scene.model
+        state, nxt, control = scene.state(), scene.state(), scene.control()
+        start = _press_start(model)
+        model.set_joint_positions(state, 0, [start])
+        control.robot_ctrl.assign(np.array([start - 0.015], np.float32))
+        for _ in range(40):
+            scene.advance(state, nxt, control)
+            state, nxt = nxt, state
+        final[two_way] = (float(state.robot_qpos.numpy()[0]), float(state.robot_wrench.numpy()[2]),
+                          float(np.abs(state.robot_qvel.numpy()[0])))
+    (z_on, force, speed), (z_off, force_off, _) = final[True], final[False]
+    assert force > 5.0 and force_off == 0.0  # the material pushes the pad up
+    assert speed < 2e-3  # settled: the joint damping takes < 1% of the force
+    assert abs((z_on - z_off) - force / kp) <= 0.05 * force / kp, (z_on - z_off, force / kp)
+
+
+# -- gradients -----------------------------------------------------------------------------------
+
+@wp.kernel
+def _mean_height(x: wp.array(dtype=wp.vec3), m: wp.array(dtype=float), total: float, out: wp.array(dtype=float)):
+    i = wp.tid()
+    wp.atomic_add(out, 0, m[i] * x[i][2] / total)
+
+
+@pytest.mark.parametrize("joint", ["slide", "hinge"])
+def test_gradient_of_a_material_loss_reaches_the_joint_command(tmp_path, joint):
+    """A servoed pad presses plasticine 1 cm deep over 12 frames; d(mean material height) /
+    d(joint command) through the two-way coupled rollout against central differences (2%)."""
+    robot = MujocoRobot(_press(tmp_path, joint), bodies=["press"])
+    scene = _scene(robot, _block_on_floor(preset("plasticine")), grid_res=20, domain_size=0.4,
+                   domain_origin=(0.35, 0.3, 0.15))
+    model = scene.model
+    top_gap = _press_start(model)
+    lever = 0.25
+    start = top_gap if joint == "slide" else -np.arcsin(top_gap / lever)  # hinge: +q turns the pad down
+    depth_to_ctrl = (lambda d: start - 0.005 - d) if joint == "slide" else (
+        lambda d: -np.arcsin((top_gap - 0.005 - d) / lever))
+    total = float(model.particle_mass.numpy().sum())
+
+    def loss(depth: float, grad: bool = False):
+        state = scene.state(requires_grad=True)
+        model.set_joint_positions(state, 0, [start])
+        control = scene.control(requires_grad=True)
+        control.robot_ctrl.assign(np.array([depth_to_ctrl(depth)], np.float32))
+        tape = wp.Tape() if grad else None
+        out = wp.zeros(1, dtype=float, requires_grad=True)
+        with tape if grad else contextlib.nullcontext():
+            for _ in range(12):
+                nxt = scene.solver.new_state(model, requires_grad=True)
+                scene.advance(state, nxt, control)
+                state = nxt
+            wp.launch(_mean_height, model.particle_count, inputs=[state.particle_x, model.particle_mass, total],
+                      outputs=[out])
+        if not grad:
+            return float(out.numpy()[0])
+        tape.backward(out)
+        return float(control.robot_ctrl.grad.numpy()[0])
+
+    d_ctrl = loss(0.01, grad=True)
+    eps = 1e-3
+    dc = depth_to_ctrl(0.01 + eps) - depth_to_ctrl(0.01 - eps)
+    fd = (loss(0.01 + eps) - loss(0.01 - eps)) / dc
+    assert abs(fd) > 0.05  # pressing deeper really lowers the material
+    assert abs(d_ctrl - fd) <= 0.02 * abs(fd), (d_ctrl, fd)
+
+
+# -- assets and bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, bodies, actuators", [
+    ("gripper.xml", ["hand", "left_finger", "right_finger"], ["x", "y", "z", "grip"]),
+    ("arm6.xml", ["hand", "left_finger", "right_finger"],
+     ["base_yaw", "shoulder", "elbow", "wrist_pitch", "wrist_roll", "wrist_yaw", "grip"]),
+])
+def test_shipped_robots_load_and_hold_their_home_pose(name, bodies, actuators):
+    robot = MujocoRobot(name, bodies=bodies)
+    assert robot.actuator_names() == actuators
+    low, high = robot.ctrl_range()
+    assert np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+    m, d = robot.mj_model, robot.datas[0]
+    d.qpos[:], d.ctrl[:] = robot.initial_qpos, robot.initial_ctrl
+    for _ in range(500):
+        mujoco.mj_step(m, d)
+    np.testing.assert_allclose(d.qpos, robot.initial_qpos, atol=2e-3)  # servos and gravcomp hold home
+    hand = d.body("hand").xpos
+    assert np.all((0.0 < hand) & (hand < 1.0))  # inside a 1 m soft-matter domain
+    assert (ASSETS / name).is_file()
+
+
+def test_bad_robot_input_is_refused_with_a_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        MujocoRobot(tmp_path / "nothing.xml", bodies=["hand"])
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<mujoco><worldbody><body name='a'><geom type='box'/></body></worldbody>")
+    with pytest.raises(ConfigError, match="could not load"):
+        MujocoRobot(broken, bodies=["a"])
+    with pytest.raises(ConfigError, match="no body named 'palm'.*'hand'"):
+        MujocoRobot("gripper.xml", bodies=["palm"])
+    path = _mjcf(tmp_path, "ellipsoid", '<body name="egg"><joint type="slide"/><geom type="ellipsoid" '
+                 'size="0.1 0.05 0.05" mass="1"/></body>')
+    with pytest.raises(ConfigError, match="no box, sphere"):
+        MujocoRobot(path, bodies=["egg"])
+    robot = MujocoRobot("gripper.xml", bodies=["right_finger"])
+    b = MPMBuilder(grid_res=16)
+    b.add_box((0.5, 0.5, 0.3), (0.05, 0.05, 0.05), preset("plasticine"))
+    colliders = robot.add_to(b)
+    model = RobotModel(b.finalize("cpu"), robot, colliders)
+    with pytest.raises(ConfigError, match="no actuator named 'wrist'"):
+        robot_actuator(model, actuators=["wrist"])
+
+
+def test_a_robot_pad_sweeps_a_cable_one_way(tmp_path):
+    """The rod solver takes robot colliders one way: a servoed pad sweeps across a cable lying on
+    the ground and carries the cable along ahead of its leading face."""
+    from diffsim.rod import RodBuilder, RodSolver
+
+    path = _mjcf(tmp_path, "sweeper", """
+<body name="pad" pos="0.5 0.40 0.02" gravcomp="1">
+  <joint name="y" type="slide" axis="0 1 0" damping="40"/>
+  <geom type="box" size="0.03 0.01 0.02" mass="1"/></body>""",
+                 '<position name="y" joint="y" kp="2000" ctrlrange="-0.3 0.3"/>')
+    robot = MujocoRobot(path, bodies=["pad"])
+    b = RodBuilder()
+    b.add_ground(friction=0.3)
+    points = np.stack([np.linspace(0.2, 0.8, 31), np.full(31, 0.5), np.full(31, 0.005)], axis=1)
+    b.add_rod(points, mass_per_length=0.05, bend_stiffness=1e-4, twist_stiffness=1e-4, linear_damping=2.0)
+    colliders = robot.add_to(b)
+    soft = b.finalize("cpu")
+    model = RobotModel(soft, robot, colliders)
+    scene = Scene(model, RobotSolver(RodSolver(soft), model, two_way=False), frame_dt=1 / 60, substeps=20,
+                  actuators=[robot_actuator(model)])
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    control.robot_ctrl.assign(np.array([0.2], np.float32))  # sweep 20 cm along +y, through the cable
+    for _ in range(30):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+    x = state.vertex_x.numpy()
+    pad_y = float(robot.geom_poses(robot.datas[0].qpos)[0][0, 1])
+    assert pad_y > 0.55  # the pad crossed the cable's line
+    assert x[15, 1] > pad_y + 0.01 - 1e-3  # the middle rides ahead of the pad's leading face
+    assert np.all(x[:, 1] > 0.55)  # all of it: an inextensible cable on light friction follows
+    np.testing.assert_allclose(state.collider_position.numpy()[colliders[0]], robot.geom_poses(
+        robot.datas[0].qpos)[0][0], atol=1e-5)
