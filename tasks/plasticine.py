@@ -1,5 +1,6 @@
-"""PlasticineLab's family on the MPM solver: Move, Pinch, RollingPin and Writer; and Push, the
-quick-start demo's task.
+"""PlasticineLab's family on the MPM solver: Move, Pinch, RollingPin and Writer; RobotMove and
+RobotPinch, the same with a MuJoCo gripper and arm as the tools; and Push, the quick-start demo's
+task.
 
 A block of plasticine (von Mises, ``preset("plasticine")``) sits on a rough floor in a 1 m domain;
 rigid tools driven by velocity actions reshape it. The loss is the L1 distance between the
@@ -15,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import warp as wp
 
 from diffsim.core.scene import Scene, velocity_actuator
+from diffsim.coupling.mujoco import MujocoRobot, RobotModel, RobotSolver, robot_actuator
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import collider_box, collider_capsule, collider_plane, collider_sphere
 from diffsim.materials import preset
@@ -28,7 +31,7 @@ from diffsim.mpm.losses import CenterOfMassLoss
 from diffsim.mpm.model import BOUNDARY_CELLS
 from diffsim.tasks.common import ShapeTarget, mpm_substeps, particle_observation, place_world
 from diffsim.tasks.env import register_task
-from diffsim.tasks.task import Task, TaskConfig
+from diffsim.tasks.task import Gather, Observation, Task, TaskConfig
 
 
 @dataclass
@@ -94,12 +97,8 @@ class PlasticineTask(Task):
 
     def build_scene(self, num_worlds: int, device) -> Scene:
         c = self.config
-        builder = MPMBuilder(grid_res=c.grid_res, domain_size=1.0, num_worlds=num_worlds)
-        half = 0.5 * c.block_size
-        center = (0.5, 0.5, self.floor_height + half)
-        builder.add_box(center, (half, half, half), preset("plasticine"), jitter=0.1, seed=0)
-        builder.add_collider(collider_plane(position=(0, 0, self.floor_height), friction=c.floor_friction))
-        placed = self.tools(half)
+        builder = self._block_and_floor(num_worlds)
+        placed = self.tools(0.5 * c.block_size)
         self.tool_colliders = []
         for collider, offset in placed:
             position = tuple(float(v) for v in self.block_top + offset)
@@ -110,15 +109,28 @@ class PlasticineTask(Task):
         substeps = mpm_substeps(model, solver, c.frame_dt, c.tool_speed * math.sqrt(3))
         scene = Scene(model, solver, frame_dt=c.frame_dt, substeps=substeps,
                       actuators=self.actuators(model, self.tool_colliders))
+        self._target_and_observation(model)
+        return scene
+
+    def _block_and_floor(self, num_worlds: int) -> MPMBuilder:
+        c = self.config
+        builder = MPMBuilder(grid_res=c.grid_res, domain_size=1.0, num_worlds=num_worlds)
+        half = 0.5 * c.block_size
+        center = (0.5, 0.5, self.floor_height + half)
+        builder.add_box(center, (half, half, half), preset("plasticine"), jitter=0.1, seed=0)
+        builder.add_collider(collider_plane(position=(0, 0, self.floor_height), friction=c.floor_friction))
+        return builder
+
+    def _target_and_observation(self, model) -> None:
+        c = self.config
         lo = np.array([0.2, 0.2, self.floor_height - 0.02])
         self.shape = ShapeTarget(model, lo, 0.6, c.loss_res)
-        self.goal = wp.zeros((num_worlds, 3), dtype=float, device=model.device)
-        self._goal_host = np.zeros((num_worlds, 3), dtype=np.float32)
+        self.goal = wp.zeros((model.num_worlds, 3), dtype=float, device=model.device)
+        self._goal_host = np.zeros((model.num_worlds, 3), dtype=np.float32)
         self.observation = particle_observation(model, tools=self.tool_colliders, goal=self.goal,
                                                 samples=c.observed_particles)
         self._block_points = model.initial_x[model.particle_world.numpy() == 0].astype(np.float64)
         self._block_mass = model.particle_mass.numpy()[model.particle_world.numpy() == 0]
-        return scene
 
     @staticmethod
     def _slots(model, collider: int) -> np.ndarray:
@@ -135,6 +147,10 @@ class PlasticineTask(Task):
         offset = variant["offset"]
         tools = {c: self.block_top + o + offset for c, o in zip(self.tool_colliders, self.tool_offsets, strict=True)}
         place_world(self.scene.model, state, world, offset=offset, tool_positions=tools)
+        self._set_target(world, variant)
+
+    def _set_target(self, world: int, variant: dict) -> None:
+        offset = variant["offset"]
         target = self.target_points(self._block_points + offset, variant)
         # every particle of the block has the same mass: a target particle weighs as much
         self.shape.set_world(world, target, np.full(len(target), self._block_mass[0]))
@@ -254,6 +270,101 @@ class Writer(PlasticineTask):
         across = (points - top) @ normal - variant["shift"]
         groove = (np.abs(across) < 0.01) & (points[:, 2] > top[2] - 0.015)
         return points[~groove]
+
+
+# ------------------------------------------------------------------------------------ robots
+class RobotPlasticineTask(PlasticineTask):
+    """A plasticine task whose tools are the geoms of a MuJoCo robot (:mod:`diffsim.coupling.mujoco`,
+    two-way: the material pushes back on the robot). Actions are the robot's MJCF actuator commands;
+    the observation adds its joint positions; ``tool_speed`` is unused (the actuators bound it)."""
+
+    robot_file: ClassVar[str] = ""  #: MJCF file (in ``assets/robots``)
+    robot_bodies: ClassVar[tuple[str, ...]] = ()  #: bodies whose geoms touch the material
+    #: bound on the speed of any coupled geom's surface under the actuators' limits [m/s] (it sets
+    #: the MPM substeps)
+    robot_speed: ClassVar[float] = 1.0
+
+    def robot_home(self, variant: dict) -> np.ndarray:
+        """Joint positions at an episode's start (default: the MJCF's home)."""
+        return self.robot.initial_qpos
+
+    def build_scene(self, num_worlds: int, device) -> Scene:
+        c = self.config
+        builder = self._block_and_floor(num_worlds)
+        self.robot = MujocoRobot(self.robot_file, bodies=self.robot_bodies, num_worlds=num_worlds)
+        self.tool_colliders = self.robot.add_to(builder)
+        self.tool_offsets = []
+        soft = builder.finalize(device, requires_grad=True)
+        model = RobotModel(soft, self.robot, self.tool_colliders)
+        mpm = MPMSolver(soft)
+        substeps = mpm_substeps(soft, mpm, c.frame_dt, self.robot_speed)
+        scene = Scene(model, RobotSolver(mpm, model), frame_dt=c.frame_dt, substeps=substeps,
+                      actuators=[robot_actuator(model)])
+        self._target_and_observation(soft)
+        joints = np.arange(num_worlds)[:, None] * self.robot.nq + np.arange(self.robot.nq)[None, :]
+        self.observation = Observation(*self.observation.terms, Gather("robot_qpos", joints, 1))
+        return scene
+
+    def set_variant(self, state, world: int, variant: dict) -> None:
+        place_world(self.scene.model.soft, state, world, offset=variant["offset"])
+        self.scene.model.set_joint_positions(state, world, self.robot_home(variant))
+        self._set_target(world, variant)
+
+
+@dataclass
+class RobotMoveConfig(PlasticineConfig):
+    """RobotMove's scene: a 10 cm block (1.5 kg) on a smoother floor, so that jaws of finite force
+    can carry it (Move's 7 kg block on friction 1 needs 72 N to slide, and plasticine yields first)."""
+
+    block_size: float = 0.10
+    floor_friction: float = 0.3
+
+
+@register_task
+class RobotMove(RobotPlasticineTask, Move):
+    """Move with a parallel-jaw gripper on a gantry (``assets/robots/gripper.xml``): grasp the block
+    between the jaws and carry it to the target.
+
+    Actions: the hand's velocity along x, y, z [m/s] and the closing of each jaw [m] (4 floats).
+    Each episode starts with the open jaws straddling the block, 1 cm above the floor. Variant: the
+    block's start (+-3 cm) and the target's displacement along the floor (+-10 cm in x and y). Unlike
+    Move's kinematic tools, the jaws squeeze with at most 24 N, which holds the block against the
+    floor's friction but cannot lift it: no target lies above the floor.
+    """
+
+    id = "diffsim/RobotMove-v0"
+    Config = RobotMoveConfig
+    tiny = {"grid_res": 24, "horizon": 8, "loss_res": 16, "block_size": 0.18}
+    robot_file = "gripper.xml"
+    robot_bodies = ("left_finger", "right_finger")
+    robot_speed = 0.5 * math.sqrt(3) + 0.4  # the hand's speed limit plus a jaw's largest closing speed
+
+    def sample_target(self, rng) -> dict:
+        return {"displacement": np.array([*rng.uniform(-0.1, 0.1, 2), 0.0])}
+
+    def robot_home(self, variant: dict) -> np.ndarray:
+        pad_bottom = self.robot.geom_poses(self.robot.initial_qpos)[0][:, 2].min() - 0.04
+        offset = variant["offset"]
+        return np.array([offset[0], offset[1], self.floor_height + 0.01 - pad_bottom, 0.0, 0.0])
+
+
+@register_task
+class RobotPinch(RobotPlasticineTask, Pinch):
+    """Pinch with a six-joint arm (``assets/robots/arm6.xml``): press the dent into the block with
+    the arm's hand and fingertips.
+
+    Actions: the six joints' velocities [rad/s] and the closing of each jaw [m] (7 floats). Each
+    episode starts at the arm's home, the hand pointing down above the block's centre. Variant: as
+    Pinch's.
+    """
+
+    id = "diffsim/RobotPinch-v0"
+    tiny = {"grid_res": 24, "horizon": 4, "loss_res": 16, "block_size": 0.08}
+    robot_file = "arm6.xml"
+    robot_bodies = ("hand", "left_finger", "right_finger")
+    # a bound over the joints: |w| times the farthest coupled point from each axis (0.75 m from the
+    # base and shoulder axes, 0.45 m from the elbow's, 0.12 m from the wrist's) plus the jaws' 0.05 m/s
+    robot_speed = 0.75 + 0.75 + 0.45 + 2 * (0.12 + 0.06 + 0.06) + 0.05
 
 
 @dataclass

@@ -156,6 +156,8 @@ _DIFF_CASES = {
     "diffsim/GatherSand-v0": ([0.25, 0.0, 0.0, 0.0], 0.003, (0, [])),
     "diffsim/SurfaceFollow-v0": ([0.01, 0.0, -0.01, 0.0, 0.0], 0.003, (10, [0.0, 0.0, -0.05, 0.0, 0.0])),
     "diffsim/SoftWalker-v0": ([0.0] * 8, 3e-4, (0, [])),
+    # the jaws close on the block for four steps, then squeeze it while the hand moves a little
+    "diffsim/RobotMove-v0": ([0.0, 0.0, 0.0, 0.08], 0.003, (4, [0.0, 0.0, 0.0, 0.08])),
 }
 
 

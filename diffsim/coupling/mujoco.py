@@ -151,6 +151,7 @@ class MujocoRobot:
         self._type_names = type_names
         self.friction = friction
         self.datas = [mujoco.MjData(m) for _ in range(num_worlds)]
+        self._kinematics = mujoco.MjData(m)  # for geom_poses, which must not disturb a world's data
         self.timestep = float(m.opt.timestep)
         key = keyframe if keyframe is not None else ("home" if mujoco.mj_name2id(
             m, mujoco.mjtObj.mjOBJ_KEY, "home") >= 0 else None)
@@ -201,7 +202,7 @@ class MujocoRobot:
         joint positions ``qpos``."""
         import mujoco
 
-        d = self.datas[0]
+        d = self._kinematics
         d.qpos[:] = qpos
         mujoco.mj_kinematics(self.mj_model, d)
         return self._read_poses(d)
