@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tasks.set_defaults(handler=_run_bench_tasks)
 
     calibrate = commands.add_parser("calibrate", help="fit physical parameters to real recordings")
-    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod,rigid,optics}")
+    calibrate_targets = calibrate.add_subparsers(dest="target", required=True, metavar="{rod,rigid,optics,mpm,tactile}")
     calibrate_rod = calibrate_targets.add_parser(
         "rod", parents=[device_flag], help="fit a cable's rod parameters to motion-capture recordings")
     calibrate_rod.add_argument("--train", required=True,
@@ -172,16 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
             ("rigid", "fit a tossed cube's contact (friction, softness, damping) and inertia in MuJoCo to tosses",
              "tosses: a .npz (contactnets/cube_tosses.npz format)", 25),
             ("optics", "fit a tactile sensor's three-light shading to real images of a pressed ball",
-             "images: a .npz (taxim/gelsight_ball_presses.npz format)", 500)):
-        family = calibrate_targets.add_parser(target, help=summary)
+             "images: a .npz (taxim/gelsight_ball_presses.npz format)", 500),
+            ("mpm", "fit an MPM material's Young's modulus, yield stress or friction angle to tracked points",
+             "specimens: a .npz (format in diffsim.calibrate.mpm)", 12),
+            ("tactile", "fit a tactile elastomer's Young's modulus, Poisson ratio and friction to presses",
+             "presses: a .npz (format in diffsim.calibrate.tactile)", 15)):
+        simulated = target in ("mpm", "tactile")  # Warp families: a device, and Levenberg-Marquardt by default
+        family = calibrate_targets.add_parser(target, help=summary, parents=[device_flag] if simulated else [])
         family.add_argument("--train", required=True,
                             help=f"train {what}, optionally with a slice after '@', e.g. FILE.npz@0::2")
         family.add_argument("--eval", required=True, dest="eval_path", help="held-out recordings (same form)")
         family.add_argument("--out", required=True, help="output folder")
         family.add_argument("--iterations", type=_positive_int, default=default_iterations,
                             help=f"Adam iterations on all parameters (default: {default_iterations})")
+        family.add_argument("--method", choices=("adam", "lm"), default="lm" if simulated else "adam",
+                            help="Adam on the gradients, or Levenberg-Marquardt on the residuals "
+                                 f"(default: {'lm' if simulated else 'adam'})")
         family.add_argument("--learning-rate", type=_positive_float, default=0.05,
-                            help="Adam step in the fitted coordinates (default: 0.05)")
+                            help="Adam's step in the fitted coordinates (default: 0.05)")
+        family.add_argument("--decay-to", type=_positive_float, default=1.0,
+                            help="Adam's learning rate falls geometrically to this fraction by the last iteration "
+                                 "(default: 1, constant)")
         if target == "rigid":
             family.add_argument("--substeps", type=_positive_int, default=10,
                                 help="MuJoCo steps per recorded frame (default: 10)")
@@ -475,6 +486,16 @@ def _run_calibrate_family(args: argparse.Namespace, device: str) -> int:
         from diffsim.calibrate.rigid import CubeFamily, load_tosses
 
         family, load = CubeFamily(substeps=args.substeps), load_tosses
+    elif args.target == "mpm":
+        from diffsim.calibrate.mpm import MPMFamily, load_material_recordings
+
+        load = load_material_recordings
+        family = MPMFamily.for_recordings(load(args.train), device=device)
+    elif args.target == "tactile":
+        from diffsim.calibrate.tactile import TactileMechanicsFamily, load_tactile_presses
+
+        load = load_tactile_presses
+        family = TactileMechanicsFamily.for_recordings(load(args.train), device=device)
     else:
         from diffsim.calibrate.optics import OpticsFamily, load_presses
 
@@ -490,7 +511,8 @@ def _run_calibrate_family(args: argparse.Namespace, device: str) -> int:
         if not sep or name.strip() not in names:
             raise InvalidParameter("--initial", item, f"NAME=NUMBER with NAME among {', '.join(names)}")
     calibrate(family, load(args.train), load(args.eval_path), args.out,
-              settings=FitSettings(iterations=args.iterations, learning_rate=args.learning_rate), initial=initial,
+              settings=FitSettings(iterations=args.iterations, learning_rate=args.learning_rate,
+                                   decay_to=args.decay_to, method=args.method), initial=initial,
               resume=not args.restart, progress=not args.no_progress, log=lambda line: print(line, flush=True))
     return 0
 

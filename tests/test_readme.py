@@ -61,3 +61,15 @@ def test_readme_environment_example_runs():
     assert namespace["obs"].shape == (4, namespace["envs"].single_observation_space.shape[0])
     grad = namespace["press"].grad.numpy()
     assert np.all(np.isfinite(grad)) and abs(grad).sum() > 0  # the press moves the reward
+
+
+def test_readme_robot_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "MujocoRobot" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 -- our own README
+    assert math.isfinite(namespace["loss"])
+    drag = namespace["drag"]
+    assert drag[0] < -1.0  # the dragged block pushes back on the trailing (left) jaw
+    grad = namespace["controls"][14].robot_ctrl.grad.numpy()
+    assert grad[0] < 0  # dragging faster along +x brings the block nearer its target at x = 0.6
