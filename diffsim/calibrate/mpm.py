@@ -345,10 +345,12 @@ EXPERIMENTS = {
 
 def synthesize(experiment: str, path: str | Path, *, specimens: int = 3, values: dict | None = None,
                noise: float = 5e-4, tracked: int = 40, grid_res: int = 24, frames: int | None = None,
-               seed: int = 0, device=None) -> MaterialRecordings:
+               substep_factor: int = 1, seed: int = 0, device=None) -> MaterialRecordings:
     """Simulate ``specimens`` blocks of :data:`EXPERIMENTS` ``[experiment]`` (sizes and drops varied by
     +-20% per specimen) with the true ``values`` (default: the experiment's), track ``tracked`` of
-    each block's particles, add Gaussian noise of ``noise`` [m] per coordinate, and save them."""
+    each block's particles, add Gaussian noise of ``noise`` [m] per coordinate, and save them.
+    ``substep_factor`` > 1 records with that many times the substeps a fit takes (a finer
+    simulation standing in for the real material, to measure the bias of the fit's time step)."""
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"unknown MPM experiment {experiment!r}; the experiments are {sorted(EXPERIMENTS)}.")
     spec = dict(EXPERIMENTS[experiment])
@@ -373,6 +375,9 @@ def synthesize(experiment: str, path: str | Path, *, specimens: int = 3, values:
     if sim.counts.min() < tracked:
         raise ConfigError(f"a specimen has {sim.counts.min()} particles, fewer than the {tracked} to track.")
     recordings.tracked = np.stack([np.sort(rng.choice(c, size=tracked, replace=False)) for c in sim.counts])
+    if substep_factor != 1:
+        sim._set(truth)
+        sim.fixed_substeps = int(substep_factor) * sim.substeps()
     clean = sim.trajectories(truth)
     recordings.positions = clean + rng.normal(0.0, noise, clean.shape) * (np.arange(n_frames) > 0)[None, :, None, None]
     # the file's values of the fitted parameters are the fit's starting guess, not the truth
