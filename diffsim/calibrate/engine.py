@@ -171,7 +171,7 @@ class FitSettings:
     #: the learning rate falls geometrically over the run, from ``learning_rate`` at the first
     #: iteration to ``decay_to`` times it at the last (1: constant). Adam's steps keep their size
     #: while the gradient's sign holds, so at a constant rate it overshoots a sharp minimum by
-    #: several steps (an elastic block's modulus: 16% past, from 3.3x off).
+    #: several steps (an elastic block's modulus: 24% past, from 3.3x off).
     decay_to: float = 1.0
     #: "adam" (on the families' gradients), or "lm": Levenberg-Marquardt on the residuals
     #: (:meth:`Family.residuals`), their Jacobian by central differences in the fitted coordinates.
