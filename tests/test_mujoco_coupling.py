@@ -283,3 +283,91 @@ def test_a_robot_pad_sweeps_a_cable_one_way(tmp_path):
     assert np.all(x[:, 1] > 0.55)  # all of it: an inextensible cable on light friction follows
     np.testing.assert_allclose(state.collider_position.numpy()[colliders[0]], robot.geom_poses(
         robot.datas[0].qpos)[0][0], atol=1e-5)
+
+
+# -- a tactile sensor mounted on a robot -----------------------------------------------------------
+
+def _mounted_sensor(tmp_path, *, two_way=True):
+    """A gel pad (12 x 12 x 3 mm) on a servoed slide, pressed up into a fixed 4 mm ball."""
+    from diffsim.fem import FEMBuilder, FEMSolver, TactileSensor
+    from diffsim.geometry import collider_sphere
+    from diffsim.geometry.tetmesh import tet_mesh_pad
+
+    path = _mjcf(tmp_path, "sensor_slide", """
+<body name="finger" pos="0 0 0" gravcomp="1">
+  <joint name="z" type="slide" axis="0 0 1" damping="28" armature="0.001"/>
+  <geom type="box" size="0.006 0.006 0.002" pos="0 0 -0.002" mass="0.1"/></body>""",
+                 '<position name="z" joint="z" kp="2000" ctrlrange="-0.01 0.01"/>')
+    robot = MujocoRobot(path, bodies=[])
+    mesh = tet_mesh_pad((12e-3, 12e-3, 3e-3), (6, 6, 2))
+    builder = FEMBuilder(gravity=(0.0, 0.0, 0.0))
+    builder.add_body(mesh, position=(-6e-3, -6e-3, 0.0), young_modulus=2e5, poisson_ratio=0.45, density=1100.0,
+                     contact_stiffness=1e10, fixed_nodes=mesh.vertices[:, 2] < 1e-12)
+    builder.add_collider(collider_sphere(4e-3, position=(0.0, 0.0, 3e-3 + 4e-3 + 0.1e-3), friction=0.5))
+    soft = builder.finalize("cpu", requires_grad=True)
+    model = RobotModel(soft, robot, [], mounts={"finger": 0})
+    solver = RobotSolver(FEMSolver(soft, integrator="quasistatic", contact_smoothing=2e-5, friction_velocity=5e-3,
+                                   newton_tolerance=5e-5), model, two_way=two_way)
+    scene = Scene(model, solver, frame_dt=1e-3, substeps=1, actuators=[robot_actuator(model)])
+    return scene, TactileSensor(soft, 0, marker_grid=(3, 3), image_shape=(2, 2))
+
+
+def test_a_sensor_mounted_on_a_robot_presses_a_ball_and_the_servo_feels_it(tmp_path):
+    """The slide's target is 0.5 mm past first touch: the pad's backing follows the robot body,
+    and fed back, the ball's push (the sensor's force reading) leaves the servo short of its
+    target by force / kp; one-way it reaches it."""
+    kp, final = 2000.0, {}
+    for two_way in (True, False):
+        scene, sensor = _mounted_sensor(tmp_path, two_way=two_way)
+        model = scene.model
+        state, nxt, control = scene.state(), scene.state(), scene.control()
+        control.robot_ctrl.assign(np.array([0.6e-3], np.float32))
+        for _ in range(150):
+            scene.advance(state, nxt, control)
+            state, nxt = nxt, state
+        z = float(state.robot_qpos.numpy()[0])
+        np.testing.assert_allclose(state.body_position.numpy()[0], [-6e-3, -6e-3, z], atol=1e-7)  # carried
+        reading = sensor.read(model.soft, state).numpy()
+        final[two_way] = (z, float(reading["force"][0, 2]), float(state.robot_wrench.numpy()[2]),
+                          float(abs(state.robot_qvel.numpy()[0])))
+    (z_on, sensed, fed_back, speed), (z_off, _, _, _) = final[True], final[False]
+    assert z_off == pytest.approx(0.6e-3, abs=1e-6)
+    assert sensed < -0.05 and speed < 1e-4  # the ball pushes the pad down (-z), and it settled
+    assert fed_back == pytest.approx(sensed, rel=0.02)  # the robot feels what the sensor reads
+    assert abs((z_on - z_off) - fed_back / kp) <= 0.05 * abs(fed_back) / kp, (z_on - z_off, fed_back / kp)
+
+
+@wp.kernel
+def _force_z(force: wp.array(dtype=wp.vec3), out: wp.array(dtype=float)):
+    out[0] = force[0][2]
+
+
+def test_gradient_of_a_mounted_sensor_reading_reaches_the_joint_command(tmp_path):
+    """d(the sensor's normal force after 40 frames) / d(the slide's command), through quasi-static
+    gel frames (implicit differentiation) and the two-way coupled robot, against central
+    differences (2%)."""
+    scene, sensor = _mounted_sensor(tmp_path)
+    model = scene.model
+
+    def loss(command: float, grad: bool = False):
+        state = scene.state(requires_grad=True)
+        control = scene.control(requires_grad=True)
+        control.robot_ctrl.assign(np.array([command], np.float32))
+        out = wp.zeros(1, dtype=float, requires_grad=True)
+        tape = wp.Tape() if grad else None
+        with tape if grad else contextlib.nullcontext():
+            for _ in range(40):
+                nxt = scene.solver.new_state(model, requires_grad=True)
+                scene.advance(state, nxt, control)
+                state = nxt
+            wp.launch(_force_z, 1, inputs=[sensor.read(model.soft, state).force], outputs=[out])
+        if not grad:
+            return float(out.numpy()[0])
+        tape.backward(out)
+        return float(control.robot_ctrl.grad.numpy()[0])
+
+    tape_grad = loss(0.6e-3, grad=True)
+    eps = 2e-5
+    fd = (loss(0.6e-3 + eps) - loss(0.6e-3 - eps)) / (2 * eps)
+    assert fd < -50.0  # pressing further up pushes the ball harder into the pad (-z on the sensor)
+    assert abs(tape_grad - fd) <= 0.02 * abs(fd), (tape_grad, fd)

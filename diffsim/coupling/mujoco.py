@@ -34,8 +34,9 @@ hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks 
 central differences of whole two-way rollouts.
 
 MPM material couples both ways (its solver measures collider wrenches); the rod solver takes
-robot colliders one way (``two_way=False``). FEM bodies and tactile sensors are not mounted on
-robots yet.
+robot colliders one way (``two_way=False``). FEM bodies (a tactile sensor's backing) can be mounted
+on robot bodies (``RobotModel(mounts=...)``): the robot carries them and feels the contact force
+on their nodes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +100,8 @@ class MujocoRobot:
 
     Args:
         mjcf: path of an MJCF file (relative names are looked up in :data:`ASSETS` too).
-        bodies: names of the bodies whose geoms (box, sphere, capsule, cylinder, mesh) touch soft matter.
+        bodies: names of the bodies whose geoms (box, sphere, capsule, cylinder, mesh) touch soft matter
+            (may be empty when the robot only carries FEM bodies, see :class:`RobotModel`).
         num_worlds: worlds (one ``MjData`` each).
         friction: Coulomb coefficient of those geoms against soft matter (default: each geom's
             MJCF sliding friction).
@@ -131,9 +134,7 @@ class MujocoRobot:
         names = [m.body(i).name for i in range(m.nbody)]
         if isinstance(bodies, str):
             bodies = [bodies]
-        if not bodies:
-            raise ConfigError(f"choose at least one body of {path.name} to couple; it has: {names[1:]}.")
-        self.body_ids = []
+        self.body_ids = []  # none: the robot only carries mounted bodies (RobotModel's mounts)
         for name in bodies:
             if name not in names:
                 raise ConfigError(f"MJCF file {path.name} has no body named {name!r}; its bodies are {names[1:]}.")
@@ -248,6 +249,40 @@ def _extend(cls: type, name: str, fields: Sequence[str]) -> type:
 
 _STATE_FIELDS = ("robot_qpos", "robot_qvel", "robot_act", "robot_wrench")
 _CONTROL_FIELDS = ("robot_ctrl",)
+#: the soft arrays a follower of each kind moves: (State position, State rotation, Control
+#: velocity, Control angular velocity)
+_POSE_ARRAYS = {"collider": ("collider_position", "collider_rotation", "collider_velocity",
+                             "collider_angular_velocity"),
+                "fem_body": ("body_position", "body_rotation", "body_velocity", "body_angular_velocity")}
+
+
+@dataclass
+class _Follower:
+    """A soft-solver frame carried rigidly by a robot body: a coupled geom's collider, or a
+    mounted FEM body (a tactile sensor's backing)."""
+
+    kind: str  #: a key of _POSE_ARRAYS
+    body: int  #: MuJoCo body id
+    local_position: np.ndarray  #: (3,) in the body's frame [m]
+    local_rotation: np.ndarray  #: (4,) x, y, z, w, in the body's frame
+    slots: np.ndarray  #: (W,) index of the frame in the soft pose arrays, per world
+    wrench_body: int  #: index of ``body`` in RobotModel.wrench_bodies
+    nodes: list | None = None  #: per world, the FEM body's node slice (mounted bodies)
+
+
+def _compose(body_pos, body_quat, local_pos, local_quat):
+    """World pose of a frame at ``local_*`` in a body posed at ``body_*`` (quaternions x, y, z, w)."""
+    from diffsim.geometry.motion import rotation_matrix
+
+    return body_pos + rotation_matrix(body_quat) @ local_pos, _quat_mul(body_quat, local_quat)
+
+
+def _relative(body_pos, body_quat, pos, quat):
+    """The pose (pos, quat) expressed in the frame of a body posed at ``body_*``."""
+    from diffsim.geometry.motion import rotation_matrix
+
+    conj = np.array([-body_quat[0], -body_quat[1], -body_quat[2], body_quat[3]])
+    return rotation_matrix(body_quat).T @ (np.asarray(pos) - body_pos), _quat_mul(conj, np.asarray(quat))
 
 
 class RobotModel:
@@ -259,9 +294,13 @@ class RobotModel:
         soft: the soft solver's Model, built with the robot's colliders (:meth:`MujocoRobot.add_to`).
         robot: the robot; its ``num_worlds`` must equal the soft model's.
         colliders: the soft-model collider index of each coupled geom (what ``add_to`` returned).
+        mounts: FEM bodies carried by robot bodies, ``{robot body name: FEM body index per world}``
+            (an int for one world): a tactile sensor on a fingertip. Each keeps the pose it was
+            built at relative to its robot body at the initial joint positions; the robot feels the
+            contact force on its nodes.
     """
 
-    def __init__(self, soft, robot: MujocoRobot, colliders: Sequence[int]):
+    def __init__(self, soft, robot: MujocoRobot, colliders: Sequence[int], *, mounts: dict | None = None):
         if robot.num_worlds != soft.num_worlds:
             raise ConfigError(f"the robot has {robot.num_worlds} worlds and the soft model {soft.num_worlds}.")
         if len(colliders) != robot.geom_count:
@@ -271,6 +310,44 @@ class RobotModel:
         self.robot_colliders = np.asarray(colliders, dtype=np.int64)
         self._state_type = _extend(type(soft.state()), "Robot" + type(soft.state()).__name__, _STATE_FIELDS)
         self._control_type = _extend(type(soft.control()), "Robot" + type(soft.control()).__name__, _CONTROL_FIELDS)
+        m, worlds = robot.mj_model, soft.num_worlds
+        names = [m.body(i).name for i in range(m.nbody)]
+        mounts = dict(mounts or {})
+        for name in mounts:
+            if name not in names:
+                raise ConfigError(f"MJCF file {robot.path.name} has no body named {name!r} to mount on; its bodies "
+                                  f"are {names[1:]}.")
+        #: MuJoCo ids of the bodies the material pushes on (their wrench is fed back)
+        self.wrench_bodies = list(dict.fromkeys([*robot.body_ids, *(names.index(n) for n in mounts)]))
+        d = robot._kinematics
+        d.qpos[:] = robot.initial_qpos
+        import mujoco
+
+        mujoco.mj_kinematics(m, d)
+
+        def body_pose(b):
+            return d.xpos[b].copy(), np.array([d.xquat[b][1], d.xquat[b][2], d.xquat[b][3], d.xquat[b][0]])
+
+        self.followers: list[_Follower] = []
+        nc = soft.collider_count
+        for i, g in enumerate(robot.geom_ids):
+            b = int(m.geom_bodyid[g])
+            q = m.geom_quat[g]
+            self.followers.append(_Follower("collider", b, m.geom_pos[g].copy(), np.array([q[1], q[2], q[3], q[0]]),
+                                            np.arange(worlds) * nc + int(colliders[i]), self.wrench_bodies.index(b)))
+        if mounts and not hasattr(soft, "body_node_start"):
+            raise ConfigError(f"{type(soft).__name__} has no bodies to mount on robot bodies (an FEM model has).")
+        for name, bodies in mounts.items():
+            bodies = np.atleast_1d(np.asarray(bodies, dtype=np.int64))
+            if bodies.shape != (worlds,):
+                raise ConfigError(f"mount {name!r} needs one FEM body per world ({worlds}); got {bodies.tolist()}.")
+            b = names.index(name)
+            state = soft.state()
+            pos, quat = state.body_position.numpy()[bodies[0]], state.body_rotation.numpy()[bodies[0]]
+            local_pos, local_quat = _relative(*body_pose(b), pos.astype(np.float64), quat.astype(np.float64))
+            nodes = [soft.body_nodes(int(k)) for k in bodies]
+            self.followers.append(_Follower("fem_body", b, local_pos, local_quat, bodies, self.wrench_bodies.index(b),
+                                            nodes))
 
     def __getattr__(self, name):
         if name in ("soft", "robot"):
@@ -291,7 +368,7 @@ class RobotModel:
         kw = dict(dtype=float, device=self.soft.device, requires_grad=requires_grad)
         return {"robot_qpos": wp.array(np.tile(r.initial_qpos, w), **kw),
                 "robot_qvel": wp.zeros(w * r.nv, **kw), "robot_act": wp.zeros(w * r.na, **kw),
-                "robot_wrench": wp.zeros(w * len(r.body_ids) * 6, **kw)}
+                "robot_wrench": wp.zeros(w * len(self.wrench_bodies) * 6, **kw)}
 
     def state(self, *, requires_grad: bool = False):
         soft = self.soft.state(requires_grad=requires_grad)
@@ -313,31 +390,59 @@ class RobotModel:
     def world_of(self, name: str) -> np.ndarray:
         r, w = self.robot, self.soft.num_worlds
         per_world = {"robot_qpos": r.nq, "robot_qvel": r.nv, "robot_act": r.na,
-                     "robot_wrench": 6 * len(r.body_ids), "robot_ctrl": r.nu}
+                     "robot_wrench": 6 * len(self.wrench_bodies), "robot_ctrl": r.nu}
         if name in per_world:
             return np.repeat(np.arange(w), per_world[name])
         return self.soft.world_of(name)
 
+    def follower_poses(self, world_data) -> tuple[np.ndarray, np.ndarray]:
+        """World positions (n, 3) and orientations (n, 4) of every follower, for an ``MjData`` whose
+        kinematics are current."""
+        d = world_data
+        out = [_compose(d.xpos[f.body], np.array([d.xquat[f.body][1], d.xquat[f.body][2], d.xquat[f.body][3],
+                                                 d.xquat[f.body][0]]), f.local_position, f.local_rotation)
+               for f in self.followers]
+        return np.array([p for p, _ in out]), np.array([q for _, q in out])
+
     def set_joint_positions(self, state, world: int, qpos: Sequence[float]) -> None:
-        """Put world ``world``'s robot at rest at joint positions ``qpos``, its coupled colliders with it."""
+        """Put world ``world``'s robot at rest at joint positions ``qpos``, its colliders and mounted
+        bodies (their nodes moved rigidly, at rest) with it."""
+        import mujoco
+
+        from diffsim.geometry.motion import rotation_matrix
+
         r = self.robot
         qpos = np.asarray(qpos, dtype=np.float64).reshape(-1)
         if qpos.shape != (r.nq,):
             raise InvalidParameter("qpos", f"{qpos.size} values", f"{r.nq} joint positions of {r.path.name}")
         for name, values in (("robot_qpos", qpos), ("robot_qvel", np.zeros(r.nv)), ("robot_act", np.zeros(r.na)),
-                             ("robot_wrench", np.zeros(6 * len(r.body_ids)))):
+                             ("robot_wrench", np.zeros(6 * len(self.wrench_bodies)))):
             arr = state.array(name)
             host = arr.numpy()
             n = values.size
             host[world * n:(world + 1) * n] = values
             arr.assign(host)
-        pos, quat = r.geom_poses(qpos)
-        slots = self.robot_slots[world]
-        for name, values in (("collider_position", pos), ("collider_rotation", quat)):
-            arr = state.array(name)
-            host = arr.numpy()
-            host[slots] = values
-            arr.assign(host)
+        d = r._kinematics
+        d.qpos[:] = qpos
+        mujoco.mj_kinematics(r.mj_model, d)
+        positions, rotations = self.follower_poses(d)
+        hosts = {}
+        for f, pos, quat in zip(self.followers, positions, rotations, strict=True):
+            p_name, q_name, _, _ = _POSE_ARRAYS[f.kind]
+            for name in (p_name, q_name):
+                hosts.setdefault(name, state.array(name).numpy())
+            slot = f.slots[world]
+            if f.kind == "fem_body":  # carry the body's nodes rigidly from its old pose to the new one
+                old_p, old_q = hosts[p_name][slot].astype(np.float64), hosts[q_name][slot].astype(np.float64)
+                turn = rotation_matrix(quat) @ rotation_matrix(old_q).T
+                for name in ("node_x", "node_v"):
+                    hosts.setdefault(name, state.array(name).numpy())
+                nodes = f.nodes[world]
+                hosts["node_x"][nodes] = (hosts["node_x"][nodes] - old_p) @ turn.T + pos
+                hosts["node_v"][nodes] = 0.0
+            hosts[p_name][slot], hosts[q_name][slot] = pos, quat
+        for name, host in hosts.items():
+            state.array(name).assign(host)
 
 
 def robot_actuator(model: RobotModel, name: str = "robot", *, actuators: Sequence[str] | None = None,
@@ -369,8 +474,9 @@ class _StepRecord:
     A: np.ndarray  # (W, 2nv+na, 2nv+na) transition Jacobian of the whole step
     B: np.ndarray  # (W, 2nv+na, nu)
     C: np.ndarray  # (W, 2nv+na, 6 bodies): d(next state) / d(applied wrench)
-    jac: np.ndarray  # (W, G, 6, nv) geom position / rotation Jacobians at the step's end
-    rotation_in: np.ndarray  # (W, G, 4) collider orientations at the step's start
+    jac: np.ndarray  # (W, followers, 6, nv) follower position / rotation Jacobians at the step's end
+    rotation_in: np.ndarray  # (W, followers, 4) follower orientations at the step's start
+    velocities: dict  # kind -> (velocity array, angular velocity array) the soft step read
 
 
 class RobotSolver(Solver):
@@ -379,8 +485,9 @@ class RobotSolver(Solver):
     Args:
         soft: the soft solver (built for ``model.soft``).
         model: the :class:`RobotModel`.
-        two_way: feed the material's wrench back to the robot (needs a soft solver that measures
-            collider wrenches, like :class:`~diffsim.mpm.MPMSolver`).
+        two_way: feed the material's wrench back to the robot (colliders need a soft solver that
+            measures collider wrenches, like :class:`~diffsim.mpm.MPMSolver`; mounted FEM bodies
+            report their nodes' contact forces).
         fd_eps: step of MuJoCo's finite-difference transition Jacobians (taped steps only).
         wrench_eps: step [N, N m] of the central differences of MuJoCo's step with respect to
             the applied wrench (taped two-way steps only; the step is linear in it).
@@ -390,14 +497,15 @@ class RobotSolver(Solver):
                  wrench_eps: float = 1e-2):
         self.soft = soft
         self.two_way = bool(two_way)
-        if self.two_way:
+        self._collider_wrench = self.two_way and any(f.kind == "collider" for f in model.followers)
+        if self._collider_wrench:
             if not hasattr(soft, "measure_collider_wrench"):
                 raise ConfigError(f"{type(soft).__name__} does not measure collider wrenches; use two_way=False.")
             soft.measure_collider_wrench = True
         self.fd_eps = float(fd_eps)
         self.wrench_eps = float(wrench_eps)
         self.tape_spans_steps = getattr(soft, "tape_spans_steps", False)
-        self._velocity: tuple | None = None
+        self._velocity: dict = {}
 
     # -- protocol, mostly the soft solver's ----------------------------------------------------
     def new_state(self, model: RobotModel, *, requires_grad: bool = False):
@@ -440,22 +548,26 @@ class RobotSolver(Solver):
         self.soft.check_finite_adjoint(model.soft, state, step, **kw)
 
     # -- the coupled step ----------------------------------------------------------------------
-    def _velocity_arrays(self, control, recording: bool):
-        """Collider velocity arrays the soft step reads: new ones under a tape, else reused."""
-        v_in, w_in = control.collider_velocity, control.collider_angular_velocity
+    def _velocity_arrays(self, control, kind: str, recording: bool):
+        """The velocity arrays of one follower kind the soft step reads: new ones under a tape, else reused."""
+        _, _, v_name, w_name = _POSE_ARRAYS[kind]
+        v_in, w_in = control.array(v_name), control.array(w_name)
         if recording:
-            return (wp.clone(v_in, requires_grad=True), wp.clone(w_in, requires_grad=True))
-        if self._velocity is None or self._velocity[0].shape != v_in.shape:
-            self._velocity = (wp.empty_like(v_in, requires_grad=False), wp.empty_like(w_in, requires_grad=False))
-        wp.copy(self._velocity[0], v_in)
-        wp.copy(self._velocity[1], w_in)
-        return self._velocity
+            return wp.clone(v_in, requires_grad=True), wp.clone(w_in, requires_grad=True)
+        cached = self._velocity.get(kind)
+        if cached is None or cached[0].shape != v_in.shape:
+            cached = self._velocity[kind] = (wp.empty_like(v_in, requires_grad=False),
+                                             wp.empty_like(w_in, requires_grad=False))
+        wp.copy(cached[0], v_in)
+        wp.copy(cached[1], w_in)
+        return cached
 
     def step(self, model: RobotModel, state_in, state_out, control, dt: float) -> None:
         import mujoco
 
         robot, m = model.robot, model.robot.mj_model
-        w_count, g_count, nb = robot.num_worlds, robot.geom_count, len(robot.body_ids)
+        followers = model.followers
+        w_count, n_f, nb = robot.num_worlds, len(followers), len(model.wrench_bodies)
         recording = taping()
         if recording and robot.nq != robot.nv:
             raise ConfigError(f"gradients through {robot.path.name} need hinge and slide joints only "
@@ -468,15 +580,15 @@ class RobotSolver(Solver):
         ctrl = control.robot_ctrl.numpy().reshape(w_count, robot.nu).astype(np.float64)
         wrench = state_in.robot_wrench.numpy().reshape(w_count, nb, 6).astype(np.float64)
         out_qpos, out_qvel, out_act = np.empty_like(qpos), np.empty_like(qvel), np.empty_like(act)
-        pos_after = np.empty((w_count, g_count, 3))
-        quat_after = np.empty((w_count, g_count, 4))
+        pos_after = np.empty((w_count, n_f, 3))
+        quat_after = np.empty((w_count, n_f, 4))
         com_after = np.empty((w_count, nb, 3))
         n_x = 2 * robot.nv + robot.na
         if recording:
             A_tot = np.empty((w_count, n_x, n_x))
             B_tot = np.empty((w_count, n_x, robot.nu))
             C_tot = np.zeros((w_count, n_x, 6 * nb))
-            jac = np.empty((w_count, g_count, 6, robot.nv))
+            jac = np.empty((w_count, n_f, 6, robot.nv))
             A = np.empty((n_x, n_x))
             B = np.empty((n_x, robot.nu))
         for w in range(w_count):
@@ -486,7 +598,7 @@ class RobotSolver(Solver):
                 d.act[:] = act[w]
             d.xfrc_applied[:] = 0.0
             if self.two_way:
-                d.xfrc_applied[robot.body_ids] = wrench[w]
+                d.xfrc_applied[model.wrench_bodies] = wrench[w]
             if recording:
                 A_w, B_w, C_w = np.eye(n_x), np.zeros((n_x, robot.nu)), np.zeros((n_x, 6 * nb))
             for _ in range(nsub):
@@ -494,75 +606,101 @@ class RobotSolver(Solver):
                     mujoco.mjd_transitionFD(m, d, self.fd_eps, True, A, B, None, None)
                     A_w, B_w = A @ A_w, A @ B_w + B
                     if self.two_way:
-                        C_w = A @ C_w + self._wrench_jacobian(robot, d)
+                        C_w = A @ C_w + self._wrench_jacobian(model, d)
                 mujoco.mj_step(m, d)
             mujoco.mj_kinematics(m, d)
             mujoco.mj_comPos(m, d)
             out_qpos[w], out_qvel[w] = d.qpos, d.qvel
             if robot.na:
                 out_act[w] = d.act
-            pos_after[w], quat_after[w] = robot._read_poses(d)
-            com_after[w] = d.xipos[robot.body_ids]
+            pos_after[w], quat_after[w] = model.follower_poses(d)
+            com_after[w] = d.xipos[model.wrench_bodies]
             if recording:
                 A_tot[w], B_tot[w], C_tot[w] = A_w, B_w, C_w
                 jp, jr = np.empty((3, robot.nv)), np.empty((3, robot.nv))
-                for i, g in enumerate(robot.geom_ids):
-                    mujoco.mj_jacGeom(m, d, jp, jr, g)
+                for i, f in enumerate(followers):
+                    mujoco.mj_jac(m, d, jp, jr, pos_after[w, i], f.body)
                     jac[w, i, :3], jac[w, i, 3:] = jp, jr
         if not (np.all(np.isfinite(out_qpos)) and np.all(np.isfinite(out_qvel))):
             raise SimulationDiverged(f"MuJoCo's step of {robot.path.name} turned non-finite (joint state "
                                      f"{out_qpos.tolist()}): lower the MJCF timestep ({robot.timestep} s) or the "
                                      "soft material's stiffness.")
 
-        # the coupled colliders move from their soft-state pose to the geoms' new pose over dt
-        slots = model.robot_slots
-        p_in = state_in.collider_position.numpy()[slots].astype(np.float64)
-        q_in = state_in.collider_rotation.numpy()[slots].astype(np.float64)
-        velocity, angular = self._velocity_arrays(control, recording)
-        v_host, w_host = velocity.numpy(), angular.numpy()
-        v_host[slots] = (pos_after - p_in) / dt
-        w_host[slots] = rotation_vector(q_in, quat_after) / dt
-        velocity.assign(v_host)
-        angular.assign(w_host)
-        soft_control = control.with_arrays({"collider_velocity": velocity, "collider_angular_velocity": angular})
+        # every follower moves from its soft-state pose to the robot's new pose over dt
+        q_in = np.empty((w_count, n_f, 4))
+        arrays, hosts = {}, {}
+        for kind in dict.fromkeys(f.kind for f in followers):
+            arrays[kind] = self._velocity_arrays(control, kind, recording)
+            hosts[kind] = (arrays[kind][0].numpy(), arrays[kind][1].numpy())
+        for i, f in enumerate(followers):
+            p_name, q_name, _, _ = _POSE_ARRAYS[f.kind]
+            p_in = state_in.array(p_name).numpy()[f.slots].astype(np.float64)
+            q_in[:, i] = state_in.array(q_name).numpy()[f.slots].astype(np.float64)
+            v_host, w_host = hosts[f.kind]
+            v_host[f.slots] = (pos_after[:, i] - p_in) / dt
+            w_host[f.slots] = rotation_vector(q_in[:, i], quat_after[:, i]) / dt
+        changes = {}
+        for kind, (velocity, angular) in arrays.items():
+            velocity.assign(hosts[kind][0])
+            angular.assign(hosts[kind][1])
+            _, _, v_name, w_name = _POSE_ARRAYS[kind]
+            changes[v_name], changes[w_name] = velocity, angular
+        soft_control = control.with_arrays(changes)
 
         if recording:
-            record = _StepRecord(dt, A_tot, B_tot, C_tot, jac, q_in)
-            _runtime().tape.record_func(
-                lambda: self._adjoint(model, state_in, state_out, control, velocity, angular, record),
-                [velocity, angular])
+            record = _StepRecord(dt, A_tot, B_tot, C_tot, jac, q_in, arrays)
+            _runtime().tape.record_func(lambda: self._adjoint(model, state_in, state_out, control, record),
+                                        [a for pair in arrays.values() for a in pair])
         self.soft.step(model.soft, state_in, state_out, soft_control, dt)
 
         out_wrench = np.zeros((w_count, nb, 6))
         if self.two_way:
-            wrench_array = self.soft.collider_wrench
-            measured = wrench_array.numpy().reshape(-1, 2, 3)[slots].astype(np.float64)  # (W, G, 2, 3)
-            # xfrc_applied acts at the body's centre of mass: a geom's torque gains r x F
-            arm = pos_after - com_after[:, robot.geom_body]  # (W, G, 3)
-            for i, b in enumerate(robot.geom_body):
-                force, torque = measured[:, i, 0], measured[:, i, 1]
-                out_wrench[:, b, :3] += force
-                out_wrench[:, b, 3:] += torque + np.cross(arm[:, i], force)
+            measured = self.soft.collider_wrench.numpy().reshape(-1, 2, 3) if self._collider_wrench else None
+            node_x = node_f = None
+            arms = {}
+            for i, f in enumerate(followers):
+                b = f.wrench_body
+                if f.kind == "collider":
+                    force, torque = measured[f.slots, 0].astype(np.float64), measured[f.slots, 1].astype(np.float64)
+                    # xfrc_applied acts at the body's centre of mass: the geom's torque gains r x F
+                    arm = pos_after[:, i] - com_after[:, b]
+                    out_wrench[:, b, :3] += force
+                    out_wrench[:, b, 3:] += torque + np.cross(arm, force)
+                    arms[i] = arm
+                else:  # the contact force on a mounted body's nodes reaches the robot through its backing
+                    if node_x is None:
+                        node_x = state_out.node_x.numpy().astype(np.float64)
+                        node_f = state_out.node_contact_force.numpy().astype(np.float64)
+                    arms[i] = []
+                    for w in range(w_count):
+                        nodes = f.nodes[w]
+                        arm = node_x[nodes] - com_after[w, b]
+                        out_wrench[w, b, :3] += node_f[nodes].sum(axis=0)
+                        out_wrench[w, b, 3:] += np.cross(arm, node_f[nodes]).sum(axis=0)
+                        arms[i].append(arm)
             if recording:
+                wrench_array = self.soft.collider_wrench if self._collider_wrench else None
                 _runtime().tape.record_func(
-                    lambda: self._wrench_adjoint(model, state_out, wrench_array, arm), [wrench_array])
+                    lambda: self._wrench_adjoint(model, state_out, wrench_array, arms),
+                    [wrench_array] if wrench_array is not None else [])
         state_out.robot_qpos.assign(out_qpos.reshape(-1))
         state_out.robot_qvel.assign(out_qvel.reshape(-1))
         state_out.robot_act.assign(out_act.reshape(-1))
         state_out.robot_wrench.assign(out_wrench.reshape(-1))
 
-    def _wrench_jacobian(self, robot: MujocoRobot, d) -> np.ndarray:
-        """d(state after one MuJoCo step) / d(xfrc_applied of the coupled bodies), (2nv+na, 6 bodies),
+    def _wrench_jacobian(self, model: RobotModel, d) -> np.ndarray:
+        """d(state after one MuJoCo step) / d(xfrc_applied of the wrench bodies), (2nv+na, 6 bodies),
         by central differences (``d`` is left as it was)."""
         import mujoco
 
+        robot = model.robot
         m = robot.mj_model
         scratch = getattr(self, "_fd_data", None)
         if scratch is None or scratch[0] is not m:
             scratch = self._fd_data = (m, mujoco.MjData(m))
         work = scratch[1]
-        out = np.empty((2 * robot.nv + robot.na, 6 * len(robot.body_ids)))
-        for b, body in enumerate(robot.body_ids):
+        out = np.empty((2 * robot.nv + robot.na, 6 * len(model.wrench_bodies)))
+        for b, body in enumerate(model.wrench_bodies):
             for k in range(6):
                 sides = []
                 for sign in (1.0, -1.0):
@@ -574,49 +712,70 @@ class RobotSolver(Solver):
         return out
 
     @staticmethod
-    def _wrench_adjoint(model: RobotModel, state_out, wrench_array, arm: np.ndarray) -> None:
-        """Gradients on the coupled bodies' wrench (state_out.robot_wrench) back to the collider
-        wrenches the soft solver measured (the lever arms r are held: their change with the pose is
-        not differentiated)."""
+    def _wrench_adjoint(model: RobotModel, state_out, wrench_array, arms: dict) -> None:
+        """Gradients on the fed-back wrench (state_out.robot_wrench) back to what the soft solver
+        measured: the collider wrenches, and the contact forces on mounted bodies' nodes (lever arms
+        held: their change with the pose is not differentiated)."""
         if state_out.robot_wrench.grad is None:
             return
         robot = model.robot
-        g = state_out.robot_wrench.grad.numpy().reshape(robot.num_worlds, len(robot.body_ids), 6).astype(np.float64)
-        host = wrench_array.grad.numpy().reshape(-1, 2, 3)
-        slots = model.robot_slots
-        for i, b in enumerate(robot.geom_body):
-            g_force, g_torque = g[:, b, :3], g[:, b, 3:]
-            host[slots[:, i], 0] += g_force + np.cross(g_torque, arm[:, i])  # d(r x F)/dF^T g = g x r
-            host[slots[:, i], 1] += g_torque
-        wrench_array.grad.assign(host.reshape(-1, 3))
+        g = state_out.robot_wrench.grad.numpy().reshape(robot.num_worlds, len(model.wrench_bodies), 6)
+        g = g.astype(np.float64)
+        collider_grad = wrench_array.grad.numpy().reshape(-1, 2, 3) if wrench_array is not None else None
+        node_grad = None
+        for i, f in enumerate(model.followers):
+            g_force, g_torque = g[:, f.wrench_body, :3], g[:, f.wrench_body, 3:]
+            if f.kind == "collider":
+                collider_grad[f.slots, 0] += g_force + np.cross(g_torque, arms[i])  # d(r x F)/dF^T g = g x r
+                collider_grad[f.slots, 1] += g_torque
+            elif state_out.node_contact_force.grad is not None:
+                if node_grad is None:
+                    node_grad = state_out.node_contact_force.grad.numpy()
+                for w in range(robot.num_worlds):
+                    node_grad[f.nodes[w]] += g_force[w] + np.cross(g_torque[w], arms[i][w])
+        if collider_grad is not None:
+            wrench_array.grad.assign(collider_grad.reshape(-1, 3))
+        if node_grad is not None:
+            state_out.node_contact_force.grad.assign(node_grad)
 
-    def _adjoint(self, model: RobotModel, state_in, state_out, control, velocity, angular, record: _StepRecord):
+    def _adjoint(self, model: RobotModel, state_in, state_out, control, record: _StepRecord):
         robot = model.robot
-        w_count, g_count, nv, na = robot.num_worlds, robot.geom_count, robot.nv, robot.na
-        slots = model.robot_slots
+        w_count, nv, na = robot.num_worlds, robot.nv, robot.na
         dt = record.dt
-        g_v = velocity.grad.numpy().astype(np.float64)
-        g_w = angular.grad.numpy().astype(np.float64)
-        # the uncoupled colliders' velocities came from the caller's control as they were
-        mask = np.ones(len(g_v), bool)
-        mask[slots.reshape(-1)] = False
-        for src, dst in ((g_v, control.collider_velocity), (g_w, control.collider_angular_velocity)):
-            if dst.grad is not None and mask.any():
-                host = dst.grad.numpy()
-                host[mask] += src[mask]
-                dst.grad.assign(host)
-        gv, gw = g_v[slots], g_w[slots]  # (W, G, 3)
-        # v = (p_after - p_in) / dt and w = rotvec(q_in -> q_after) / dt
-        if state_in.collider_position.grad is not None:
-            host = state_in.collider_position.grad.numpy()
-            host[slots] -= gv / dt
-            state_in.collider_position.grad.assign(host)
-        if state_in.collider_rotation.grad is not None:
-            host = state_in.collider_rotation.grad.numpy()
-            for w in range(w_count):
-                for i in range(g_count):
-                    host[slots[w, i]] += _rotation_to_quaternion_gradient(record.rotation_in[w, i], -gw[w, i] / dt)
-            state_in.collider_rotation.grad.assign(host)
+        followers = model.followers
+        g_pose = np.zeros((w_count, len(followers), 6))
+        for kind, (velocity, angular) in record.velocities.items():
+            g_v = velocity.grad.numpy().astype(np.float64)
+            g_w = angular.grad.numpy().astype(np.float64)
+            p_name, q_name, v_name, w_name = _POSE_ARRAYS[kind]
+            mine = [i for i, f in enumerate(followers) if f.kind == kind]
+            # the frames no follower drives kept the caller's control: their gradients go back there
+            mask = np.ones(len(g_v), bool)
+            for i in mine:
+                mask[followers[i].slots] = False
+            for src, name in ((g_v, v_name), (g_w, w_name)):
+                dst = control.array(name)
+                if dst.grad is not None and mask.any():
+                    host = dst.grad.numpy()
+                    host[mask] += src[mask]
+                    dst.grad.assign(host)
+            # v = (p_after - p_in) / dt and w = rotvec(q_in -> q_after) / dt
+            p_grad, q_grad = state_in.array(p_name).grad, state_in.array(q_name).grad
+            p_host = p_grad.numpy() if p_grad is not None else None
+            q_host = q_grad.numpy() if q_grad is not None else None
+            for i in mine:
+                f = followers[i]
+                gv, gw = g_v[f.slots], g_w[f.slots]
+                g_pose[:, i] = np.concatenate([gv, gw], axis=1) / dt
+                if p_host is not None:
+                    p_host[f.slots] -= gv / dt
+                if q_host is not None:
+                    for w in range(w_count):
+                        q_host[f.slots[w]] += _rotation_to_quaternion_gradient(record.rotation_in[w, i], -gw[w] / dt)
+            if p_host is not None:
+                p_grad.assign(p_host)
+            if q_host is not None:
+                q_grad.assign(q_host)
 
         def grad(arr, n):
             return (np.zeros((w_count, n)) if arr.grad is None
@@ -624,8 +783,7 @@ class RobotSolver(Solver):
 
         g_x = np.concatenate([grad(state_out.robot_qpos, robot.nq), grad(state_out.robot_qvel, nv),
                               grad(state_out.robot_act, na)], axis=1)
-        g_pose = np.concatenate([gv, gw], axis=2) / dt  # (W, G, 6)
-        g_x[:, :nv] += np.einsum("wgkn,wgk->wn", record.jac, g_pose)
+        g_x[:, :nv] += np.einsum("wfkn,wfk->wn", record.jac, g_pose)
         g_in = np.einsum("wij,wi->wj", record.A, g_x)
         g_ctrl = np.einsum("wiu,wi->wu", record.B, g_x)
         g_wrench = np.einsum("wib,wi->wb", record.C, g_x)
