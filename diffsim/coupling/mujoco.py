@@ -22,16 +22,20 @@ Staggering delays the reaction by one soft step (well under a millisecond); it i
 the robot's servos and inertia respond slowly over one step, which holds for position-servoed arms
 and grippers against soft matter.
 
+Every soft frame the robot carries (a geom's collider, a mounted FEM body) is a *follower*: a
+body of the robot and a fixed pose in that body's frame.
+
 Gradients: MuJoCo is not on Warp's tape, so a taped step records two custom functions there. One
-maps gradients on the colliders' velocities and poses to the robot's joint positions through
-MuJoCo's geom Jacobians (``mj_jacGeom``), and through MuJoCo's step by its transition Jacobians
-(``mjd_transitionFD``, centred differences) to the previous joint state, to ``robot_ctrl`` and to
-the wrench applied during the step (centred differences of ``mj_step`` in ``xfrc_applied``). The
-other carries gradients on that wrench back to the soft solver's taped wrench measurement, so the
-material's reaction on the robot is differentiated too. Held constant in the backward pass: the
-lever arm from a geom to its body's centre of mass (exact for single-geom bodies). Gradients need
-hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks them against
-central differences of whole two-way rollouts.
+maps gradients on the followers' velocities and poses to the robot's joint positions through
+MuJoCo's Jacobians at each follower (``mj_jac``), and through MuJoCo's step by its transition
+Jacobians (``mjd_transitionFD``, centred differences) to the previous joint state, to
+``robot_ctrl`` and to the wrench applied during the step (centred differences of ``mj_step`` in
+``xfrc_applied``). The other carries gradients on that wrench back to what the soft solver
+measured (its taped collider wrench, or a mounted body's nodal contact forces), so the material's
+reaction on the robot is differentiated too. Held constant in the backward pass: the lever arms
+from the contact points to the body's centre of mass (exact for a single-geom body's collider).
+Gradients need hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks
+them against central differences of whole two-way rollouts.
 
 MPM material couples both ways (its solver measures collider wrenches); the rod solver takes
 robot colliders one way (``two_way=False``). FEM bodies (a tactile sensor's backing) can be mounted
