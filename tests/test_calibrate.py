@@ -159,6 +159,13 @@ def test_calibrate_command_with_a_two_frame_start(recordings, tmp_path, capsys):
     expected = evaluate(predicted, recordings.subset([3]), given_frames=2)
     assert metrics["eval"]["l1_all"] == pytest.approx(expected["l1_all"], rel=1e-6)
     assert "scoring starts at frame 2" in capsys.readouterr().out
+    # both of the data set's protocols are scored, whichever the fit used
+    starts = metrics["eval"]["starts"]
+    assert starts["two_frames"]["l1_all"] == pytest.approx(expected["l1_all"], rel=1e-6)
+    one_frame = evaluate(simulate_recordings(recordings.subset([3]), params, initial_velocity="ends"),
+                         recordings.subset([3]), given_frames=1)
+    assert starts["one_frame"]["l1_all"] == pytest.approx(one_frame["l1_all"], rel=1e-6)
+    assert starts["one_frame"]["given_frames"] == 1
 
 
 def test_calibrate_command_names_a_missing_file(tmp_path, capsys):

@@ -4,7 +4,6 @@ on train and eval with the data set's metrics, and write parameters, metrics and
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from diffsim.calibrate.cable import GIVEN_FRAMES, CableParameters, simulate_recordings
 from diffsim.calibrate.fit import FitOptions, fit_cable
 from diffsim.calibrate.recordings import CableRecordings, evaluate, frozen_interior_prediction, load_recordings
+from diffsim.core.files import write_json_atomic
 
 
 def _score(predicted: np.ndarray, recordings: CableRecordings, given_frames: int) -> dict:
@@ -100,7 +100,8 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
     """Fit on ``train`` (path or recordings), score train and eval, write results into ``out_dir``.
 
     Writes ``params.json``, ``metrics.json`` (``l1_all`` and ``interior_mean_m`` per split, scored
-    after the ``given_frames`` that ``options.initial_velocity`` reads),
+    after the ``given_frames`` that ``options.initial_velocity`` reads, and under ``starts`` the
+    same for both of the data set's protocols, one frame and two),
     ``overlay_eval.png``, ``overlay_train.png``, ``error_per_frame.png``, ``loss.png`` and
     ``fit_state.json`` (the fit resumes from it when run again with ``resume``).
     """
@@ -142,9 +143,19 @@ def calibrate_rod(train, eval_, out_dir, *, options: FitOptions | None = None,
         m = metrics[split]
         log(f"{split}: l1_all {m['l1_all']:.4f} m, interior_mean_m {m['interior_mean_m']:.4f} m "
             f"(interior frozen: {m['frozen_interior_l1_all']:.4f} / {m['frozen_interior_interior_mean_m']:.4f})")
+        # the data set's two protocols, whichever the fit used: rolled out from one frame (the ends
+        # replayed, the interior at rest) and from two (DEFORM's: the interior's recorded velocity)
+        m["starts"] = {}
+        for start_name, velocity in (("one_frame", "ends"), ("two_frames", "recorded")):
+            trajectory = predicted[split] if velocity == options.initial_velocity else simulate_recordings(
+                rec, params, subdivisions=options.subdivisions, device=device, initial_velocity=velocity)
+            score = _score(trajectory, rec, GIVEN_FRAMES[velocity])
+            m["starts"][start_name] = {"initial_velocity": velocity, "given_frames": GIVEN_FRAMES[velocity],
+                                       "l1_all": score["l1_all"], "interior_mean_m": score["interior_mean_m"]}
+        log(f"{split}: " + ", ".join(f"{k} start l1_all {v['l1_all']:.4f} m" for k, v in m["starts"].items()))
     metrics["fit"] = {"schedule": [list(stage) for stage in options.schedule],
                       "seconds": time.perf_counter() - start, "history": result.history}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     plot_overlays(predicted["eval"], eval_rec, out / "overlay_eval.png")
     plot_overlays(predicted["train"], train_rec, out / "overlay_train.png")
     plot_error_curve(predicted, {"train": train_rec, "eval": eval_rec}, out / "error_per_frame.png")
