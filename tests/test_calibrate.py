@@ -15,7 +15,8 @@ from diffsim.calibrate.cable import (
     simulate_recordings,
     synthetic_recordings,
 )
-from diffsim.calibrate.fit import LOG_PARAMETERS, CableObjective, FitOptions, fit_cable, robust_gradient
+from diffsim.calibrate.engine import _clipped_mean
+from diffsim.calibrate.fit import LOG_PARAMETERS, CableFamily, CableObjective, FitOptions, fit_cable
 from diffsim.calibrate.recordings import CableRecordings
 from diffsim.cli import main
 from diffsim.errors import InvalidParameter
@@ -86,19 +87,22 @@ def test_fit_recovers_the_bending_stiffness(recordings):
     assert result.parameters.bend_stiffness == pytest.approx(best["bend_stiffness"], rel=1e-9)
 
 
-def test_robust_gradient_clips_outlying_recordings_and_leaves_out_overflowed_ones(recordings):
+def test_recordings_are_clipped_in_the_objectives_coordinates(recordings):
+    """The engine clips each recording's gradient by its norm; the cable family weighs the norm so
+    that it is taken in the objective's own coordinates (a linear parameter's value, not its value
+    over its scale), and an overflowed recording is left out."""
     rows = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [300.0, -400.0], [np.nan, 1.0]])
-    grad, left_out, clipped = robust_gradient(rows, clip=3.0)
+    grad, clipped = _clipped_mean(rows, 3.0)
     # the median norm of the four finite rows is (1 + sqrt 2) / 2; the 500-long one is cut to 3 times it
     cap = 3.0 * (1.0 + np.sqrt(2.0)) / 2.0
-    expected = (np.array([2.0, 2.0]) + cap * np.array([0.6, -0.8])) * 5 / 4
-    np.testing.assert_allclose(grad, expected)
-    assert (left_out, clipped) == (1, 1)
-    plain, _, none_clipped = robust_gradient(rows[:4], clip=None)
-    np.testing.assert_allclose(plain, rows[:4].sum(axis=0))
-    assert none_clipped == 0
-    with pytest.raises(InvalidParameter, match="non-finite for every recording"):
-        robust_gradient(np.full((2, 2), np.inf), clip=3.0)
+    np.testing.assert_allclose(grad, (np.array([2.0, 2.0]) + cap * np.array([0.6, -0.8])) / 4)
+    assert clipped == 2  # one clipped, one left out
+    options = FitOptions(schedule=((1, 10),))
+    family = CableFamily(CableObjective(recordings, CableParameters(), substeps=8), options)
+    weights = dict(zip((p.name for p in family.parameters), family.clip_weights, strict=True))
+    assert weights["bend_stiffness"] == 1.0 and weights["bend_factor_0"] == 1.0
+    assert weights["shape_memory"] == pytest.approx(options.learning_rate / options.memory_learning_rate)
+    assert weights["curvature_0_a"] == pytest.approx(options.learning_rate / options.curvature_learning_rate)
     with pytest.raises(InvalidParameter, match="recording_clip"):
         fit_cable(recordings, options=FitOptions(recording_clip=0.0), progress=False)
 

@@ -125,14 +125,28 @@ class Family:
 
     name = "family"
     parameters: Sequence[Parameter] = ()
-    #: default stages fitted before all parameters together: ((iterations, (names, ...)), ...)
+    #: default stages fitted before all parameters together: ((iterations, (names, ...)), ...); a
+    #: stage may add a third entry, a dict of options handed to :meth:`begin_stage`
     warmup: tuple = ()
+    #: the options of the last stage (the one on all parameters), for :meth:`begin_stage`
+    final_stage_options: dict = {}
+    #: False when stages score differently (a shorter horizon first): the best iterate is then
+    #: taken from the last stage only
+    stages_share_loss: bool = True
+    #: False to carry Adam's moments from one stage into the next
+    fresh_adam_per_stage: bool = True
+    #: per fitted coordinate, a weight of the gradient norm that per-recording clipping compares
+    #: (None: the plain norm in the fitted coordinates)
+    clip_weights: np.ndarray | None = None
     #: the loss's unit, for logs and plots (e.g. "m")
     loss_unit = ""
 
     def losses(self, values: dict[str, float], recordings) -> np.ndarray:
         """The loss of each recording under ``values`` (one entry per recording)."""
         raise NotImplementedError
+
+    def begin_stage(self, options: dict) -> None:  # noqa: B027 -- optional hook, a no-op by default
+        """Called before every iteration with the options of its stage (e.g. a horizon)."""
 
     def loss_gradients(self, values: dict[str, float], recordings) -> tuple[np.ndarray, np.ndarray] | None:
         """(losses, d loss / d parameter value per recording and parameter, in the parameters'
@@ -238,15 +252,16 @@ def _gradients(family: Family, u: np.ndarray, recordings, step: float,
     return centre, grads, 1 + 2 * int(np.sum(active))
 
 
-def _clipped_mean(grads: np.ndarray, clip: float) -> tuple[np.ndarray, int]:
-    """The mean of per-recording gradients, each clipped to ``clip`` x the median norm; and how
-    many were clipped. Non-finite rows (a diverged rollout) are left out."""
+def _clipped_mean(grads: np.ndarray, clip: float, weights: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The mean of per-recording gradients, each clipped to ``clip`` x the median norm (of the
+    rows times ``weights``, when given); and how many were clipped. Non-finite rows (a diverged
+    rollout) are left out."""
     finite = np.all(np.isfinite(grads), axis=1)
     if not finite.any():
         raise ConfigError("every recording's gradient is non-finite at the current parameters: "
                           "the simulation diverges there; narrow the bounds or change the initial values.")
     rows = grads[finite]
-    norms = np.linalg.norm(rows, axis=1)
+    norms = np.linalg.norm(rows if weights is None else rows * weights, axis=1)
     limit = clip * max(float(np.median(norms)), 1e-300)
     scale = np.minimum(1.0, limit / np.maximum(norms, 1e-300))
     return (rows * scale[:, None]).mean(axis=0), int(np.sum(scale < 1.0) + np.sum(~finite))
@@ -371,30 +386,33 @@ def fit(family: Family, recordings, *, settings: FitSettings | None = None, stat
         history, evaluations, seconds = saved["history"], saved["evaluations"], saved["seconds"]
         best = (saved["best_loss"], np.array(saved["best_u"]), saved["best_iteration"])
     warmup = family.warmup if settings.warmup is None else settings.warmup
-    stages = []  # (first iteration, mask of the parameters it fits)
+    stages = []  # (first iteration, mask of the parameters it fits, the family's options for it)
     first = 0
-    for count, stage_names in (*warmup, (settings.iterations, tuple(names))):
+    for stage in (*warmup, (settings.iterations, tuple(names), family.final_stage_options)):
+        count, stage_names, options = (*stage, {})[:3] if len(stage) == 2 else stage
         unknown = [n for n in stage_names if n not in names]
         if unknown or not (isinstance(count, int) and count >= 0):
             raise InvalidParameter("warmup", (count, stage_names), f"(iterations >= 0, names among {names})")
-        stages.append((first, np.array([n in stage_names for n in names])))
+        stages.append((first, np.array([n in stage_names for n in names]), dict(options)))
         first += count
     total = first
+    final_start = stages[-1][0]
     beta1, beta2 = 0.9, 0.999
     bar = tqdm(total=total, initial=min(len(history), total), disable=not progress,
                desc=f"calibrate {family.name}", unit="it")
     for it in range(len(history), total):
         tick = time.perf_counter()
-        stage_start, active = [stage for stage in stages if stage[0] <= it][-1]
-        if it == stage_start:  # a fresh Adam per stage
+        stage_start, active, options = [stage for stage in stages if stage[0] <= it][-1]
+        family.begin_stage(options)
+        if it == stage_start and family.fresh_adam_per_stage:
             m, v = np.zeros_like(u), np.zeros_like(u)
         losses, grads, used = _gradients(family, u, recordings, settings.fd_step, active)
         evaluations += used
         loss = float(np.mean(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else math.inf
-        if loss < best[0]:
+        if loss < best[0] and (family.stages_share_loss or it >= final_start):
             best = (loss, u.copy(), it)
-        g, clipped = _clipped_mean(grads, settings.clip)
-        t = it - stage_start + 1
+        g, clipped = _clipped_mean(grads, settings.clip, family.clip_weights)
+        t = it - stage_start + 1 if family.fresh_adam_per_stage else it + 1
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         rate = settings.learning_rate * settings.decay_to ** (it / max(1, total - 1))

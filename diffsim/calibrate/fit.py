@@ -1,23 +1,22 @@
-"""Fitting a cable's physical parameters to recordings: Adam on log-stiffness, log-damping, the
-rest curvature, the shape memory and a bending-stiffness profile, with gradients through batched,
-checkpointed rod rollouts; saves and resumes.
+"""Fitting a cable's physical parameters to recordings, on the calibration engine: Adam on
+log-stiffness, log-damping, the rest curvature, the shape memory and a bending-stiffness profile,
+with gradients through batched, checkpointed rod rollouts; saves and resumes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffsim.calibrate.cable import CableParameters, cable_scene, measure_marker_gaps, replay_controls
+from diffsim.calibrate.engine import Family, FitSettings, Parameter
+from diffsim.calibrate.engine import fit as engine_fit
 from diffsim.calibrate.recordings import CableRecordings
-from diffsim.core.files import write_json_atomic
 from diffsim.errors import InvalidParameter
 from diffsim.rod.losses import MarkerLoss
 
@@ -63,28 +62,6 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     best_iteration: int | None = None  #: the iteration whose parameters these are (None: the last)
-
-
-class _Adam:
-    def __init__(self, size: int, rates: np.ndarray):
-        self.m = np.zeros(size)
-        self.v = np.zeros(size)
-        self.t = 0
-        self.rates = rates
-
-    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
-        self.t += 1
-        self.m = 0.9 * self.m + 0.1 * grad
-        self.v = 0.999 * self.v + 0.001 * grad * grad
-        m_hat = self.m / (1 - 0.9**self.t)
-        v_hat = self.v / (1 - 0.999**self.t)
-        return params - self.rates * m_hat / (np.sqrt(v_hat) + 1e-12)
-
-    def state(self) -> dict:
-        return {"m": self.m.tolist(), "v": self.v.tolist(), "t": self.t}
-
-    def load(self, data: dict) -> None:
-        self.m, self.v, self.t = np.array(data["m"]), np.array(data["v"]), int(data["t"])
 
 
 def _slices(vertices: int) -> dict[str, slice]:
@@ -164,6 +141,8 @@ class CableObjective:
         model, layout = self.model, self.layout
         controls, loss_fn = self._controls_and_loss(frames)
         _assign(model, layout, self.parameters(vector), self.recordings.num_recordings)
+        # a stiffer cable needs more substeps: the scene's cached stability limit must follow
+        self.scene.refresh_limits()
         rollout = self.scene.rollout(self._state0, controls, checkpoint_every=self.checkpoint_every,
                                      frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss))
         model.zero_grad()
@@ -192,31 +171,98 @@ class CableObjective:
         return rows
 
 
-def robust_gradient(rows: np.ndarray, clip: float | None) -> tuple[np.ndarray, int, int]:
-    """Sum of per-recording gradients ``rows`` (recordings, size), each clipped to ``clip`` times
-    the median norm, with non-finite rows left out and the sum scaled back to all recordings.
-    Returns the gradient and how many recordings were left out and clipped."""
-    finite = np.all(np.isfinite(rows), axis=1)
-    if not finite.any():
-        raise InvalidParameter("gradient", "non-finite for every recording", "finite values; lower the learning rate")
-    kept = rows[finite]
-    clipped = 0
-    if clip is not None:
-        norms = np.linalg.norm(kept, axis=1)
-        cap = clip * float(np.median(norms))
-        scale = np.where(norms > cap, cap / np.maximum(norms, 1e-300), 1.0)
-        clipped = int(np.sum(scale < 1.0))
-        kept = kept * scale[:, None]
-    return kept.sum(axis=0) * (len(rows) / len(kept)), int(np.sum(~finite)), clipped
+class CableFamily(Family):
+    """The cable fit as a family of :mod:`diffsim.calibrate.engine`: its parameters are the entries
+    of :class:`CableObjective`'s vector (the log-fitted scalars, the shape memory, the rest
+    curvature per vertex and the bending-stiffness factor per edge), each stage rolls out its own
+    number of frames, and Adam's moments carry over from one stage to the next.
+
+    The learning rates of :class:`FitOptions` become the parameters' scales (a linear parameter's
+    step is the learning rate times its scale); the clamps of the explicit step (bending stiffness
+    at most 0.2 N m^2, shape memory in [0, 1], factors in [e^-2, e^2]) become bounds.
+    """
+
+    name = "rod"
+    loss_unit = " m"
+    fresh_adam_per_stage = False  # one Adam over the whole schedule
+    stages_share_loss = False  # a short stage scores fewer frames: the best comes from the last
+
+    def __init__(self, objective: CableObjective, options: FitOptions):
+        self.objective, self.options = objective, options
+        vector, at = objective.initial_vector(), objective.slices
+        base = options.learning_rate
+        parameters = []
+        for i, name in enumerate(LOG_PARAMETERS):
+            upper = 0.2 if name == "bend_stiffness" else 1e6  # the explicit step's affordable stiffness
+            parameters.append(Parameter(name, min(math.exp(vector[i]), upper), 1e-12, upper))
+        if options.fit_shape_memory:
+            parameters.append(Parameter("shape_memory", float(np.clip(vector[at["memory"]][0], 0.0, 1.0)), 0.0, 1.0,
+                                        log=False, scale=options.memory_learning_rate / base))
+        if options.fit_curvature:
+            for k, value in enumerate(vector[at["curvature"]]):
+                parameters.append(Parameter(f"curvature_{k // 2}_{'ab'[k % 2]}", float(value), -1e3, 1e3, "rad",
+                                            log=False, scale=options.curvature_learning_rate / base))
+        if options.fit_bend_profile:
+            for e, value in enumerate(vector[at["profile"]]):
+                parameters.append(Parameter(f"bend_factor_{e}", float(math.exp(np.clip(value, -2.0, 2.0))),
+                                            math.exp(-2.0), math.exp(2.0)))
+        self.parameters = parameters
+        # recordings are clipped by their gradient's norm in the objective's own coordinates (a
+        # linear parameter's fitted coordinate is its value over its scale)
+        self.clip_weights = np.array([1.0 if p.log else 1.0 / p.scale for p in parameters])
+        self._index = self._vector_index()
+        self._frames = objective.recordings.num_frames - 1
+        self.calls: list[dict] = []  # per evaluation: frames, substeps, recordings left out
+
+    def _vector_index(self) -> list[tuple[int, bool]]:
+        """Per parameter: its entry in the objective's vector and whether the vector holds its log."""
+        at, out = self.objective.slices, []
+        for p in self.parameters:
+            if p.name in LOG_PARAMETERS:
+                out.append((list(LOG_PARAMETERS).index(p.name), True))
+            elif p.name == "shape_memory":
+                out.append((at["memory"].start, False))
+            elif p.name.startswith("curvature_"):
+                _, vertex, axis = p.name.split("_")
+                out.append((at["curvature"].start + 2 * int(vertex) + "ab".index(axis), False))
+            else:
+                out.append((at["profile"].start + int(p.name.rsplit("_", 1)[1]), True))
+        return out
+
+    def vector(self, values: dict) -> np.ndarray:
+        vector = self.objective.initial_vector()
+        for p, (i, log) in zip(self.parameters, self._index, strict=True):
+            vector[i] = math.log(values[p.name]) if log else values[p.name]
+        return vector
+
+    def begin_stage(self, options: dict) -> None:
+        self._frames = options.get("frames", self.objective.recordings.num_frames - 1)
+
+    def loss_gradients(self, values, recordings):
+        vector = self.vector(values)
+        loss, _, substeps = self.objective(vector, self._frames)
+        rows = self.objective.recording_gradients  # per recording, in the vector's coordinates
+        grads = np.empty((rows.shape[0], len(self.parameters)))
+        for j, (p, (i, log)) in enumerate(zip(self.parameters, self._index, strict=True)):
+            grads[:, j] = rows[:, i] / values[p.name] if log else rows[:, i]  # d/d value
+        self.calls.append({"frames": self._frames, "substeps": substeps,
+                           "recordings_left_out": int(np.sum(~np.all(np.isfinite(rows), axis=1)))})
+        # the rollout's loss is the mean marker error over the whole batch; it is not split per
+        # recording, so every recording reports that mean (the engine only averages them)
+        return np.full(rows.shape[0], loss), grads
+
+    def losses(self, values, recordings) -> np.ndarray:
+        return self.loss_gradients(values, recordings)[0]
 
 
 def fit_cable(recordings: CableRecordings, initial: CableParameters | None = None, *,
               options: FitOptions | None = None, device: str | None = None, state_path: Path | None = None,
               progress: bool = True) -> FitResult:
-    """Fit ``initial`` (default :class:`CableParameters`) to ``recordings`` by gradient descent on
-    :class:`CableObjective`; unless ``initial`` gives them, the marker gaps are measured on
-    ``recordings`` (:func:`measure_marker_gaps`) and kept in the result. With ``state_path`` the
-    fit writes its state there after each step and resumes from it.
+    """Fit ``initial`` (default :class:`CableParameters`) to ``recordings`` with the calibration
+    engine (:class:`CableFamily`: Adam through the adjoint of :class:`CableObjective`); unless
+    ``initial`` gives them, the marker gaps are measured on ``recordings``
+    (:func:`measure_marker_gaps`) and kept in the result. With ``state_path`` the fit writes its
+    state there after each step and resumes from it.
     """
     options = options or FitOptions()
     stages = []
@@ -227,68 +273,41 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         if frames is not None and (not isinstance(frames, int) or frames < 1):
             raise InvalidParameter("schedule frames", frames, f"None or [1, {recordings.num_frames - 1}]")
         stages.append((steps, recordings.num_frames - 1 if frames is None else min(frames, recordings.num_frames - 1)))
-    total = sum(steps for steps, _ in stages)
     clip = options.recording_clip
     if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
         raise InvalidParameter("recording_clip", clip, "None or (0, inf) times the median recording's gradient")
+    if not stages or sum(steps for steps, _ in stages) == 0:
+        raise InvalidParameter("schedule", options.schedule, "stages with at least one iteration in all")
     initial = initial or CableParameters()
     if initial.marker_gaps is None:
         initial = CableParameters.from_json({**initial.to_json(), "marker_gaps": measure_marker_gaps(recordings)})
     objective = CableObjective(recordings, initial, subdivisions=options.subdivisions, device=device,
                                checkpoint_every=options.checkpoint_every, initial_velocity=options.initial_velocity)
-    vector = objective.initial_vector()
-    at = objective.slices
-    rates = np.full(vector.size, options.learning_rate)
-    rates[at["memory"]] = options.memory_learning_rate if options.fit_shape_memory else 0.0
-    rates[at["curvature"]] = options.curvature_learning_rate if options.fit_curvature else 0.0
-    rates[at["profile"]] = options.learning_rate if options.fit_bend_profile else 0.0
-    adam = _Adam(vector.size, rates)
-    history: list[dict] = []
-    # The result is the best iterate of the last stage, not the last one: over the full horizon the
-    # gradient of a swinging cable stops being a descent direction once the fit is close (Adam then
-    # drifts uphill), so more steps must never make the result worse.
-    best: dict = {"loss_m": math.inf, "iteration": None, "vector": None}
+    family = CableFamily(objective, options)
+    family.name = f"rod (initial_velocity={options.initial_velocity!r})"
+    names = tuple(p.name for p in family.parameters)
+    family.warmup = tuple((steps, names, {"frames": frames}) for steps, frames in stages[:-1])
+    family.final_stage_options = {"frames": stages[-1][1]}
     if state_path is not None and Path(state_path).exists():
         saved = json.loads(Path(state_path).read_text())
-        saved_start = saved.get("initial_velocity", "ends")
-        if len(saved["vector"]) != vector.size:
-            warnings.warn(f"{state_path} holds a fit of a different cable layout ({len(saved['vector'])} values, "
-                          f"not {vector.size}); starting afresh and overwriting it.", stacklevel=2)
-        elif saved_start != options.initial_velocity:
-            warnings.warn(f"{state_path} holds a fit with initial_velocity={saved_start!r}, not "
-                          f"{options.initial_velocity!r}; starting afresh and overwriting it.", stacklevel=2)
-        else:
-            vector = np.array(saved["vector"])
-            adam.load(saved["adam"])
-            history = saved["history"]
-            best = saved.get("best", best)
-    start = time.perf_counter()
-    bar = tqdm(total=total, initial=len(history), desc="fit", disable=not progress)
-    frames_of = [frames for steps, frames in stages for _ in range(steps)]
-    for iteration in range(len(history), total):
-        loss, _, substeps = objective(vector, frames_of[iteration])
-        grad, left_out, clipped = robust_gradient(objective.recording_gradients, options.recording_clip)
-        if frames_of[iteration] == frames_of[-1] and loss < best["loss_m"]:
-            best = {"loss_m": loss, "iteration": iteration, "vector": vector.tolist()}
-        history.append({"iteration": iteration, "frames": frames_of[iteration], "loss_m": loss, "substeps": substeps,
-                        "recordings_left_out": left_out, "recordings_clipped": clipped,
-                        **{name: float(math.exp(vector[i])) for i, name in enumerate(LOG_PARAMETERS)},
-                        "shape_memory": float(vector[at["memory"]][0])})
-        vector = adam.step(vector, grad)
-        # keep the explicit step affordable
-        vector[0] = min(vector[0], math.log(0.2))
-        vector[at["memory"]] = np.clip(vector[at["memory"]], 0.0, 1.0)
-        vector[at["profile"]] = np.clip(vector[at["profile"]], -2.0, 2.0)
-        if state_path is not None:  # atomically: a kill mid-write must not lose the fit
-            write_json_atomic(Path(state_path), {"vector": vector.tolist(), "adam": adam.state(),
-                                                 "history": history, "best": best,
-                                                 "initial_velocity": options.initial_velocity})
-        bar.set_postfix(loss=f"{loss:.4f}", frames=frames_of[iteration], substeps=substeps)
-        bar.update(1)
-    bar.close()
-    if best["vector"] is not None:
-        vector = np.array(best["vector"])
-    return FitResult(objective.parameters(vector), history, time.perf_counter() - start, best["iteration"])
+        if saved.get("family") != family.name or saved.get("parameters") != list(names):
+            warnings.warn(f"{state_path} holds a {saved.get('family', 'different')} fit, not a {family.name} fit of "
+                          f"this cable layout ({len(names)} values); starting afresh and overwriting it.", stacklevel=2)
+            Path(state_path).unlink()
+    settings = FitSettings(iterations=stages[-1][0], learning_rate=options.learning_rate,
+                           clip=clip if clip is not None else 1e300)
+    result = engine_fit(family, recordings, settings=settings, state_path=state_path, progress=progress)
+    history = []
+    for record, call in zip(result.history, [*([{}] * (len(result.history) - len(family.calls))), *family.calls],
+                            strict=True):
+        values = record["values"]
+        history.append({"iteration": record["iteration"], "frames": call.get("frames"), "loss_m": record["loss"],
+                        "substeps": call.get("substeps"), "recordings_left_out": call.get("recordings_left_out", 0),
+                        "recordings_clipped": record["recordings_clipped"] - call.get("recordings_left_out", 0),
+                        **{name: values[name] for name in LOG_PARAMETERS},
+                        "shape_memory": values.get("shape_memory", initial.shape_memory)})
+    best = result.best_iteration if any(h["iteration"] == result.best_iteration for h in history) else None
+    return FitResult(objective.parameters(family.vector(result.values)), history, result.seconds, best)
 
 
 def _assign(model, layout, params: CableParameters, num_rods: int) -> None:
