@@ -343,7 +343,9 @@ class RobotMove(RobotPlasticineTask, Move):
         return {"displacement": np.array([*rng.uniform(-0.1, 0.1, 2), 0.0])}
 
     def robot_home(self, variant: dict) -> np.ndarray:
-        pad_bottom = self.robot.geom_poses(self.robot.initial_qpos)[0][:, 2].min() - 0.04
+        # the pads' lowest face at the MJCF home: their centres less their half heights
+        centres = self.robot.geom_poses(self.robot.initial_qpos)[0][:, 2]
+        pad_bottom = float(np.min(centres - self.robot.mj_model.geom_size[self.robot.geom_ids, 2]))
         offset = variant["offset"]
         return np.array([offset[0], offset[1], self.floor_height + 0.01 - pad_bottom, 0.0, 0.0])
 
