@@ -240,8 +240,12 @@ def test_bad_robot_input_is_refused_with_a_sentence(tmp_path):
         MujocoRobot("gripper.xml", bodies=["palm"])
     path = _mjcf(tmp_path, "ellipsoid", '<body name="egg"><joint type="slide"/><geom type="ellipsoid" '
                  'size="0.1 0.05 0.05" mass="1"/></body>')
-    with pytest.raises(ConfigError, match="no box, sphere"):
+    with pytest.raises(ConfigError, match="no box, sphere"), pytest.warns(UserWarning, match="do not touch"):
         MujocoRobot(path, bodies=["egg"])
+    path = _mjcf(tmp_path, "mixed", '<body name="tool"><joint type="slide"/><geom type="box" size="0.1 0.1 0.1" '
+                 'mass="1"/><geom name="egg" type="ellipsoid" size="0.1 0.05 0.05" mass="1"/></body>')
+    with pytest.warns(UserWarning, match=r"\['egg'\] are not boxes"):
+        assert MujocoRobot(path, bodies=["tool"]).geom_count == 1
     robot = MujocoRobot("gripper.xml", bodies=["right_finger"])
     b = MPMBuilder(grid_res=16)
     b.add_box((0.5, 0.5, 0.3), (0.05, 0.05, 0.05), preset("plasticine"))

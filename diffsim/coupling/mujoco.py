@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,11 @@ class MujocoRobot:
         self.geom_ids, self.geom_body = [], []  # coupled geoms and the index (into body_ids) of each one's body
         for b, body in enumerate(self.body_ids):
             geoms = [g for g in range(m.ngeom) if m.geom_bodyid[g] == body and int(m.geom_type[g]) in type_names]
+            skipped = [m.geom(g).name or f"geom {g}" for g in range(m.ngeom)
+                       if m.geom_bodyid[g] == body and int(m.geom_type[g]) not in type_names]
+            if skipped:
+                warnings.warn(f"body {names[body]!r} of {path.name}: {skipped} are not boxes, spheres, capsules, "
+                              "cylinders or meshes and do not touch soft matter.", stacklevel=2)
             if not geoms:
                 raise ConfigError(f"body {names[body]!r} of {path.name} has no box, sphere, capsule, cylinder or "
                                   "mesh geom to collide with.")
