@@ -138,6 +138,14 @@ def _tracking_loss(x: wp.array(dtype=wp.vec3), index: wp.array(dtype=int), targe
     wp.atomic_add(loss, 0, scale * wp.dot(d, d))
 
 
+@wp.kernel
+def _specimen_loss(x: wp.array(dtype=wp.vec3), index: wp.array(dtype=int), target: wp.array(dtype=wp.vec3),
+                   scale: float, per_specimen: int, loss: wp.array(dtype=float)):
+    i = wp.tid()
+    d = x[index[i]] - target[i]
+    wp.atomic_add(loss, i / per_specimen, scale * wp.dot(d, d))
+
+
 class _Simulation:
     """The specimens of a recording set as worlds of one MPM scene, re-run for each parameter set."""
 
@@ -211,9 +219,16 @@ class _Simulation:
                             device=self.model.device) for f in range(frames)]
         scale = 1.0 / (frames * rec.positions.shape[2])
 
+        per_point = rec.positions.shape[2]
+        self.specimen_loss = wp.zeros(len(rec), dtype=float, device=self.model.device)
+
         def frame_loss(model, state, frame, loss):
             wp.launch(_tracking_loss, dim=self.index.shape[0], inputs=[state.particle_x, self.index, targets[frame],
                                                                        scale], outputs=[loss], device=model.device)
+            # each specimen's share, off the tape (read it after forward: backward re-simulates)
+            wp.launch(_specimen_loss, dim=self.index.shape[0],
+                      inputs=[state.particle_x, self.index, targets[frame], scale, per_point],
+                      outputs=[self.specimen_loss], device=model.device, record_tape=False)
 
         controls = [self.model.control(requires_grad=True) for _ in range(frames)]
         state0 = self.model.state(requires_grad=True)
@@ -284,14 +299,13 @@ class MPMFamily(Family):
         sim = self._simulation(recordings)
         rollout = sim.rollout(values)
         rollout.forward()
+        losses = sim.specimen_loss.numpy().astype(np.float64)  # the tape's loss is their sum
         rollout.backward()
         grads = np.zeros((len(recordings), len(self.fit)))
         for j, name in enumerate(self.fit):
             g = getattr(sim.model, f"particle_{name}").grad.numpy().astype(np.float64)
             # the rollout's loss is the sum over specimens; each specimen's is its own world's share
             grads[:, j] = np.bincount(sim.world, weights=g, minlength=len(recordings))
-        # per-specimen losses from the same trajectories (the tape's loss is their sum)
-        losses = self.losses(values, recordings)
         return losses, grads
 
     def metrics(self, values, recordings: MaterialRecordings) -> dict:

@@ -182,8 +182,9 @@ class _Press:
                 state, nxt = nxt, state
         return np.array(markers, np.float64), np.array(force, np.float64)
 
-    def gradient(self, values: dict, fit: tuple[str, ...]) -> np.ndarray:
-        """d(loss) / d(each fitted parameter) by the tape (implicit differentiation per frame)."""
+    def gradient(self, values: dict, fit: tuple[str, ...]) -> tuple[float, np.ndarray]:
+        """(the loss, d(loss) / d(each fitted parameter)) by the tape (implicit differentiation per
+        frame); the rollout's loss is this press's :func:`_loss`."""
         controls = self._controls(values)
         p, k = self.presses, self.k
         frames = len(controls) + 1  # the loss skips frame 0 (before any motion), as _loss does
@@ -202,12 +203,12 @@ class _Press:
                       device=model.device)
 
         rollout = self.scene.rollout(self.model.state(requires_grad=True), controls, frame_loss=frame_loss)
-        rollout.forward()
+        loss = float(rollout.forward())
         rollout.backward()
         m = self.model
         arrays = {"young_modulus": m.tet_young_modulus, "poisson_ratio": m.tet_poisson_ratio,
                   "friction": m.collider_friction}
-        return np.array([float(arrays[n].grad.numpy().astype(np.float64).sum()) for n in fit])
+        return loss, np.array([float(arrays[n].grad.numpy().astype(np.float64).sum()) for n in fit])
 
 
 def _residual(presses: Presses, k: int, markers: np.ndarray, force: np.ndarray) -> np.ndarray:
@@ -260,8 +261,8 @@ class TactileMechanicsFamily(Family):
         return [_residual(recordings, k, *r) for k, r in enumerate(self._readings(values, recordings))]
 
     def loss_gradients(self, values, recordings: Presses):
-        grads = np.stack([self._press(recordings, k).gradient(values, self.fit) for k in range(len(recordings))])
-        return self.losses(values, recordings), grads
+        results = [self._press(recordings, k).gradient(values, self.fit) for k in range(len(recordings))]
+        return np.array([loss for loss, _ in results]), np.stack([grad for _, grad in results])
 
     def metrics(self, values, recordings: Presses) -> dict:
         readings = self._readings(values, recordings)
