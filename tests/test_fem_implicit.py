@@ -66,16 +66,6 @@ def test_implicit_options_are_validated():
             FEMSolver(model, **options)
 
 
-def test_coupled_gradients_through_an_implicit_sensor_match_finite_differences():
-    # the staggered coupled step: a rubber cube (MPM) falls on a pad stepped by backward Euler
-    # while the pad rises and slides; the gradient reaches the pad's trajectory through the
-    # coupling forces on both sides
-    from diffsim.coupling import validation
-
-    (result,) = validation.run_gradient_checks(device="cpu", only=["sensor_pose_material"], integrator="implicit")
-    assert result.passed, result
-
-
 def test_a_step_that_cannot_converge_raises_naming_the_residual():
     model, solver = hanging_column("quasistatic", newton_iterations=1, newton_tolerance=1e-9)
     step = r"quasistatic FEM step 0 \(counted from 0 by this solver\)"

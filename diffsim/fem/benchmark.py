@@ -127,6 +127,7 @@ def run_benchmark(*, steps: int | None = None, repeats: int = 5, device: str | N
         "device": str(model.device),
         "integrator": integrator,
         "preconditioner": solver._implicit.preconditioner if implicit else None,
+        "factorization": solver._implicit.cholesky.backend if implicit and solver._implicit.cholesky else None,
         "nodes": model.node_count,
         "tets": model.tet_count,
         "substep_ms_forward": ms_forward,
@@ -156,7 +157,8 @@ def format_report(result: dict) -> str:
              f"{result['wall_s_per_simulated_s_forward_backward']:.2f} s per simulated second"]
     if result.get("newton_iterations_mean") is not None:
         lines.append(f"  Newton iterations per step {result['newton_iterations_mean']:.1f}, "
-                     f"CG iterations per step {result['cg_iterations_mean']:.0f} ({result['preconditioner']})")
+                     f"CG iterations per step {result['cg_iterations_mean']:.0f} ({result['preconditioner']}"
+                     + (f", {result['factorization']}" if result.get("factorization") else "") + ")")
     if result.get("factorizations_per_run") is not None:
         lines.append(f"  Cholesky factorisations per run of {result['simulated_s_per_run']:.3g} simulated s: "
                      f"{result['factorizations_per_run']:.1f}")

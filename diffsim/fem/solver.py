@@ -61,8 +61,9 @@ class FEMSolver(PooledScratchSolver, Solver):
             :data:`~diffsim.fem.implicit.AUTO_CHOLESKY_UNKNOWNS` unknowns, where factoring pays
             (on larger meshes a factorisation costs seconds), else Jacobi. Fixed-corotated bodies
             always take Jacobi.
-        refresh_iterations: see ``preconditioner``; the default is about what a factorisation of an
-            8k-tet pad costs in CG iterations on a 2-core CPU.
+        refresh_iterations: see ``preconditioner``; the default (None) is the factorisation's
+            own (:data:`~diffsim.core.cholesky.REFRESH_ITERATIONS`), about what a factorisation of
+            an 8k-tet pad costs in CG iterations on a 2-core CPU.
         exact_tail: with the Cholesky preconditioner, Newton switches from the projected to the
             exact Hessian once a line search takes the full step (default; False keeps the projected
             one, which converges linearly).
@@ -75,7 +76,7 @@ class FEMSolver(PooledScratchSolver, Solver):
                  contact_smoothing: float = 1e-6, friction_velocity: float = 1e-3, newton_tolerance: float = 1e-5,
                  newton_step_tolerance: float | None = None,
                  newton_iterations: int = 50, cg_tolerance: float = 1e-2, cg_iterations: int = 500,
-                 adjoint_tolerance: float = 1e-5, preconditioner: str = "auto", refresh_iterations: int = 60,
+                 adjoint_tolerance: float = 1e-5, preconditioner: str = "auto", refresh_iterations: int | None = None,
                  exact_tail: bool = True, predict_contacts: bool = True):
         if integrator not in INTEGRATORS:
             raise InvalidParameter("integrator", integrator, ", ".join(f"'{i}'" for i in INTEGRATORS))
@@ -84,7 +85,7 @@ class FEMSolver(PooledScratchSolver, Solver):
         if preconditioner not in PRECONDITIONERS:
             raise InvalidParameter("preconditioner", preconditioner, ", ".join(f"'{p}'" for p in PRECONDITIONERS))
         for name, value in (("newton_iterations", newton_iterations), ("cg_iterations", cg_iterations),
-                            ("refresh_iterations", refresh_iterations)):
+                            ("refresh_iterations", 1 if refresh_iterations is None else refresh_iterations)):
             if not (isinstance(value, int) and value >= 1):
                 raise InvalidParameter(name, value, "positive integers")
         for name, value in (("cg_tolerance", cg_tolerance), ("adjoint_tolerance", adjoint_tolerance)):
