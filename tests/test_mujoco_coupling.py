@@ -1,7 +1,9 @@
-"""MuJoCo robots driving MPM material (diffsim.coupling.mujoco): geoms as colliders that track
-MuJoCo's poses, the material's wrench fed back through xfrc_applied (a held plate's joint torque
-equals the load's weight times its lever arm; a pushing servo lags by force / gain), gradients
-from a loss on the material to the joint commands against central differences, and bad input."""
+"""MuJoCo robots driving MPM material, cables and mounted sensors (diffsim.coupling.mujoco): geoms
+as colliders that track MuJoCo's poses, the soft bodies' wrench fed back through xfrc_applied (a
+held plate's joint torque equals its load's weight times its lever arm, for a block and for a
+cable; a pushing servo lags by force / gain), gradients from a loss on the material or cable to
+the joint commands (or from the robot's pose to the cable) against central differences, and bad
+input."""
 
 from __future__ import annotations
 
@@ -75,16 +77,21 @@ def test_every_geom_shape_becomes_a_collider_that_tracks_mujocos_pose(tmp_path):
 
 # -- two-way coupling ----------------------------------------------------------------------------
 
+def _plate_arm(tmp_path) -> MujocoRobot:
+    """A gravity-compensated arm that holds a 40 x 24 cm plate level by a hinge position servo
+    (hinge at x = 0.2 m, plate top at z = 0.3 m)."""
+    return MujocoRobot(_mjcf(tmp_path, "plate_arm", """
+<body name="arm" pos="0.2 0.5 0.3" gravcomp="1">
+  <joint name="hinge" type="hinge" axis="0 1 0" damping="200" armature="0.1"/>
+  <geom name="plate" type="box" size="0.2 0.12 0.02" pos="0.35 0 -0.02" mass="2"/>
+</body>""", '<position name="hold" joint="hinge" kp="20000" ctrlrange="-1 1"/>'), bodies=["arm"])
+
+
 def test_held_plate_joint_torque_is_the_load_weight_times_its_lever_arm(tmp_path):
     """A gravity-compensated arm holds a plate level with a position servo about a hinge; an
     elastic block rests on the plate. The servo's torque must equal the block's weight times the
     horizontal distance from the hinge axis to its centre of mass (mean over the last 20 frames)."""
-    path = _mjcf(tmp_path, "plate_arm", """
-<body name="arm" pos="0.2 0.5 0.3" gravcomp="1">
-  <joint name="hinge" type="hinge" axis="0 1 0" damping="200" armature="0.1"/>
-  <geom name="plate" type="box" size="0.2 0.12 0.02" pos="0.35 0 -0.02" mass="2"/>
-</body>""", '<position name="hold" joint="hinge" kp="20000" ctrlrange="-1 1"/>')
-    robot = MujocoRobot(path, bodies=["arm"])
+    robot = _plate_arm(tmp_path)
     res = 32
     block = preset("rubber").with_(young_modulus=2e5)
     scene = _scene(robot, lambda b: b.add_box((0.55, 0.5, 0.3 + 0.04 + 0.3 / res), (0.05, 0.05, 0.04), block),
@@ -287,6 +294,86 @@ def test_a_robot_pad_sweeps_a_cable_one_way(tmp_path):
     assert np.all(x[:, 1] > 0.55)  # all of it: an inextensible cable on light friction follows
     np.testing.assert_allclose(state.collider_position.numpy()[colliders[0]], robot.geom_poses(
         robot.datas[0].qpos)[0][0], atol=1e-5)
+
+
+def test_held_plate_joint_torque_is_a_cables_weight_times_its_lever_arm(tmp_path):
+    """The rod solver couples both ways: a cable laid across the held plate, bent into an arc so
+    that its mass sits at several lever arms, loads the servo with its weight times the distance
+    from the hinge to its centre of mass (mean of the last 20 of 40 frames)."""
+    from diffsim.rod import RodBuilder, RodSolver
+
+    robot = _plate_arm(tmp_path)
+    b = RodBuilder()
+    t = np.linspace(-1.0, 1.0, 21)
+    radius = 0.004
+    points = np.stack([0.45 + 0.1 * t**2, 0.5 + 0.1 * t, np.full(t.size, 0.3 + radius)], axis=1)
+    b.add_rod(points, mass_per_length=0.2, bend_stiffness=1e-4, twist_stiffness=1e-4, linear_damping=5.0,
+              contact_radius=radius, rest_points=points)
+    colliders = robot.add_to(b)
+    soft = b.finalize("cpu")
+    model = RobotModel(soft, robot, colliders)
+    scene = Scene(model, RobotSolver(RodSolver(soft), model), frame_dt=1 / 100, substeps="auto",
+                  actuators=[robot_actuator(model)])
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    torque = []
+    for _ in range(40):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+        torque.append(robot.datas[0].qfrc_actuator[0])
+    mass = soft.vertex_mass.numpy().astype(np.float64)
+    x = state.vertex_x.numpy().astype(np.float64)
+    expected = -mass.sum() * 9.81 * (float(mass @ x[:, 0] / mass.sum()) - 0.2)
+    held = float(np.mean(torque[-20:]))
+    assert abs(held - expected) <= 0.05 * abs(expected), (held, expected)
+    assert np.all(np.abs(x[:, 2] - (0.3 + radius)) < 1e-3)  # it lies on the plate
+    assert abs(robot.datas[0].qpos[0]) < 1e-3  # which stayed level
+
+
+def test_gradient_of_the_held_plates_sag_reaches_the_cables_mass(tmp_path):
+    """The plate's servo is soft (its target level): a cable dropped on it tilts it down by its
+    moment over the gain. That sag reaches the cable's vertex masses only through the fed-back
+    wrench; its gradient along a uniform relative mass change against central differences (2%)."""
+    from diffsim.rod import RodBuilder, RodSolver
+
+    path = _mjcf(tmp_path, "soft_plate", """
+<body name="arm" pos="0.2 0.5 0.3" gravcomp="1">
+  <joint name="hinge" type="hinge" axis="0 1 0" damping="5" armature="0.01"/>
+  <geom name="plate" type="box" size="0.2 0.12 0.02" pos="0.35 0 -0.02" mass="2"/>
+</body>""", '<position name="hold" joint="hinge" kp="20" ctrlrange="-1 1"/>')
+    robot = MujocoRobot(path, bodies=["arm"])
+    b = RodBuilder()
+    t = np.linspace(-1.0, 1.0, 11)
+    points = np.stack([0.45 + 0.1 * t**2, 0.5 + 0.1 * t, np.full(t.size, 0.306)], axis=1)
+    b.add_rod(points, mass_per_length=0.2, bend_stiffness=1e-4, twist_stiffness=1e-4, linear_damping=5.0,
+              contact_radius=0.004, rest_points=points)
+    colliders = robot.add_to(b)
+    soft = b.finalize("cpu", requires_grad=True)
+    model = RobotModel(soft, robot, colliders)
+    scene = Scene(model, RobotSolver(RodSolver(soft), model), frame_dt=1 / 100, substeps="auto",
+                  actuators=[robot_actuator(model)])
+    mass = soft.vertex_mass.numpy().copy()
+
+    def sag(scale: float, grad: bool = False):
+        soft.vertex_mass.assign(mass * scale)
+        state = scene.state(requires_grad=True)
+        control = scene.control(requires_grad=True)
+        tape = wp.Tape() if grad else None
+        with tape if grad else contextlib.nullcontext():
+            for _ in range(15):
+                nxt = scene.solver.new_state(model, requires_grad=True)
+                scene.advance(state, nxt, control)
+                state = nxt
+        if not grad:
+            return float(state.robot_qpos.numpy()[0])
+        soft.vertex_mass.grad.zero_()
+        tape.backward(grads={state.robot_qpos: wp.array([1.0], dtype=float)})
+        return float(soft.vertex_mass.grad.numpy() @ mass), float(state.robot_qpos.numpy()[0])
+
+    tape_grad, q = sag(1.0, grad=True)
+    eps = 0.02
+    fd = (sag(1.0 + eps) - sag(1.0 - eps)) / (2 * eps)
+    assert q > 0.001 and fd > 0.001  # the cable tilts the plate (+q turns it down), more when heavier
+    assert abs(tape_grad - fd) <= 0.02 * abs(fd), (tape_grad, fd)
 
 
 # -- a tactile sensor mounted on a robot -----------------------------------------------------------

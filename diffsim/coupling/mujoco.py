@@ -37,8 +37,7 @@ from the contact points to the body's centre of mass (exact for a single-geom bo
 Gradients need hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks
 them against central differences of whole two-way rollouts.
 
-MPM material couples both ways (its solver measures collider wrenches); the rod solver takes
-robot colliders one way (``two_way=False``). FEM bodies (a tactile sensor's backing) can be mounted
+MPM material and rods couple both ways (their solvers measure collider wrenches). FEM bodies (a tactile sensor's backing) can be mounted
 on robot bodies (``RobotModel(mounts=...)``): the robot carries them and feels the contact force
 on their nodes.
 """
@@ -496,7 +495,8 @@ class RobotSolver(Solver):
         soft: the soft solver (built for ``model.soft``).
         model: the :class:`RobotModel`.
         two_way: feed the material's wrench back to the robot (colliders need a soft solver that
-            measures collider wrenches, like :class:`~diffsim.mpm.MPMSolver`; mounted FEM bodies
+            measures collider wrenches, :class:`~diffsim.mpm.MPMSolver` or
+            :class:`~diffsim.rod.RodSolver`; mounted FEM bodies
             report their nodes' contact forces).
         fd_eps: step of MuJoCo's finite-difference transition Jacobians (taped steps only).
         wrench_eps: step [N, N m] of the central differences of MuJoCo's step with respect to

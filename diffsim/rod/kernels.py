@@ -361,11 +361,17 @@ def project_edges(
     relaxation: float,
     parity: int,
     contact: int,
+    inv_dt2: float,
     x_out: wp.array(dtype=wp.vec3),
+    wrench: wp.array(dtype=wp.vec3),
 ):
     """One half-sweep of mass-weighted length projection (edges of one ``parity``; -1: none), then,
     when ``contact`` is set, pushes the vertex out of every collider with Coulomb friction
-    (``colliders`` posed at the end of the step, with their start poses)."""
+    (``colliders`` posed at the end of the step, with their start poses). With ``contact`` = 2 it
+    also adds what each collider receives to ``wrench`` (force [N] at ``2 slot``, torque [N m]
+    about the collider's origin at ``2 slot + 1``): the step's velocity is the position change
+    over dt, so moving a vertex of mass m by d in the step's last pass is an impulse m d / dt on
+    it, a force m d / dt^2 over the step, and the collider takes the opposite."""
     v = wp.tid()
     p = x_in[v]
     if vertex_driven[v] != 0:
@@ -413,7 +419,12 @@ def project_edges(
                     relative = p - x_start[v] - carried
                     slip = friction_limit(relative, normal, push, colliders.friction[c], contact_smoothing)
                     normal_part = wp.dot(relative, normal) * normal
-                    p = x_start[v] + carried + normal_part + slip
+                    pushed = x_start[v] + carried + normal_part + slip
+                    if contact == 2:
+                        force = (vertex_mass[v] * inv_dt2) * (p - push * normal - pushed)
+                        wp.atomic_add(wrench, 2 * slot, force)
+                        wp.atomic_add(wrench, 2 * slot + 1, wp.cross(pushed - colliders.position[slot], force))
+                    p = pushed
     x_out[v] = p
 
 

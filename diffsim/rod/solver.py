@@ -11,7 +11,7 @@ import warp as wp
 
 from diffsim.core.launch import LaunchCache
 from diffsim.core.protocol import Solver
-from diffsim.core.scratch import PooledScratchSolver, ScratchPool
+from diffsim.core.scratch import PooledScratchSolver, ScratchPool, taping
 from diffsim.errors import InvalidParameter
 from diffsim.geometry import integrate_colliders
 from diffsim.geometry.colliders import ColliderSetCache
@@ -75,6 +75,13 @@ class RodSolver(PooledScratchSolver, Solver):
         self._max_dt: dict[int, float] = {}
         self._launches = LaunchCache()
         self._colliders = ColliderSetCache()
+        #: when True, every step writes :attr:`collider_wrench`: per (world, collider) slot ``s``,
+        #: the force [N] (entry ``2 s``) and torque about the collider's origin [N m] (``2 s + 1``,
+        #: world axes) that the rods exerted on it, averaged over the step (two-way coupling)
+        self.measure_collider_wrench = False
+        self._wrench_buffer = wp.zeros(max(2 * model.num_worlds * model.collider_count, 1), dtype=wp.vec3,
+                                       device=model.device)
+        self.collider_wrench = self._wrench_buffer
 
     # -- protocol --------------------------------------------------------------------------
     def new_state(self, model: RodModel, *, requires_grad: bool = False) -> RodState:
@@ -142,14 +149,22 @@ class RodSolver(PooledScratchSolver, Solver):
                      [s.x_predicted], device, state_in)
         x = s.x_predicted
         colliders = self._colliders.pack(model, state_out, control, start_state=state_in)
+        measure = bool(self.measure_collider_wrench and nc)
+        if measure and taping():  # a taped step's wrench is its own array, so its gradient stays with it
+            self.collider_wrench = wp.zeros(2 * model.num_worlds * nc, dtype=wp.vec3, device=device,
+                                            requires_grad=True)
+        elif measure:
+            self.collider_wrench = self._wrench_buffer
+            self.collider_wrench.zero_()
         for k in range(self._passes):
             out = getattr(s, f"x_pass{k}")
             parity = k % 2 if self.inextensible else -1
+            contact = (2 if measure else 1) if (k == self._passes - 1 and nc) else 0
             self._launch(("project_edges", k), kernels.project_edges, V,
                          [x, state_in.vertex_x, *topology, model.vertex_mass, model.vertex_driven,
                           model.edge_rest_length, model.rod_contact_radius, model.rod_world, colliders,
-                          self.contact_smoothing, self.relaxation, parity, 1 if (k == self._passes - 1 and nc) else 0],
-                         [out], device, state_in)
+                          self.contact_smoothing, self.relaxation, parity, contact, 1.0 / (dt * dt)],
+                         [out, self.collider_wrench if contact == 2 else self._wrench_buffer], device, state_in)
             x = out
         self._launch("finish_step", kernels.finish_step, V,
                      [state_in.vertex_x, x, state_in.edge_d1, s.edge_theta, state_in.edge_theta,
