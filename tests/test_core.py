@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 import warp as wp
 
-from diffsim.core import Rollout, check_grad
+from diffsim.core import Control, Model, Rollout, Solver, State, check_grad
 from diffsim.core.torch import rollout_loss
 from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
 from tests.toy_solver import ToySolver, make_toy
@@ -67,7 +68,8 @@ def _zero_all(model, state0, controls):
 
 @pytest.mark.parametrize("checkpoint_every", [1, 4, 7, 1000])
 @pytest.mark.parametrize("fresh_scratch", [False, True], ids=["shared-scratch", "tape-per-segment"])
-def test_checkpointed_gradient_equals_store_everything(checkpoint_every, fresh_scratch):
+@pytest.mark.parametrize("rescale", [False, True], ids=["float32", "rescaled"])
+def test_checkpointed_gradient_equals_store_everything(checkpoint_every, fresh_scratch, rescale):
     model, solver, state0, controls = make_toy(n=5, frames=6)
     solver.fresh_scratch = fresh_scratch
     frame_loss, final_loss = _losses(5)
@@ -76,7 +78,8 @@ def test_checkpointed_gradient_equals_store_everything(checkpoint_every, fresh_s
                                             frame_loss, final_loss)
     _zero_all(model, state0, controls)
     rollout = Rollout(solver, model, state0, controls, frame_dt=frame_dt, substeps=substeps,
-                      checkpoint_every=checkpoint_every, frame_loss=frame_loss, final_loss=final_loss)
+                      checkpoint_every=checkpoint_every, frame_loss=frame_loss, final_loss=final_loss,
+                      rescale_adjoint=rescale)
     loss = rollout.forward()
     rollout.backward()
     assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -186,3 +189,94 @@ def test_simulate_never_writes_its_input_state():
     final = simulate(model, solver, state, 3, solver.max_stable_dt(model))
     np.testing.assert_array_equal(state.particle_x.numpy(), x0)  # three steps, two buffers: none is the input
     assert not np.array_equal(final.particle_x.numpy(), x0)
+
+
+# -- adjoints beyond float32's range (Rollout(rescale_adjoint=True)) ------------------------------
+
+@dataclass
+class _MapModel(Model):
+    gain: wp.array  # float per entry
+    shift: wp.array  # float per entry
+    device: str = "cpu"
+
+
+@dataclass
+class _MapState(State):
+    x: wp.array
+
+
+@dataclass
+class _MapControl(Control):
+    u: wp.array
+
+
+@wp.kernel
+def _stretch_and_fold(x: wp.array(dtype=float), gain: wp.array(dtype=float), shift: wp.array(dtype=float),
+                      u: wp.array(dtype=float), out: wp.array(dtype=float)):
+    i = wp.tid()
+    out[i] = wp.mod(gain[i] * x[i] + shift[i] + u[i], 1.0)  # bounded state, d out / d x = gain
+
+
+@wp.kernel
+def _sum_into(x: wp.array(dtype=float), loss: wp.array(dtype=float)):
+    wp.atomic_add(loss, 0, x[wp.tid()])
+
+
+class _MapSolver(Solver):
+    """x <- (gain x + shift + u) mod 1: the state stays in [0, 1) while the adjoint of an entry
+    with gain 2 doubles every step, like a chaotic system's."""
+
+    tape_spans_steps = True
+
+    def new_state(self, model, *, requires_grad=False):
+        return _MapState(x=wp.zeros(model.gain.shape[0], dtype=float, requires_grad=requires_grad))
+
+    def step(self, model, state_in, state_out, control, dt):
+        wp.launch(_stretch_and_fold, model.gain.shape[0], inputs=[state_in.x, model.gain, model.shift, control.u],
+                  outputs=[state_out.x])
+
+
+def test_rescaled_adjoint_gives_gradients_beyond_float32_range():
+    """Over 160 steps an entry of gain 2 has d(loss)/d(x0) ~ 2^161 (float32 ends at 2^128): the
+    plain backward pass overflows and says so; with ``rescale_adjoint`` every gradient matches the
+    float64 recursion, for entries whose adjoint grew past 2^64 and 2^128 and one that shrank."""
+    from diffsim.errors import GradientDiverged
+
+    gain = np.array([2.0, 1.5, 0.9])
+    steps = 160
+
+    def build():
+        model = _MapModel(gain=wp.array(gain.astype(np.float32), requires_grad=True),
+                          shift=wp.array(np.array([0.1234, 0.377, 0.05], np.float32), requires_grad=True))
+        state0 = _MapState(x=wp.array(np.array([0.3, 0.6, 0.2], np.float32), requires_grad=True))
+        controls = [_MapControl(u=wp.zeros(3, dtype=float, requires_grad=True)) for _ in range(steps)]
+        return model, state0, controls
+
+    def losses(model, state, frame, loss):
+        wp.launch(_sum_into, 3, inputs=[state.x], outputs=[loss])
+
+    model, state0, controls = build()
+    plain = Rollout(_MapSolver(), model, state0, controls, frame_dt=1.0, checkpoint_every=16, frame_loss=losses,
+                    final_loss=lambda m, s, loss: losses(m, s, 0, loss))
+    plain.forward()
+    with pytest.raises(GradientDiverged):
+        plain.backward()
+
+    model, state0, controls = build()
+    rollout = Rollout(_MapSolver(), model, state0, controls, frame_dt=1.0, checkpoint_every=16, frame_loss=losses,
+                      final_loss=lambda m, s, loss: losses(m, s, 0, loss), rescale_adjoint=True)
+    rollout.forward()
+    rollout.backward()
+    # the float64 recursion: lambda_T = 2 (frame and final loss), lambda_t = gain lambda_{t+1} + 1
+    lam = np.zeros((steps + 1, 3))
+    lam[steps] = 2.0
+    for t in range(steps - 1, 0, -1):
+        lam[t] = gain * lam[t + 1] + 1.0
+    expected = {"x0": gain * lam[1], "shift": lam[1:].sum(axis=0), "u7": lam[8]}
+    got = {"x0": rollout.gradient(state0.x), "shift": rollout.gradient(model.shift),
+           "u7": rollout.gradient(controls[7].u)}
+    assert expected["x0"][0] > 1e48  # past float32 (3.4e38)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+    assert rollout.adjoint_exponent == 128
+    assert np.isinf(state0.x.grad.numpy()[0]) and np.isfinite(state0.x.grad.numpy()[1:]).all()  # .grad is float32

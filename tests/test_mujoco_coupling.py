@@ -87,6 +87,23 @@ def _plate_arm(tmp_path) -> MujocoRobot:
 </body>""", '<position name="hold" joint="hinge" kp="20000" ctrlrange="-1 1"/>'), bodies=["arm"])
 
 
+def _hold(scene, robot, frames: int = 40):
+    """Step the plate scene ``frames`` frames at rest: the last state and the servo's torque per frame."""
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    torque = []
+    for _ in range(frames):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+        torque.append(robot.datas[0].qfrc_actuator[0])
+    return state, torque
+
+
+def _load_moment(mass: np.ndarray, x: np.ndarray) -> float:
+    """The torque [N m] a servo at x = 0.2 m holds against a load of these masses at these points."""
+    mass = mass.astype(np.float64)
+    return -mass.sum() * 9.81 * (float(mass @ x[:, 0].astype(np.float64) / mass.sum()) - 0.2)
+
+
 def test_held_plate_joint_torque_is_the_load_weight_times_its_lever_arm(tmp_path):
     """A gravity-compensated arm holds a plate level with a position servo about a hinge; an
     elastic block rests on the plate. The servo's torque must equal the block's weight times the
@@ -96,16 +113,8 @@ def test_held_plate_joint_torque_is_the_load_weight_times_its_lever_arm(tmp_path
     block = preset("rubber").with_(young_modulus=2e5)
     scene = _scene(robot, lambda b: b.add_box((0.55, 0.5, 0.3 + 0.04 + 0.3 / res), (0.05, 0.05, 0.04), block),
                    substeps="auto", frame_dt=1 / 100, grid_res=res)
-    state, nxt, control = scene.state(), scene.state(), scene.control()
-    torque = []
-    for _ in range(40):
-        scene.advance(state, nxt, control)
-        state, nxt = nxt, state
-        torque.append(robot.datas[0].qfrc_actuator[0])
-    model = scene.model
-    mass = model.particle_mass.numpy()
-    x_com = float(mass @ state.particle_x.numpy()[:, 0] / mass.sum())
-    expected = -mass.sum() * 9.81 * (x_com - 0.2)  # the servo holds the load's moment about +y
+    state, torque = _hold(scene, robot)
+    expected = _load_moment(scene.model.particle_mass.numpy(), state.particle_x.numpy())  # about +y
     held = float(np.mean(torque[-20:]))
     assert abs(held - expected) <= 0.05 * abs(expected), (held, expected)
     assert abs(robot.datas[0].qpos[0]) < 1e-3  # the plate stayed level
@@ -166,6 +175,15 @@ def test_a_pressing_servo_feels_the_block_it_presses(tmp_path):
 
 # -- gradients -----------------------------------------------------------------------------------
 
+def _advance(scene, state, control, frames: int):
+    """``frames`` frames from ``state``, each into a fresh state (a tape then spans them all)."""
+    for _ in range(frames):
+        nxt = scene.solver.new_state(scene.model, requires_grad=True)
+        scene.advance(state, nxt, control)
+        state = nxt
+    return state
+
+
 @wp.kernel
 def _mean_height(x: wp.array(dtype=wp.vec3), m: wp.array(dtype=float), total: float, out: wp.array(dtype=float)):
     i = wp.tid()
@@ -195,10 +213,7 @@ def test_gradient_of_a_material_loss_reaches_the_joint_command(tmp_path, joint):
         tape = wp.Tape() if grad else None
         out = wp.zeros(1, dtype=float, requires_grad=True)
         with tape if grad else contextlib.nullcontext():
-            for _ in range(12):
-                nxt = scene.solver.new_state(model, requires_grad=True)
-                scene.advance(state, nxt, control)
-                state = nxt
+            state = _advance(scene, state, control, 12)
             wp.launch(_mean_height, model.particle_count, inputs=[state.particle_x, model.particle_mass, total],
                       outputs=[out])
         if not grad:
@@ -314,15 +329,9 @@ def test_held_plate_joint_torque_is_a_cables_weight_times_its_lever_arm(tmp_path
     model = RobotModel(soft, robot, colliders)
     scene = Scene(model, RobotSolver(RodSolver(soft), model), frame_dt=1 / 100, substeps="auto",
                   actuators=[robot_actuator(model)])
-    state, nxt, control = scene.state(), scene.state(), scene.control()
-    torque = []
-    for _ in range(40):
-        scene.advance(state, nxt, control)
-        state, nxt = nxt, state
-        torque.append(robot.datas[0].qfrc_actuator[0])
-    mass = soft.vertex_mass.numpy().astype(np.float64)
-    x = state.vertex_x.numpy().astype(np.float64)
-    expected = -mass.sum() * 9.81 * (float(mass @ x[:, 0] / mass.sum()) - 0.2)
+    state, torque = _hold(scene, robot)
+    x = state.vertex_x.numpy()
+    expected = _load_moment(soft.vertex_mass.numpy(), x)
     held = float(np.mean(torque[-20:]))
     assert abs(held - expected) <= 0.05 * abs(expected), (held, expected)
     assert np.all(np.abs(x[:, 2] - (0.3 + radius)) < 1e-3)  # it lies on the plate
@@ -359,10 +368,7 @@ def test_gradient_of_the_held_plates_sag_reaches_the_cables_mass(tmp_path):
         control = scene.control(requires_grad=True)
         tape = wp.Tape() if grad else None
         with tape if grad else contextlib.nullcontext():
-            for _ in range(15):
-                nxt = scene.solver.new_state(model, requires_grad=True)
-                scene.advance(state, nxt, control)
-                state = nxt
+            state = _advance(scene, state, control, 15)
         if not grad:
             return float(state.robot_qpos.numpy()[0])
         soft.vertex_mass.grad.zero_()
@@ -447,10 +453,7 @@ def test_gradient_of_a_mounted_sensor_reading_reaches_the_joint_command(tmp_path
         out = wp.zeros(1, dtype=float, requires_grad=True)
         tape = wp.Tape() if grad else None
         with tape if grad else contextlib.nullcontext():
-            for _ in range(40):
-                nxt = scene.solver.new_state(model, requires_grad=True)
-                scene.advance(state, nxt, control)
-                state = nxt
+            state = _advance(scene, state, control, 40)
             wp.launch(_force_z, 1, inputs=[sensor.read(model.soft, state).force], outputs=[out])
         if not grad:
             return float(out.numpy()[0])

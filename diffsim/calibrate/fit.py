@@ -49,9 +49,12 @@ class FitOptions:
     initial_velocity: str = "ends"
     #: each recording's gradient is clipped to this multiple of the median recording's norm (None:
     #: no clipping). A cable flung about is chaotic: the few recordings whose adjoints grow over the
-    #: horizon would otherwise set the direction of every step. Recordings whose adjoint overflows
-    #: (non-finite) are left out of the step.
+    #: horizon would otherwise set the direction of every step. Recordings whose gradient is not
+    #: finite (a diverged rollout, or float32 overflow without ``rescale_adjoint``) are left out.
     recording_clip: float | None = 3.0
+    #: carry the rollout's adjoint in powers of two and sum gradients in float64, so that no
+    #: recording's gradient overflows float32 (see :class:`~diffsim.core.rollout.Rollout`)
+    rescale_adjoint: bool = True
     checkpoint_every: int | None = None  #: solver steps per rollout checkpoint (default sqrt(T))
     seed: int = 0
 
@@ -102,7 +105,7 @@ class CableObjective:
 
     def __init__(self, recordings: CableRecordings, params: CableParameters, *, subdivisions: int = 1,
                  device: str | None = None, checkpoint_every: int | None = None, substeps: int | str = "auto",
-                 initial_velocity: str = "ends"):
+                 initial_velocity: str = "ends", rescale_adjoint: bool = True):
         self.recordings = recordings
         self.base = params
         #: solver steps per frame; "auto" (the fewest stable ones) changes with the stiffness, so the
@@ -116,6 +119,11 @@ class CableObjective:
         self._state0 = self.model.state(requires_grad=True)
         #: each recording's share of the last call's gradient, shape (recordings, vector size)
         self.recording_gradients: np.ndarray | None = None
+        #: carry the adjoint in powers of two (see :class:`~diffsim.core.rollout.Rollout`); False
+        #: keeps plain float32, where a recording whose adjoint overflows is left out of the step
+        self.rescale_adjoint = rescale_adjoint
+        #: the largest power of two the last call's adjoint needed (0: it fitted float32)
+        self.adjoint_exponent = 0
         self._stage: tuple | None = None
 
     def initial_vector(self) -> np.ndarray:
@@ -143,31 +151,35 @@ class CableObjective:
         _assign(model, layout, self.parameters(vector), self.recordings.num_recordings)
         # a stiffer cable needs more substeps: the scene's cached stability limit must follow
         self.scene.refresh_limits()
+        # a cable flung about is chaotic: over 499 frames its adjoint outgrows float32, so the
+        # rollout carries it in powers of two and sums the gradients in float64
         rollout = self.scene.rollout(self._state0, controls, checkpoint_every=self.checkpoint_every,
-                                     frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss))
+                                     frame_loss=lambda m, s, frame, loss: loss_fn(m, s, frame, loss),
+                                     rescale_adjoint=self.rescale_adjoint)
         model.zero_grad()
         loss = rollout.forward()
         rollout.backward()
-        self.recording_gradients = self._recording_gradients(vector.size)
+        self.adjoint_exponent = rollout.adjoint_exponent
+        self.recording_gradients = self._recording_gradients(vector.size, rollout.gradient)
         return float(loss), self.recording_gradients.sum(axis=0), rollout.substeps
 
-    def _recording_gradients(self, size: int) -> np.ndarray:
-        """Each recording's share of the gradient, shape (recordings, size): every fitted array is
-        per edge, vertex or rod, and each rod is one recording."""
+    def _recording_gradients(self, size: int, gradient) -> np.ndarray:
+        """Each recording's share of the gradient, shape (recordings, size), from ``gradient(array)``
+        (float64): every fitted array is per edge, vertex or rod, and each rod is one recording."""
         model, layout, at = self.model, self.layout, self.slices
         n = self.recordings.num_recordings
         rows = np.zeros((n, size))
         for i, array_name in enumerate(LOG_PARAMETERS.values()):
             arr = model.array(array_name)
-            rows[:, i] = (arr.grad.numpy().astype(np.float64) * arr.numpy()).reshape(n, -1).sum(axis=1)
+            rows[:, i] = (gradient(arr) * arr.numpy()).reshape(n, -1).sum(axis=1)
         # rest curvature of a vertex = shared curvature + memory * its rod's first-frame curvature
-        curvature_grad = model.vertex_rest_curvature.grad.numpy().astype(np.float64).reshape(n, -1)
+        curvature_grad = gradient(model.vertex_rest_curvature).reshape(n, -1)
         rows[:, at["memory"]] = np.sum(curvature_grad * layout.first_frame_curvature.reshape(n, -1), axis=1,
                                        keepdims=True)
         rows[:, at["curvature"]] = curvature_grad
         # the profile multiplies bend_stiffness: d/d(log factor_e) = grad_e * stiffness_e
         bend = model.edge_bend_stiffness
-        rows[:, at["profile"]] = (bend.grad.numpy().astype(np.float64) * bend.numpy()).reshape(n, -1)
+        rows[:, at["profile"]] = (gradient(bend) * bend.numpy()).reshape(n, -1)
         return rows
 
 
@@ -246,7 +258,8 @@ class CableFamily(Family):
         for j, (p, (i, log)) in enumerate(zip(self.parameters, self._index, strict=True)):
             grads[:, j] = rows[:, i] / values[p.name] if log else rows[:, i]  # d/d value
         self.calls.append({"frames": self._frames, "substeps": substeps,
-                           "recordings_left_out": int(np.sum(~np.all(np.isfinite(rows), axis=1)))})
+                           "recordings_left_out": int(np.sum(~np.all(np.isfinite(rows), axis=1))),
+                           "adjoint_exponent": self.objective.adjoint_exponent})
         # the rollout's loss is the mean marker error over the whole batch; it is not split per
         # recording, so every recording reports that mean (the engine only averages them)
         return np.full(rows.shape[0], loss), grads
@@ -282,7 +295,8 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
     if initial.marker_gaps is None:
         initial = CableParameters.from_json({**initial.to_json(), "marker_gaps": measure_marker_gaps(recordings)})
     objective = CableObjective(recordings, initial, subdivisions=options.subdivisions, device=device,
-                               checkpoint_every=options.checkpoint_every, initial_velocity=options.initial_velocity)
+                               checkpoint_every=options.checkpoint_every, initial_velocity=options.initial_velocity,
+                               rescale_adjoint=options.rescale_adjoint)
     family = CableFamily(objective, options)
     family.name = f"rod (initial_velocity={options.initial_velocity!r})"
     names = tuple(p.name for p in family.parameters)
@@ -303,6 +317,7 @@ def fit_cable(recordings: CableRecordings, initial: CableParameters | None = Non
         values = record["values"]
         history.append({"iteration": record["iteration"], "frames": call.get("frames"), "loss_m": record["loss"],
                         "substeps": call.get("substeps"), "recordings_left_out": call.get("recordings_left_out", 0),
+                        "adjoint_exponent": call.get("adjoint_exponent", 0),
                         "recordings_clipped": record["recordings_clipped"] - call.get("recordings_left_out", 0),
                         **{name: values[name] for name in LOG_PARAMETERS},
                         "shape_memory": values.get("shape_memory", initial.shape_memory)})

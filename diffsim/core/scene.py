@@ -352,7 +352,8 @@ class Scene:
 
     def rollout(self, state0: State, controls: Sequence[Control], **options):
         """A checkpointed :class:`~diffsim.core.rollout.Rollout` of this scene from ``state0``
-        (options: ``frame_loss``, ``final_loss``, ``checkpoint_every``, ``check_every``, ``progress``)."""
+        (options: ``frame_loss``, ``final_loss``, ``checkpoint_every``, ``check_every``, ``progress``,
+        ``rescale_adjoint``)."""
         from diffsim.core.rollout import Rollout
 
         return Rollout(self.solver, self.model, state0, controls, frame_dt=self.frame_dt, substeps=self.substeps,
