@@ -374,3 +374,25 @@ def test_coupled_scenes_refuse_a_quasistatic_sensor():
     scene = rod_on_sensor()
     with pytest.raises(ConfigError, match="quasi-statically"):
         CoupledSolver(scene.model, fem=FEMSolver(scene.model.fem, integrator="quasistatic"), rod=scene.solver.rod)
+
+
+@pytest.mark.parametrize("integrator", ["implicit", "quasistatic"])
+def test_surface_follow_runs_random_episodes_on_the_implicit_integrators(integrator):
+    """A pad tilting fast across a sphere used to end some random episodes with NotConverged: its
+    Newton solves reached float32's floor (scaled residuals of 2-5e-9 m, 32-ulp tolerance 4e-8 m)
+    one iteration before the stall test could tell, and no step could lower the energy. Such an
+    iterate is converged; these episodes (seed 6 stalled at frame 62, seed 3 at 132) run through."""
+    import gymnasium as gym
+
+    import diffsim.tasks  # noqa: F401  (registers the tasks)
+
+    env = gym.make("diffsim/SurfaceFollow-v0", integrator=integrator)
+    for seed in (3, 6):
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        for _ in range(150):
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            assert np.isfinite(reward)
+            if terminated or truncated:
+                break
+    env.close()

@@ -22,9 +22,9 @@ Two factorisations, chosen per matrix (``backend="auto"``):
   body a band about as wide as its thinnest cross-section, then LAPACK's banded Cholesky
   (``pbtrf``/``pbtrs``, on the BLAS scipy ships with). Tactile pads are thin, so their band is
   narrow: on the 8k-tet benchmark pad (5,292 unknowns, band 341) a factorisation takes 25-45 ms
-  and a solve 0.6-0.9 ms, against 120-200 ms and about 1 ms through CHOLMOD; on a 10 x 10 x 10
-  cube of 3,993 unknowns 14 ms against 121 ms (2-core CPU). Chosen while the band holds at most
-  :data:`BANDED_MAX_BYTES`.
+  and a solve 0.6-1 ms (single precision), against 120-200 ms and 1.2-1.6 ms through CHOLMOD; on
+  a 10 x 10 x 10 cube of 3,993 unknowns 14 ms against 121 ms (2-core CPU). Chosen while the band,
+  in double precision, needs at most :data:`BANDED_MAX_BYTES`.
 - **cholmod**: CHOLMOD's supernodal Cholesky through ``cholespy``, whose solves read Warp arrays
   directly (DLPack) on the CPU and on CUDA devices; the only choice on a GPU, and the choice for
   bodies whose band would be too wide to store.
@@ -50,7 +50,8 @@ from diffsim.errors import DiffsimError, InvalidParameter
 __all__ = ["BACKENDS", "BANDED_MAX_BYTES", "CholeskyPattern", "SparseCholesky"]
 
 BACKENDS = ("auto", "banded", "cholmod")
-#: ``backend="auto"`` factors banded while the band's storage (float64) stays under this [bytes]
+#: ``backend="auto"`` factors banded while the band's storage in double precision (the fallback)
+#: stays under this [bytes]
 BANDED_MAX_BYTES = 512 * 2**20
 #: extra CG iterations after which a stale factor is renewed, per backend, when not given: about
 #: what one factorisation costs in preconditioned CG iterations on a 2-core CPU (8k-tet pad)
