@@ -394,9 +394,8 @@ class Rollout:
                     arr.grad.assign(values.reshape(arr.grad.numpy().shape).astype(np.float32))
             self._segment_backward(start, end, states, seeded=level == 0)
             scale = 2.0 ** level
-            for name, arr in states[0].arrays():
-                if arr.grad is not None and arr.dtype not in _INTEGER:
-                    first[name] = first.get(name, 0.0) + scale * arr.grad.numpy().astype(np.float64).reshape(-1)
+            for name, values in _adjoint64(states[0]).items():
+                first[name] = first.get(name, 0.0) + scale * values
             self._harvest_gradients64(scale, [self.controls[f] for f in frames])
         return first
 
