@@ -1,9 +1,9 @@
 """MuJoCo robots driving MPM material, cables and mounted sensors (diffsim.coupling.mujoco): geoms
 as colliders that track MuJoCo's poses, the soft bodies' wrench fed back through xfrc_applied (a
 held plate's joint torque equals its load's weight times its lever arm, for a block and for a
-cable; a pushing servo lags by force / gain), gradients from a loss on the material or cable to
-the joint commands (or from the robot's pose to the cable) against central differences, and bad
-input."""
+cable; a pushing servo lags by force / gain; a mounted pad carrying MPM material in a coupled
+scene), gradients from a loss on the material or cable to the joint commands (or from the robot's
+pose to the cable) against central differences, and bad input."""
 
 from __future__ import annotations
 
@@ -434,6 +434,26 @@ def test_a_sensor_mounted_on_a_robot_presses_a_ball_and_the_servo_feels_it(tmp_p
     assert abs((z_on - z_off) - fed_back / kp) <= 0.05 * abs(fed_back) / kp, (z_on - z_off, fed_back / kp)
 
 
+def _command_gradient(scene, measure, *, frames: int, command: float, eps: float) -> tuple[float, float]:
+    """d(measure after ``frames`` frames) / d(the one robot command): (tape, central differences).
+    ``measure(state, out)`` writes the quantity into the one-element array ``out`` (taped)."""
+
+    def run(command: float, grad: bool = False):
+        state = scene.state(requires_grad=True)
+        control = scene.control(requires_grad=True)
+        control.robot_ctrl.assign(np.array([command], np.float32))
+        out = wp.zeros(1, dtype=float, requires_grad=True)
+        tape = wp.Tape() if grad else None
+        with tape if grad else contextlib.nullcontext():
+            measure(_advance(scene, state, control, frames), out)
+        if not grad:
+            return float(out.numpy()[0])
+        tape.backward(out)
+        return float(control.robot_ctrl.grad.numpy()[0])
+
+    return run(command, grad=True), (run(command + eps) - run(command - eps)) / (2 * eps)
+
+
 @wp.kernel
 def _force_z(force: wp.array(dtype=wp.vec3), out: wp.array(dtype=float)):
     out[0] = force[0][2]
@@ -446,22 +466,89 @@ def test_gradient_of_a_mounted_sensor_reading_reaches_the_joint_command(tmp_path
     scene, sensor = _mounted_sensor(tmp_path)
     model = scene.model
 
-    def loss(command: float, grad: bool = False):
-        state = scene.state(requires_grad=True)
-        control = scene.control(requires_grad=True)
-        control.robot_ctrl.assign(np.array([command], np.float32))
-        out = wp.zeros(1, dtype=float, requires_grad=True)
-        tape = wp.Tape() if grad else None
-        with tape if grad else contextlib.nullcontext():
-            state = _advance(scene, state, control, 40)
-            wp.launch(_force_z, 1, inputs=[sensor.read(model.soft, state).force], outputs=[out])
-        if not grad:
-            return float(out.numpy()[0])
-        tape.backward(out)
-        return float(control.robot_ctrl.grad.numpy()[0])
+    def force_z(state, out):
+        wp.launch(_force_z, 1, inputs=[sensor.read(model.soft, state).force], outputs=[out])
 
-    tape_grad = loss(0.6e-3, grad=True)
-    eps = 2e-5
-    fd = (loss(0.6e-3 + eps) - loss(0.6e-3 - eps)) / (2 * eps)
+    tape_grad, fd = _command_gradient(scene, force_z, frames=40, command=0.6e-3, eps=2e-5)
     assert fd < -50.0  # pressing further up pushes the ball harder into the pad (-z on the sensor)
     assert abs(tape_grad - fd) <= 0.02 * abs(fd), (tape_grad, fd)
+
+
+
+PAD_SERVO_GAIN = 2000.0  #: [N/m], the slide's position servo in _pad_under_cube
+
+
+def _pad_under_cube(tmp_path, *, drop: float, requires_grad: bool = False) -> Scene:
+    """A coupled scene under a robot: a sensor pad mounted on a servoed slide, a rubber cube (MPM)
+    ``drop`` [m] above it, in two-way contact with the pad. The pad is weightless: a mounted body's
+    own weight is carried by its backing, which the robot does not measure."""
+    from diffsim.coupling import CoupledModel, CoupledSolver
+    from diffsim.coupling.scenes import PAD_THICKNESS, add_sensor_pad
+    from diffsim.fem import FEMBuilder
+
+    path = _mjcf(tmp_path, "pad_slide", """
+<body name="finger" pos="0 0 0" gravcomp="1">
+  <joint name="z" type="slide" axis="0 0 1" damping="28" armature="0.001"/>
+  <geom type="box" size="0.01 0.01 0.002" pos="0 0 -0.002" mass="0.1"/></body>""",
+                 f'<position name="z" joint="z" kp="{PAD_SERVO_GAIN}" ctrlrange="-0.01 0.01"/>')
+    robot = MujocoRobot(path, bodies=[])
+    fem = FEMBuilder(gravity=(0.0, 0.0, 0.0))
+    add_sensor_pad(fem, position=(0.0, 0.0, 0.0))
+    half = 0.006
+    mpm = MPMBuilder(grid_res=16, domain_size=0.06, domain_origin=(-0.03, -0.03, -0.01))
+    mpm.add_box((0.0, 0.0, PAD_THICKNESS + half + drop), (half, half, half), preset("rubber"))
+    soft = CoupledModel(fem.finalize("cpu", requires_grad=requires_grad),
+                        mpm.finalize("cpu", requires_grad=requires_grad), material_friction=0.5)
+    model = RobotModel(soft, robot, {}, mounts={"finger": 0})
+    return Scene(model, RobotSolver(CoupledSolver(soft, mpm=MPMSolver(soft.mpm)), model), frame_dt=1e-3,
+                 actuators=[robot_actuator(model)])
+
+
+def test_a_mounted_sensor_holds_mpm_material_and_the_servo_feels_its_weight(tmp_path):
+    """Settled, the contact forces on the mounted pad's nodes bring the cube's weight to the robot
+    (3%, means over 0.1 s), and the servo sags by weight / kp (5%)."""
+    scene = _pad_under_cube(tmp_path, drop=1e-3)
+    soft = scene.model.soft
+    state, nxt, control = scene.state(), scene.state(), scene.control()
+    assert state.array("robot_qpos") is state.robot_qpos and state.array("fem.node_x") is state.fem.node_x
+    force, sag = [], []
+    for frame in range(250):
+        scene.advance(state, nxt, control)
+        state, nxt = nxt, state
+        if frame >= 150:
+            force.append(float(state.robot_wrench.numpy()[2]))
+            sag.append(float(state.robot_qpos.numpy()[0]))
+    weight = float(soft.mpm.particle_mass.numpy().astype(np.float64).sum() * 9.81)
+    np.testing.assert_allclose(state.fem.body_position.numpy()[0], [0.0, 0.0, sag[-1]], atol=1e-7)  # carried
+    assert np.mean(force) == pytest.approx(-weight, rel=0.03), (np.mean(force), -weight)
+    assert np.mean(sag) == pytest.approx(np.mean(force) / PAD_SERVO_GAIN, rel=0.05), (np.mean(sag), np.mean(force))
+
+
+@wp.kernel
+def _mean_z(x: wp.array(dtype=wp.vec3), scale: float, out: wp.array(dtype=float)):
+    wp.atomic_add(out, 0, scale * x[wp.tid()][2])
+
+
+def test_gradient_from_mpm_material_on_a_mounted_sensor_reaches_the_joint_command(tmp_path):
+    """d(the cube's mean height after 15 frames) / d(the slide's command), the cube landing on the
+    pad the robot lifts: through MuJoCo's Jacobians, the carried pad and its two-way contact with
+    the material, against central differences (2%)."""
+    scene = _pad_under_cube(tmp_path, drop=0.2e-3, requires_grad=True)
+    mpm = scene.model.soft.mpm
+
+    def height(state, out):
+        wp.launch(_mean_z, mpm.particle_count, inputs=[state.mpm.particle_x, 1.0 / mpm.particle_count],
+                  outputs=[out])
+
+    tape_grad, fd = _command_gradient(scene, height, frames=15, command=1e-3, eps=5e-5)
+    assert fd > 0.3  # commanding the slide higher lifts the cube with the pad
+    assert abs(tape_grad - fd) <= 0.02 * abs(fd), (tape_grad, fd)
+
+
+def test_a_coupled_scene_takes_robot_colliders_per_part(tmp_path):
+    scene = _pad_under_cube(tmp_path, drop=1e-3)
+    soft, robot = scene.model.soft, scene.model.robot
+    with pytest.raises(ConfigError, match="per part"):
+        RobotModel(soft, robot, [])
+    with pytest.raises(ConfigError, match="no part 'rod'"):
+        RobotModel(soft, robot, {"rod": []})

@@ -134,8 +134,12 @@ class BundleGroup(ArrayBundle):
             raise KeyError(f"{type(self).__name__} has no part {part!r}; it has: {', '.join(self.parts)}.")
         return self.parts[part].array(field_name)
 
+    def _with_parts(self, parts: dict):
+        """A group of this type over ``parts`` (subclasses holding more than parts override it)."""
+        return type(self)(**parts)
+
     def clone(self, *, requires_grad: bool | None = None):
-        return type(self)(**{name: part.clone(requires_grad=requires_grad) for name, part in self.parts.items()})
+        return self._with_parts({name: part.clone(requires_grad=requires_grad) for name, part in self.parts.items()})
 
     def with_arrays(self, arrays: dict[str, wp.array]):
         by_part: dict[str, dict] = {}
@@ -144,8 +148,8 @@ class BundleGroup(ArrayBundle):
             if part not in self.parts:
                 raise KeyError(f"{type(self).__name__} has no part {part!r}; it has: {', '.join(self.parts)}.")
             by_part.setdefault(part, {})[field_name] = arr
-        return type(self)(**{name: part.with_arrays(by_part[name]) if name in by_part else part
-                             for name, part in self.parts.items()})
+        return self._with_parts({name: part.with_arrays(by_part[name]) if name in by_part else part
+                                 for name, part in self.parts.items()})
 
 
 _INTEGER_DTYPES = (wp.int32, wp.int64, wp.uint64, wp.uint32, wp.int8, wp.uint8)

@@ -37,9 +37,13 @@ from the contact points to the body's centre of mass (exact for a single-geom bo
 Gradients need hinge and slide joints (``nq == nv``). ``tests/test_mujoco_coupling.py`` checks
 them against central differences of whole two-way rollouts.
 
-MPM material and rods couple both ways (their solvers measure collider wrenches). FEM bodies (a tactile sensor's backing) can be mounted
-on robot bodies (``RobotModel(mounts=...)``): the robot carries them and feels the contact force
-on their nodes.
+MPM material and rods couple both ways (their solvers measure collider wrenches). FEM bodies (a
+tactile sensor's backing) can be mounted on robot bodies (``RobotModel(mounts=...)``): the robot
+carries them and feels the contact force on their nodes. The soft model may be a coupled scene's
+:class:`~diffsim.coupling.CoupledModel`: the robot's geoms are then colliders of the parts named
+(``{"mpm": [...], "rod": [...]}``), a mounted sensor presses the material and rods through the
+coupled solver's contact, and the robot's arrays sit beside the parts' (``state.robot_qpos``
+beside ``state.fem.node_x``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import warp as wp
 
-from diffsim.core.protocol import Solver
+from diffsim.core.protocol import BundleGroup, Solver
 from diffsim.core.scene import Actuator, taping
 from diffsim.errors import ConfigError, InvalidParameter, SimulationDiverged
 from diffsim.geometry import Collider, ShapeType, TriangleMesh
@@ -256,6 +260,51 @@ def _extend(cls: type, name: str, fields: Sequence[str]) -> type:
     return dataclasses.make_dataclass(name, [(f, wp.array) for f in fields], bases=(cls,))
 
 
+class _GroupWithRobot:
+    """A :class:`~diffsim.core.protocol.BundleGroup` (a coupled scene's State or Control) that also
+    holds the robot's arrays under their own names: ``state.robot_qpos`` and
+    ``state.array("robot_qpos")`` beside ``state.array("fem.node_x")``, as on a single solver's."""
+
+    def __init__(self, robot_arrays: dict, **parts):
+        super().__init__(**parts)
+        object.__setattr__(self, "robot_arrays", dict(robot_arrays))
+
+    def __getattr__(self, name):
+        own = self.__dict__.get("robot_arrays", {})
+        if name in own:
+            return own[name]
+        return super().__getattr__(name)
+
+    def arrays(self):
+        yield from super().arrays()
+        yield from self.robot_arrays.items()
+
+    def array(self, name: str) -> wp.array:
+        return self.robot_arrays[name] if name in self.robot_arrays else super().array(name)
+
+    def _with_parts(self, parts: dict):
+        return type(self)(self.robot_arrays, **parts)
+
+    def clone(self, *, requires_grad: bool | None = None):
+        out = super().clone(requires_grad=requires_grad)
+        for name, arr in self.robot_arrays.items():
+            out.robot_arrays[name] = wp.clone(arr, requires_grad=arr.requires_grad if requires_grad is None
+                                              else requires_grad)
+        return out
+
+    def with_arrays(self, arrays: dict[str, wp.array]):
+        out = super().with_arrays({k: a for k, a in arrays.items() if k not in self.robot_arrays})
+        out.robot_arrays.update({k: a for k, a in arrays.items() if k in self.robot_arrays})
+        return out
+
+
+def _with_robot(cls: type) -> type:
+    """``cls`` (a dataclass bundle or a bundle group) made to carry the robot's arrays too."""
+    if issubclass(cls, BundleGroup):
+        return type("Robot" + cls.__name__, (_GroupWithRobot, cls), {})
+    return cls
+
+
 _STATE_FIELDS = ("robot_qpos", "robot_qvel", "robot_act", "robot_wrench")
 _CONTROL_FIELDS = ("robot_ctrl",)
 #: the soft arrays a follower of each kind moves: (State position, State rotation, Control
@@ -271,12 +320,18 @@ class _Follower:
     mounted FEM body (a tactile sensor's backing)."""
 
     kind: str  #: a key of _POSE_ARRAYS
+    part: str  #: the soft bundle's prefix of the pose arrays: "" for a single solver, else e.g. "mpm."
     body: int  #: MuJoCo body id
     local_position: np.ndarray  #: (3,) in the body's frame [m]
     local_rotation: np.ndarray  #: (4,) x, y, z, w, in the body's frame
     slots: np.ndarray  #: (W,) index of the frame in the soft pose arrays, per world
     wrench_body: int  #: index of ``body`` in RobotModel.wrench_bodies
     nodes: list | None = None  #: per world, the FEM body's node slice (mounted bodies)
+
+    @property
+    def names(self) -> tuple[str, str, str, str]:
+        """Its (State position, State rotation, Control velocity, Control angular velocity) arrays."""
+        return tuple(self.part + name for name in _POSE_ARRAYS[self.kind])
 
 
 def _compose(body_pos, body_quat, local_pos, local_quat):
@@ -300,25 +355,47 @@ class RobotModel:
     robot's arrays too.
 
     Args:
-        soft: the soft solver's Model, built with the robot's colliders (:meth:`MujocoRobot.add_to`).
+        soft: the soft solver's Model, built with the robot's colliders (:meth:`MujocoRobot.add_to`),
+            or a coupled scene's :class:`~diffsim.coupling.CoupledModel` (a sensor on a fingertip
+            pressing MPM material or rods).
         robot: the robot; its ``num_worlds`` must equal the soft model's.
-        colliders: the soft-model collider index of each coupled geom (what ``add_to`` returned).
+        colliders: the soft-model collider index of each coupled geom (what ``add_to`` returned);
+            for a coupled scene, per part, ``{"mpm": [...], "rod": [...]}`` (a geom may be a
+            collider of several parts; parts not named have none of the robot's).
         mounts: FEM bodies carried by robot bodies, ``{robot body name: FEM body index per world}``
             (an int for one world): a tactile sensor on a fingertip. Each keeps the pose it was
             built at relative to its robot body at the initial joint positions; the robot feels the
-            contact force on its nodes.
+            contact force on its nodes (in a coupled scene, the material's and rods' too).
     """
 
-    def __init__(self, soft, robot: MujocoRobot, colliders: Sequence[int], *, mounts: dict | None = None):
+    def __init__(self, soft, robot: MujocoRobot, colliders, *, mounts: dict | None = None):
         if robot.num_worlds != soft.num_worlds:
             raise ConfigError(f"the robot has {robot.num_worlds} worlds and the soft model {soft.num_worlds}.")
-        if len(colliders) != robot.geom_count:
-            raise ConfigError(f"the robot couples {robot.geom_count} geoms; {len(colliders)} collider indices given.")
+        grouped = isinstance(soft, BundleGroup)
+        if grouped:
+            if not isinstance(colliders, dict):
+                raise ConfigError(f"a coupled scene's robot colliders are given per part, e.g. {{'mpm': [...]}}; "
+                                  f"got {type(colliders).__name__}.")
+            unknown = sorted(set(colliders) - set(soft.parts))
+            if unknown:
+                raise ConfigError(f"the coupled model has no part {unknown[0]!r}; its parts are {list(soft.parts)}.")
+            by_part = {f"{part}.": indices for part, indices in colliders.items()}
+        else:
+            by_part = {"": colliders}
+        for part, indices in by_part.items():
+            if len(indices) != robot.geom_count:
+                where = f" of part {part[:-1]!r}" if part else ""
+                raise ConfigError(f"the robot couples {robot.geom_count} geoms; {len(indices)} collider indices "
+                                  f"given{where}.")
         self.soft = soft
         self.robot = robot
-        self.robot_colliders = np.asarray(colliders, dtype=np.int64)
-        self._state_type = _extend(type(soft.state()), "Robot" + type(soft.state()).__name__, _STATE_FIELDS)
-        self._control_type = _extend(type(soft.control()), "Robot" + type(soft.control()).__name__, _CONTROL_FIELDS)
+        self.robot_colliders = {part: np.asarray(indices, dtype=np.int64) for part, indices in by_part.items()}
+        self._state_type = _with_robot(type(soft.state()))
+        self._control_type = _with_robot(type(soft.control()))
+        if not grouped:
+            self._state_type = _extend(self._state_type, "Robot" + type(soft.state()).__name__, _STATE_FIELDS)
+            self._control_type = _extend(self._control_type, "Robot" + type(soft.control()).__name__,
+                                         _CONTROL_FIELDS)
         m, worlds = robot.mj_model, soft.num_worlds
         names = [m.body(i).name for i in range(m.nbody)]
         mounts = dict(mounts or {})
@@ -338,25 +415,29 @@ class RobotModel:
             return d.xpos[b].copy(), np.array([d.xquat[b][1], d.xquat[b][2], d.xquat[b][3], d.xquat[b][0]])
 
         self.followers: list[_Follower] = []
-        nc = soft.collider_count
-        for i, g in enumerate(robot.geom_ids):
-            b = int(m.geom_bodyid[g])
-            q = m.geom_quat[g]
-            self.followers.append(_Follower("collider", b, m.geom_pos[g].copy(), np.array([q[1], q[2], q[3], q[0]]),
-                                            np.arange(worlds) * nc + int(colliders[i]), self.wrench_bodies.index(b)))
-        if mounts and not hasattr(soft, "body_node_start"):
+        for part, indices in self.robot_colliders.items():
+            nc = (soft.parts[part[:-1]] if part else soft).collider_count
+            for i, g in enumerate(robot.geom_ids):
+                b = int(m.geom_bodyid[g])
+                q = m.geom_quat[g]
+                self.followers.append(_Follower("collider", part, b, m.geom_pos[g].copy(),
+                                                np.array([q[1], q[2], q[3], q[0]]),
+                                                np.arange(worlds) * nc + int(indices[i]), self.wrench_bodies.index(b)))
+        fem_part = "fem." if grouped else ""
+        fem = soft.parts.get("fem") if grouped else soft
+        if mounts and not hasattr(fem, "body_node_start"):
             raise ConfigError(f"{type(soft).__name__} has no bodies to mount on robot bodies (an FEM model has).")
         for name, bodies in mounts.items():
             bodies = np.atleast_1d(np.asarray(bodies, dtype=np.int64))
             if bodies.shape != (worlds,):
                 raise ConfigError(f"mount {name!r} needs one FEM body per world ({worlds}); got {bodies.tolist()}.")
             b = names.index(name)
-            state = soft.state()
+            state = fem.state()
             pos, quat = state.body_position.numpy()[bodies[0]], state.body_rotation.numpy()[bodies[0]]
             local_pos, local_quat = _relative(*body_pose(b), pos.astype(np.float64), quat.astype(np.float64))
-            nodes = [soft.body_nodes(int(k)) for k in bodies]
-            self.followers.append(_Follower("fem_body", b, local_pos, local_quat, bodies, self.wrench_bodies.index(b),
-                                            nodes))
+            nodes = [fem.body_nodes(int(k)) for k in bodies]
+            self.followers.append(_Follower("fem_body", fem_part, b, local_pos, local_quat, bodies,
+                                            self.wrench_bodies.index(b), nodes))
 
     def __getattr__(self, name):
         if name in ("soft", "robot"):
@@ -366,12 +447,6 @@ class RobotModel:
     def arrays(self):
         return self.soft.arrays()
 
-    @property
-    def robot_slots(self) -> np.ndarray:
-        """(num_worlds, geoms) index of each coupled geom's collider in the per-(world, collider) arrays."""
-        nc = self.soft.collider_count
-        return np.arange(self.soft.num_worlds)[:, None] * nc + self.robot_colliders[None, :]
-
     def _robot_arrays(self, requires_grad: bool) -> dict:
         r, w = self.robot, self.soft.num_worlds
         kw = dict(dtype=float, device=self.soft.device, requires_grad=requires_grad)
@@ -379,22 +454,22 @@ class RobotModel:
                 "robot_qvel": wp.zeros(w * r.nv, **kw), "robot_act": wp.zeros(w * r.na, **kw),
                 "robot_wrench": wp.zeros(w * len(self.wrench_bodies) * 6, **kw)}
 
+    def _wrap(self, cls: type, soft_bundle, robot_arrays: dict):
+        if isinstance(soft_bundle, BundleGroup):
+            return cls(robot_arrays, **soft_bundle.parts)
+        return cls(**{f.name: getattr(soft_bundle, f.name) for f in dataclasses.fields(soft_bundle)}, **robot_arrays)
+
     def state(self, *, requires_grad: bool = False):
-        soft = self.soft.state(requires_grad=requires_grad)
-        return self._state_type(**{f.name: getattr(soft, f.name) for f in dataclasses.fields(soft)},
-                                **self._robot_arrays(requires_grad))
+        return self.wrap_state(self.soft.state(requires_grad=requires_grad), requires_grad=requires_grad)
 
     def wrap_state(self, soft_state, *, requires_grad: bool = False):
         """``soft_state`` (a soft solver State) with fresh robot arrays at the initial joint state."""
-        return self._state_type(**{f.name: getattr(soft_state, f.name) for f in dataclasses.fields(soft_state)},
-                                **self._robot_arrays(requires_grad))
+        return self._wrap(self._state_type, soft_state, self._robot_arrays(requires_grad))
 
     def control(self, *, requires_grad: bool = False):
-        soft = self.soft.control(requires_grad=requires_grad)
         r, w = self.robot, self.soft.num_worlds
         ctrl = wp.array(np.tile(r.initial_ctrl, w), dtype=float, device=self.soft.device, requires_grad=requires_grad)
-        return self._control_type(**{f.name: getattr(soft, f.name) for f in dataclasses.fields(soft)},
-                                  robot_ctrl=ctrl)
+        return self._wrap(self._control_type, self.soft.control(requires_grad=requires_grad), {"robot_ctrl": ctrl})
 
     def world_of(self, name: str) -> np.ndarray:
         r, w = self.robot, self.soft.num_worlds
@@ -437,18 +512,19 @@ class RobotModel:
         positions, rotations = self.follower_poses(d)
         hosts = {}
         for f, pos, quat in zip(self.followers, positions, rotations, strict=True):
-            p_name, q_name, _, _ = _POSE_ARRAYS[f.kind]
+            p_name, q_name, _, _ = f.names
             for name in (p_name, q_name):
                 hosts.setdefault(name, state.array(name).numpy())
             slot = f.slots[world]
             if f.kind == "fem_body":  # carry the body's nodes rigidly from its old pose to the new one
                 old_p, old_q = hosts[p_name][slot].astype(np.float64), hosts[q_name][slot].astype(np.float64)
                 turn = rotation_matrix(quat) @ rotation_matrix(old_q).T
-                for name in ("node_x", "node_v"):
+                x_name, v_name = f.part + "node_x", f.part + "node_v"
+                for name in (x_name, v_name):
                     hosts.setdefault(name, state.array(name).numpy())
                 nodes = f.nodes[world]
-                hosts["node_x"][nodes] = (hosts["node_x"][nodes] - old_p) @ turn.T + pos
-                hosts["node_v"][nodes] = 0.0
+                hosts[x_name][nodes] = (hosts[x_name][nodes] - old_p) @ turn.T + pos
+                hosts[v_name][nodes] = 0.0
             hosts[p_name][slot], hosts[q_name][slot] = pos, quat
         for name, host in hosts.items():
             state.array(name).assign(host)
@@ -485,7 +561,7 @@ class _StepRecord:
     C: np.ndarray  # (W, 2nv+na, 6 bodies): d(next state) / d(applied wrench)
     jac: np.ndarray  # (W, followers, 6, nv) follower position / rotation Jacobians at the step's end
     rotation_in: np.ndarray  # (W, followers, 4) follower orientations at the step's start
-    velocities: dict  # kind -> (velocity array, angular velocity array) the soft step read
+    velocities: dict  # a follower's array names -> (velocity array, angular velocity array) the soft step read
 
 
 class RobotSolver(Solver):
@@ -507,11 +583,17 @@ class RobotSolver(Solver):
                  wrench_eps: float = 1e-2):
         self.soft = soft
         self.two_way = bool(two_way)
-        self._collider_wrench = self.two_way and any(f.kind == "collider" for f in model.followers)
-        if self._collider_wrench:
-            if not hasattr(soft, "measure_collider_wrench"):
-                raise ConfigError(f"{type(soft).__name__} does not measure collider wrenches; use two_way=False.")
-            soft.measure_collider_wrench = True
+        #: per soft part ("" for a single solver) whose colliders the robot moves, the solver that
+        #: measures their wrenches (a coupled scene's part solvers are its attributes)
+        self._measuring = {}
+        if self.two_way:
+            for part in dict.fromkeys(f.part for f in model.followers if f.kind == "collider"):
+                measuring = getattr(soft, part[:-1]) if part else soft
+                if not hasattr(measuring, "measure_collider_wrench"):
+                    raise ConfigError(f"{type(measuring).__name__} does not measure collider wrenches; "
+                                      "use two_way=False.")
+                measuring.measure_collider_wrench = True
+                self._measuring[part] = measuring
         self.fd_eps = float(fd_eps)
         self.wrench_eps = float(wrench_eps)
         self.tape_spans_steps = getattr(soft, "tape_spans_steps", False)
@@ -558,15 +640,16 @@ class RobotSolver(Solver):
         self.soft.check_finite_adjoint(model.soft, state, step, **kw)
 
     # -- the coupled step ----------------------------------------------------------------------
-    def _velocity_arrays(self, control, kind: str, recording: bool):
-        """The velocity arrays of one follower kind the soft step reads: new ones under a tape, else reused."""
-        _, _, v_name, w_name = _POSE_ARRAYS[kind]
+    def _velocity_arrays(self, control, names: tuple, recording: bool):
+        """The velocity arrays of one kind of follower (of one soft part) the soft step reads: new
+        ones under a tape, else reused."""
+        _, _, v_name, w_name = names
         v_in, w_in = control.array(v_name), control.array(w_name)
         if recording:
             return wp.clone(v_in, requires_grad=True), wp.clone(w_in, requires_grad=True)
-        cached = self._velocity.get(kind)
+        cached = self._velocity.get(names)
         if cached is None or cached[0].shape != v_in.shape:
-            cached = self._velocity[kind] = (wp.empty_like(v_in, requires_grad=False),
+            cached = self._velocity[names] = (wp.empty_like(v_in, requires_grad=False),
                                              wp.empty_like(w_in, requires_grad=False))
         wp.copy(cached[0], v_in)
         wp.copy(cached[1], w_in)
@@ -639,22 +722,21 @@ class RobotSolver(Solver):
         # every follower moves from its soft-state pose to the robot's new pose over dt
         q_in = np.empty((w_count, n_f, 4))
         arrays, hosts = {}, {}
-        for kind in dict.fromkeys(f.kind for f in followers):
-            arrays[kind] = self._velocity_arrays(control, kind, recording)
-            hosts[kind] = (arrays[kind][0].numpy(), arrays[kind][1].numpy())
+        for names in dict.fromkeys(f.names for f in followers):
+            arrays[names] = self._velocity_arrays(control, names, recording)
+            hosts[names] = (arrays[names][0].numpy(), arrays[names][1].numpy())
         for i, f in enumerate(followers):
-            p_name, q_name, _, _ = _POSE_ARRAYS[f.kind]
+            p_name, q_name, _, _ = f.names
             p_in = state_in.array(p_name).numpy()[f.slots].astype(np.float64)
             q_in[:, i] = state_in.array(q_name).numpy()[f.slots].astype(np.float64)
-            v_host, w_host = hosts[f.kind]
+            v_host, w_host = hosts[f.names]
             v_host[f.slots] = (pos_after[:, i] - p_in) / dt
             w_host[f.slots] = rotation_vector(q_in[:, i], quat_after[:, i]) / dt
         changes = {}
-        for kind, (velocity, angular) in arrays.items():
-            velocity.assign(hosts[kind][0])
-            angular.assign(hosts[kind][1])
-            _, _, v_name, w_name = _POSE_ARRAYS[kind]
-            changes[v_name], changes[w_name] = velocity, angular
+        for names, (velocity, angular) in arrays.items():
+            velocity.assign(hosts[names][0])
+            angular.assign(hosts[names][1])
+            changes[names[2]], changes[names[3]] = velocity, angular
         soft_control = control.with_arrays(changes)
 
         if recording:
@@ -665,13 +747,15 @@ class RobotSolver(Solver):
 
         out_wrench = np.zeros((w_count, nb, 6))
         if self.two_way:
-            measured = self.soft.collider_wrench.numpy().reshape(-1, 2, 3) if self._collider_wrench else None
+            wrenches = {part: solver.collider_wrench for part, solver in self._measuring.items()}
+            measured = {part: w.numpy().reshape(-1, 2, 3) for part, w in wrenches.items()}
             node_x = node_f = None
             arms = {}
             for i, f in enumerate(followers):
                 b = f.wrench_body
                 if f.kind == "collider":
-                    force, torque = measured[f.slots, 0].astype(np.float64), measured[f.slots, 1].astype(np.float64)
+                    wrench = measured[f.part]
+                    force, torque = wrench[f.slots, 0].astype(np.float64), wrench[f.slots, 1].astype(np.float64)
                     # xfrc_applied acts at the body's centre of mass: the geom's torque gains r x F
                     arm = pos_after[:, i] - com_after[:, b]
                     out_wrench[:, b, :3] += force
@@ -679,8 +763,8 @@ class RobotSolver(Solver):
                     arms[i] = arm
                 else:  # the contact force on a mounted body's nodes reaches the robot through its backing
                     if node_x is None:
-                        node_x = state_out.node_x.numpy().astype(np.float64)
-                        node_f = state_out.node_contact_force.numpy().astype(np.float64)
+                        node_x = state_out.array(f.part + "node_x").numpy().astype(np.float64)
+                        node_f = state_out.array(f.part + "node_contact_force").numpy().astype(np.float64)
                     arms[i] = []
                     for w in range(w_count):
                         nodes = f.nodes[w]
@@ -689,10 +773,8 @@ class RobotSolver(Solver):
                         out_wrench[w, b, 3:] += np.cross(arm, node_f[nodes]).sum(axis=0)
                         arms[i].append(arm)
             if recording:
-                wrench_array = self.soft.collider_wrench if self._collider_wrench else None
-                _runtime().tape.record_func(
-                    lambda: self._wrench_adjoint(model, state_out, wrench_array, arms),
-                    [wrench_array] if wrench_array is not None else [])
+                _runtime().tape.record_func(lambda: self._wrench_adjoint(model, state_out, wrenches, arms),
+                                            list(wrenches.values()))
         state_out.robot_qpos.assign(out_qpos.reshape(-1))
         state_out.robot_qvel.assign(out_qvel.reshape(-1))
         state_out.robot_act.assign(out_act.reshape(-1))
@@ -722,7 +804,7 @@ class RobotSolver(Solver):
         return out
 
     @staticmethod
-    def _wrench_adjoint(model: RobotModel, state_out, wrench_array, arms: dict) -> None:
+    def _wrench_adjoint(model: RobotModel, state_out, wrenches: dict, arms: dict) -> None:
         """Gradients on the fed-back wrench (state_out.robot_wrench) back to what the soft solver
         measured: the collider wrenches, and the contact forces on mounted bodies' nodes (lever arms
         held: their change with the pose is not differentiated)."""
@@ -731,22 +813,25 @@ class RobotSolver(Solver):
         robot = model.robot
         g = state_out.robot_wrench.grad.numpy().reshape(robot.num_worlds, len(model.wrench_bodies), 6)
         g = g.astype(np.float64)
-        collider_grad = wrench_array.grad.numpy().reshape(-1, 2, 3) if wrench_array is not None else None
-        node_grad = None
+        collider_grads = {part: w.grad.numpy().reshape(-1, 2, 3) for part, w in wrenches.items()}
+        node_grads = {}
         for i, f in enumerate(model.followers):
             g_force, g_torque = g[:, f.wrench_body, :3], g[:, f.wrench_body, 3:]
             if f.kind == "collider":
+                collider_grad = collider_grads[f.part]
                 collider_grad[f.slots, 0] += g_force + np.cross(g_torque, arms[i])  # d(r x F)/dF^T g = g x r
                 collider_grad[f.slots, 1] += g_torque
-            elif state_out.node_contact_force.grad is not None:
-                if node_grad is None:
-                    node_grad = state_out.node_contact_force.grad.numpy()
+            else:
+                forces = state_out.array(f.part + "node_contact_force")
+                if forces.grad is None:
+                    continue
+                node_grad = node_grads.setdefault(f.part, (forces, forces.grad.numpy()))[1]
                 for w in range(robot.num_worlds):
                     node_grad[f.nodes[w]] += g_force[w] + np.cross(g_torque[w], arms[i][w])
-        if collider_grad is not None:
-            wrench_array.grad.assign(collider_grad.reshape(-1, 3))
-        if node_grad is not None:
-            state_out.node_contact_force.grad.assign(node_grad)
+        for part, collider_grad in collider_grads.items():
+            wrenches[part].grad.assign(collider_grad.reshape(-1, 3))
+        for forces, node_grad in node_grads.values():
+            forces.grad.assign(node_grad)
 
     def _adjoint(self, model: RobotModel, state_in, state_out, control, record: _StepRecord):
         robot = model.robot
@@ -754,11 +839,11 @@ class RobotSolver(Solver):
         dt = record.dt
         followers = model.followers
         g_pose = np.zeros((w_count, len(followers), 6))
-        for kind, (velocity, angular) in record.velocities.items():
+        for names, (velocity, angular) in record.velocities.items():
             g_v = velocity.grad.numpy().astype(np.float64)
             g_w = angular.grad.numpy().astype(np.float64)
-            p_name, q_name, v_name, w_name = _POSE_ARRAYS[kind]
-            mine = [i for i, f in enumerate(followers) if f.kind == kind]
+            p_name, q_name, v_name, w_name = names
+            mine = [i for i, f in enumerate(followers) if f.names == names]
             # the frames no follower drives kept the caller's control: their gradients go back there
             mask = np.ones(len(g_v), bool)
             for i in mine:
