@@ -288,6 +288,7 @@ class Rollout:
         # rescale_adjoint watches the carried adjoint and switches to rescaled runs once an entry
         # passes 2^RESCALE_FROM (until then the arithmetic is the plain pass's, bit for bit)
         rescaling = False
+        levels: dict = {}  # (rescaling) each carried entry's power-of-two level, set before it is read
         self._gradients64 = {}
         self.adjoint_exponent = 0
         for segment in reversed(range(num_segments)):

@@ -46,8 +46,9 @@ class FEMSolver(PooledScratchSolver, Solver):
             ``newton_step_tolerance``).
         newton_step_tolerance: [m] the floor test: a node's residual over its stiffness (about
             its remaining correction) below this while Newton no longer halves the residual, or
-            no step lowers the energy or the residual; default 2^-18 of the largest coordinate (32 float32 ulps, 40 nm for a part 1 cm from
-            the origin). Within one ulp Newton stops in any case.
+            no step lowers the energy or the residual; default 2^-18 of the largest coordinate (32
+            float32 ulps, 40 nm for a part 1 cm from the origin). Within one ulp Newton stops in
+            any case.
         newton_iterations: Newton iterations per implicit step before it raises
             :class:`~diffsim.core.implicit.NotConverged`.
         cg_tolerance: the tightest relative residual of Newton's conjugate-gradient solves.
