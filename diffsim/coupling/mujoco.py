@@ -298,11 +298,12 @@ class _GroupWithRobot:
         return out
 
 
-def _with_robot(cls: type) -> type:
-    """``cls`` (a dataclass bundle or a bundle group) made to carry the robot's arrays too."""
+def _with_robot(cls: type, fields: Sequence[str]) -> type:
+    """``cls`` (a dataclass bundle, or a bundle group) made to carry the robot's arrays ``fields``
+    too: as extra dataclass fields, or (a group) beside its parts."""
     if issubclass(cls, BundleGroup):
         return type("Robot" + cls.__name__, (_GroupWithRobot, cls), {})
-    return cls
+    return _extend(cls, "Robot" + cls.__name__, fields)
 
 
 _STATE_FIELDS = ("robot_qpos", "robot_qvel", "robot_act", "robot_wrench")
@@ -390,12 +391,8 @@ class RobotModel:
         self.soft = soft
         self.robot = robot
         self.robot_colliders = {part: np.asarray(indices, dtype=np.int64) for part, indices in by_part.items()}
-        self._state_type = _with_robot(type(soft.state()))
-        self._control_type = _with_robot(type(soft.control()))
-        if not grouped:
-            self._state_type = _extend(self._state_type, "Robot" + type(soft.state()).__name__, _STATE_FIELDS)
-            self._control_type = _extend(self._control_type, "Robot" + type(soft.control()).__name__,
-                                         _CONTROL_FIELDS)
+        self._state_type = _with_robot(type(soft.state()), _STATE_FIELDS)
+        self._control_type = _with_robot(type(soft.control()), _CONTROL_FIELDS)
         m, worlds = robot.mj_model, soft.num_worlds
         names = [m.body(i).name for i in range(m.nbody)]
         mounts = dict(mounts or {})
