@@ -822,26 +822,27 @@ class ImplicitFEMStep:
                         model.body_world, model.body_contact_stiffness, colliders_end, s.contact_smoothing,
                         s.friction_velocity, dt, lam, normal, velocity]
 
+        # Newton and its line search call these tens of times per step with the same arrays but x
+        launch = s._launches.launch
+
         def residual(x, r):
-            wp.launch(node_residual, n, [x, *node_args], [r], device=device)
-            wp.launch(tet_residual, model.tet_count, [x, *tet_args], [r], device=device)
+            launch("r_nodes", node_residual, n, [x, *node_args], [r], device)
+            launch("r_tets", tet_residual, model.tet_count, [x, *tet_args], [r], device)
             if model.collider_count:
-                wp.launch(contact_residual, n, [x, *contact_args], [r], device=device)
+                launch("r_contacts", contact_residual, n, [x, *contact_args], [r], device)
 
         def energy(x) -> tuple[float, float]:
             # (energy [J], its float32 rounding [J]: slot 1 sums the size of the terms)
             total = wp.zeros(2, dtype=wp.float64, device=device)
-            wp.launch(node_energy, n, [x, *node_args], [total], device=device)
-            wp.launch(tet_energy, model.tet_count, [x, *tet_args], [total], device=device)
+            launch("e_nodes", node_energy, n, [x, *node_args], [total], device)
+            launch("e_tets", tet_energy, model.tet_count, [x, *tet_args], [total], device)
             if model.collider_count:
-                wp.launch(contact_energy, n, [x, *contact_args], [total], device=device)
+                launch("e_contacts", contact_energy, n, [x, *contact_args], [total], device)
             value, size = total.numpy()
             return float(value), 1e-6 * float(size)
 
         def preconditioner(x, d):
             wp.copy(d, diagonal)
-
-        launch = s._launches.launch  # CG calls this hundreds of times with the same arrays
 
         def contact_exact(x, v, out):
             # the penalty's curvature term has no closed form for every collider shape: the exact
