@@ -3,8 +3,9 @@ and SurfaceFollow (one sensor slides over a rigid sphere at a target normal forc
 
 The sensors are 20 x 20 x 4 mm silicone pads (``diffsim.coupling.scenes.add_sensor_pad``) driven
 through their backing's velocity; they read markers, pressure, an RGB image and the contact force
-(:class:`diffsim.fem.tactile.TactileSensor`). Frames are short (2 ms) because the explicit FEM step
-is limited to ~14 us; the Scene picks the substeps from the solver's stability limit.
+(:class:`diffsim.fem.tactile.TactileSensor`). Frames are 2 ms. TactileGrasp's pads step
+explicitly with the MPM object, the Scene picking the substeps from the stability limit (~14 us
+for the pads); SurfaceFollow's pad takes one implicit step per frame by default.
 """
 
 from __future__ import annotations
