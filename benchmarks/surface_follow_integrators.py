@@ -87,7 +87,8 @@ def main() -> None:
               f"off explicit/4 {row['max_difference_to_explicit/4']:.4f}, off implicit/8 "
               f"{row['max_difference_to_implicit/8']:.4f} (of the largest force)")
     for i, row in speed.items():
-        print(f"{i:12s} {row['ms_per_env_step_median']:.1f} ms per env step ({row['range'][0]:.1f}-{row['range'][1]:.1f})")
+        low, high = row["range"]
+        print(f"{i:12s} {row['ms_per_env_step_median']:.1f} ms per env step ({low:.1f}-{high:.1f})")
 
 
 if __name__ == "__main__":
