@@ -182,8 +182,9 @@ def test_projected_hessian_is_the_exact_one_under_stretch_and_positive_semidefin
 
 
 def test_assembled_hessian_is_the_one_newton_multiplies_by():
-    # the Cholesky preconditioner's matrix: tet blocks and node blocks (pins, contact, friction)
-    # summed into a dense matrix equal Newton's matrix-free product, with a sphere in contact
+    # the Cholesky preconditioner's matrix: tet blocks and node blocks (pins) summed into a dense
+    # matrix, plus the contact and friction blocks its solves add, equal Newton's matrix-free
+    # product, with a sphere in contact
     scene, _, state0, controls = indentation_scene_for("quasistatic")
     model, solver = scene.model, scene.solver
     solver.step(model, state0, model.state(), controls[0], scene.frame_dt)  # a step into contact first
@@ -200,6 +201,10 @@ def test_assembled_hessian_is_the_one_newton_multiplies_by():
     dense = np.zeros((size, size))
     np.add.at(dense, (rows, columns), values.numpy())
     assert np.all(values.numpy()[~structural] == 0.0)
+    block_rows, blocks = solve.local_blocks(x)
+    assert len(block_rows) > 0  # nodes in contact
+    for r, block in zip(block_rows, blocks, strict=True):
+        dense[np.ix_(r, r)] += block
     rng = np.random.default_rng(6)
     v = wp.array(rng.standard_normal((model.node_count, 3)).astype(np.float32), dtype=wp.vec3)
     product = newton_product(solve, x, v).ravel()

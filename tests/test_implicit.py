@@ -290,6 +290,71 @@ def test_sparse_cholesky_sums_duplicates_drops_structural_zeros_and_renews_when_
         factor.factor()
 
 
+@pytest.mark.parametrize("backend", ["banded", "cholmod"])
+def test_sparse_cholesky_adds_local_blocks_to_its_solves_exactly(backend, monkeypatch):
+    """set_blocks: the solves invert the factored matrix plus positive semi-definite diagonal blocks
+    (Woodbury), follow new blocks and new rows, and outlive a factorisation; a set larger than
+    MAX_CORRECTION_ROWS is factored in instead and renewed with the factor."""
+    from diffsim.core import cholesky
+    from diffsim.core.cholesky import SparseCholesky
+    from diffsim.errors import DiffsimError
+
+    rng = np.random.default_rng(5)
+    size = 15
+    a = rng.standard_normal((size, size))
+    dense = a @ a.T + size * np.eye(size)
+    rows, columns = np.nonzero(np.ones((size, size)))
+    factor = SparseCholesky(size, rows, columns, device="cpu", backend=backend)
+    factor.values.assign(dense.ravel())
+    b = rng.standard_normal(size).astype(np.float32)
+    out = wp.zeros(size, dtype=float, device="cpu")
+    with pytest.raises(DiffsimError, match="factor"):
+        factor.solve(wp.array(b, dtype=float, device="cpu"), out)
+    factor.factor()
+
+    def solved():
+        factor.solve(wp.array(b, dtype=float, device="cpu"), out)
+        return out.numpy()
+
+    def with_blocks(block_rows, blocks):
+        expected = dense.copy()
+        for r, block in zip(block_rows, blocks, strict=True):
+            expected[np.ix_(r, r)] += block
+        return np.linalg.solve(expected, b)
+
+    def spd_blocks(m, scale):
+        g = rng.standard_normal((m, 3, 2))  # rank 2: semi-definite, as a contact block is
+        return scale * g @ g.transpose(0, 2, 1)
+
+    for block_rows, scale in (([[3, 4, 5], [9, 10, 11]], 50.0), ([[3, 4, 5], [9, 10, 11]], 5.0),
+                              ([[0, 1, 2], [9, 10, 11], [12, 13, 14]], 500.0)):
+        block_rows = np.array(block_rows)
+        blocks = spd_blocks(len(block_rows), scale)
+        factor.set_blocks(block_rows, blocks)
+        np.testing.assert_allclose(solved(), with_blocks(block_rows, blocks), rtol=2e-4, atol=1e-6)
+    columns_before = factor.block_solves
+    factor.set_blocks(block_rows, 2.0 * blocks)  # the same rows: no new solves
+    np.testing.assert_allclose(solved(), with_blocks(block_rows, 2.0 * blocks), rtol=2e-4, atol=1e-6)
+    assert factor.block_solves == columns_before
+    factor.factor()  # the blocks stay; their columns are solved again with the new factor
+    np.testing.assert_allclose(solved(), with_blocks(block_rows, 2.0 * blocks), rtol=2e-4, atol=1e-6)
+    assert factor.block_solves == columns_before + block_rows.size
+    factor.set_blocks(np.zeros((0, 3), dtype=int), np.zeros((0, 3, 3)))
+    np.testing.assert_allclose(solved(), np.linalg.solve(dense, b), rtol=2e-4, atol=1e-6)
+
+    monkeypatch.setattr(cholesky, "MAX_CORRECTION_ROWS", 6)
+    many = np.array([[0, 1, 2], [6, 7, 8], [12, 13, 14]])
+    first, second = spd_blocks(3, 50.0), spd_blocks(3, 50.0)
+    factor.set_blocks(many, first)  # factored in at once
+    np.testing.assert_allclose(solved(), with_blocks(many, first), rtol=2e-4, atol=1e-6)
+    factor.set_blocks(many, second)  # kept as they were until the factor is renewed
+    np.testing.assert_allclose(solved(), with_blocks(many, first), rtol=2e-4, atol=1e-6)
+    factor.factor()
+    np.testing.assert_allclose(solved(), with_blocks(many, second), rtol=2e-4, atol=1e-6)
+    factor.set_blocks(many[:1], first[:1])  # few again: corrected, the factored-in set dropped
+    np.testing.assert_allclose(solved(), with_blocks(many[:1], first[:1]), rtol=2e-4, atol=1e-6)
+
+
 def test_banded_cholesky_of_a_mesh_laplacian_matches_a_direct_solve():
     """The banded factorisation reorders a shuffled grid (reverse Cuthill-McKee) to a band about as
     wide as the grid's cross-section and solves like a dense solve; "auto" takes it on a CPU, and an

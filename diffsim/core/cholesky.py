@@ -29,6 +29,22 @@ Two factorisations, chosen per matrix (``backend="auto"``):
   directly (DLPack) on the CPU and on CUDA devices; the only choice on a GPU, and the choice for
   bodies whose band would be too wide to store.
 
+**Fast-changing local blocks** (:meth:`SparseCholesky.set_blocks`). Some terms of a Jacobian change
+from one Newton iteration to the next while the rest barely moves: a tactile pad's contact and
+friction blocks, one 3 x 3 block on each of the ten or so nodes touching the indenter, flip as the
+patch slides, while its elastic stiffness drifts slowly. Left in the factor they make it stale
+within a frame (on the 8k-tet benchmark pad, a factor one to four 30 Hz frames old took 4-35 CG
+iterations to 1e-2 against 1-5 for one whose elastic part was as old but whose node blocks were
+current). Such blocks are kept out of the factored matrix and added to every solve exactly by the
+Woodbury identity: with the factored matrix P, the blocks B on the rows selected by E and
+W = P^-1 E,
+
+    (P + E B E^T)^-1 r = y - W B (I + E^T W B)^-1 E^T y,      y = P^-1 r,
+
+which costs a solve with P, a gather and a product with W per application. The columns of W are
+computed once per block row and factorisation (three solves for a node's block) and kept, so a
+block row entering the set costs its solves once, until the next factorisation.
+
 The sparsity pattern is fixed when the preconditioner is made: entries are given in coordinate
 form with duplicates, summed on the host into the compressed pattern before each factorisation
 (entries listed as structurally zero are dropped from it, which keeps them out of the factor's
@@ -47,7 +63,7 @@ import warp as wp
 
 from diffsim.errors import DiffsimError, InvalidParameter
 
-__all__ = ["BACKENDS", "BANDED_MAX_BYTES", "CholeskyPattern", "SparseCholesky"]
+__all__ = ["BACKENDS", "BANDED_MAX_BYTES", "MAX_CORRECTION_ROWS", "CholeskyPattern", "SparseCholesky"]
 
 BACKENDS = ("auto", "banded", "cholmod")
 #: ``backend="auto"`` factors banded while the band's storage in double precision (the fallback)
@@ -56,6 +72,12 @@ BANDED_MAX_BYTES = 512 * 2**20
 #: extra CG iterations after which a stale factor is renewed, per backend, when not given: about
 #: what one factorisation costs in preconditioned CG iterations on a 2-core CPU (8k-tet pad)
 REFRESH_ITERATIONS = {"banded": 20, "cholmod": 60}
+#: :meth:`SparseCholesky.set_blocks` corrects the solves for at most this many rows; a larger set is
+#: factored in instead (renewed with the factor). The columns of W cost one solve per row, once per
+#: factorisation: on the 8k-tet benchmark pad a factorisation costs about 25 solves, and the sliding
+#: sphere's 10-15 contact nodes (30-45 rows) pay for themselves several times over in CG
+#: iterations, while a plate on the whole face (200 nodes) would cost 20 factorisations' worth.
+MAX_CORRECTION_ROWS = 96
 
 
 class CholeskyPattern:
@@ -91,6 +113,7 @@ class CholeskyPattern:
                                           shape=(self.size, self.size))
         pattern.sort_indices()
         keys = np.repeat(np.arange(self.size, dtype=np.int64), np.diff(pattern.indptr)) * self.size + pattern.indices
+        self.keys = keys  #: row * size + column of each compressed entry, ascending
         self.slot = np.searchsorted(keys, kept_rows * self.size + kept_columns)
         self.keep = keep
         self.indptr = pattern.indptr.astype(np.int32)
@@ -151,12 +174,27 @@ class SparseCholesky:
         self.factor_seconds = 0.0  #: wall time spent factoring [s]
         self._baseline = None  # CG iterations per decade of the first solve after a factorisation
         self._extra = 0.0  # iterations beyond that rate since
+        self._columns: dict[tuple, np.ndarray] = {}  # per block row: its columns of W = P^-1 E (this factor's)
+        self._correction = None  # (rows, W, B, LU of I + E^T W B, the blocks, E^T W) now set
+        self._blocks = None  # (rows, blocks) last set
+        self._folded = False  # the factor holds them (too many to correct for)
+        self.block_solves = 0  #: solves spent on columns of W (see set_blocks)
 
     def factor(self) -> None:
         """Factor the matrix whose entries are now in ``values`` (float64, one per pattern entry)."""
         start = time.perf_counter()
         p = self.pattern
         summed = np.bincount(p.slot, weights=self.values.numpy()[p.keep], minlength=p.indices.size)
+        fold = self._blocks is not None and self._large(self._blocks[0])
+        if fold:
+            rows, blocks = self._blocks
+            k = rows.shape[1]
+            keys = (np.repeat(rows, k, axis=1) * self.size + np.tile(rows, (1, k))).ravel()
+            slots = np.searchsorted(p.keys, keys)
+            if np.any(slots >= p.keys.size) or np.any(p.keys[np.minimum(slots, p.keys.size - 1)] != keys):
+                raise DiffsimError("set_blocks: a block's entries are not all in the factor's sparsity pattern")
+            np.add.at(summed, slots, blocks.ravel())
+        self._folded = fold
         if self.backend == "banded":
             # single precision first: the solves read the whole band, and half the bytes is half
             # their time; a matrix too ill-conditioned for it is factored again in double
@@ -188,15 +226,107 @@ class SparseCholesky:
         self.factor_seconds += time.perf_counter() - start
         self._baseline = None
         self._extra = 0.0
+        self._columns.clear()  # W belongs to the old factor: the caller sets its blocks again
+        self._correction = None
 
     def solve(self, b: wp.array, out: wp.array) -> None:
-        """out = A^-1 b for flat float32 arrays of ``size`` entries."""
+        """out = A^-1 b for flat float32 arrays of ``size`` entries (A: the factored matrix plus
+        the blocks of :meth:`set_blocks`)."""
+        if self.factorizations == 0:
+            raise DiffsimError("solve needs a factor: call factor() first")
+        self._update_correction()
+        self._solve_factored(b, out)
+        if self._correction is not None:
+            rows, columns, blocks, capacitance = self._correction[:4]
+            y = out.numpy()  # a view on CPUs; a copy, assigned back, on CUDA devices
+            u = scipy.linalg.lu_solve(capacitance, y[rows].astype(np.float64))
+            y -= (columns @ (blocks @ u)).astype(y.dtype)
+            if not self.device.is_cpu:
+                out.assign(y)
+
+    def _solve_factored(self, b: wp.array, out: wp.array) -> None:
         if self.backend == "banded":  # CPU arrays: numpy() is a view of the same memory
             order = self.pattern.order
             x, _ = self._pbtrs(self._band, b.numpy()[order], lower=0)
             out.numpy()[order] = x
         else:
             self._solver.solve(b, out)
+
+    def _factored_columns(self, rows: np.ndarray) -> np.ndarray:
+        """P^-1 E for the unit vectors of ``rows`` (flat indices): (size, len(rows)) float64."""
+        self.block_solves += rows.size
+        if self.backend == "banded":
+            rhs = np.zeros((self.size, rows.size), dtype=self._band.dtype)
+            rhs[rows, np.arange(rows.size)] = 1.0
+            order = self.pattern.order
+            solved, _ = self._pbtrs(self._band, rhs[order], lower=0)
+            columns = np.empty((self.size, rows.size))
+            columns[order] = solved
+            return columns
+        unit = wp.zeros(self.size, dtype=float, device=self.device)
+        column = wp.zeros(self.size, dtype=float, device=self.device)
+        columns = np.empty((self.size, rows.size))
+        for k, row in enumerate(rows):
+            unit.assign(np.eye(1, self.size, int(row), dtype=np.float32).ravel())
+            self._solver.solve(unit, column)
+            columns[:, k] = column.numpy()
+        return columns
+
+    def set_blocks(self, rows: np.ndarray, blocks: np.ndarray) -> None:
+        """Have the solves invert the factored matrix plus symmetric positive semi-definite
+        diagonal blocks (see the module header), until the next call. Only recorded here: the next
+        solve brings the correction up to date, and a factorisation in between takes the blocks
+        into account, so a caller sets them before deciding to refactor and after.
+
+        Beyond :data:`MAX_CORRECTION_ROWS` rows the blocks are factored in instead (their entries
+        must be in the pattern), kept until the factor is renewed, and renewed with it.
+
+        Args:
+            rows: (m, k) integer array, the rows (= columns) of each k x k block.
+            blocks: (m, k, k) the blocks' values; m = 0 removes them.
+        """
+        blocks = np.asarray(blocks, dtype=np.float64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(blocks.shape[0], blocks.shape[-1])
+        self._blocks = (rows, blocks.copy())
+
+    def _large(self, rows: np.ndarray) -> bool:
+        # (once factored in, a set stays so until it has halved: no refactoring back and forth)
+        return rows.size > (MAX_CORRECTION_ROWS // 2 if self._folded else MAX_CORRECTION_ROWS)
+
+    def _update_correction(self) -> None:
+        """Bring the factor and the correction up to the blocks last set (before a solve)."""
+        if self._blocks is None:
+            return
+        rows, blocks = self._blocks
+        if self._large(rows):
+            self._correction = None
+            if not self._folded:
+                self.factor()  # (factors the blocks in)
+            return
+        if self._folded:  # the factor holds an earlier, larger set: factor without it
+            self.factor()
+        if rows.shape[0] == 0:
+            self._correction = None
+            return
+        last = self._correction
+        if last is not None and last[0].size == rows.size and np.array_equal(last[0], rows.ravel()):
+            if np.array_equal(last[4], blocks):
+                return  # (Newton sets them again after each prediction; often nothing changed)
+            flat, columns, gathered = last[0], last[1], last[5]
+        else:
+            keys = [tuple(r) for r in rows]
+            missing = [k for k in dict.fromkeys(keys) if k not in self._columns]
+            if missing:
+                solved = self._factored_columns(np.concatenate([np.asarray(k) for k in missing]))
+                width = rows.shape[1]
+                for i, k in enumerate(missing):
+                    self._columns[k] = solved[:, width * i: width * (i + 1)]
+            columns = np.concatenate([self._columns[k] for k in keys], axis=1)
+            flat = rows.ravel()
+            gathered = columns[flat]  # E^T W
+        b = scipy.linalg.block_diag(*blocks)
+        capacitance = scipy.linalg.lu_factor(np.eye(flat.size) + gathered @ b)
+        self._correction = (flat, columns, b, capacitance, blocks, gathered)
 
     def note_iterations(self, iterations: int, decades: float = 1.0) -> None:
         """Told after each preconditioned linear solve: its CG iterations and the residual

@@ -24,7 +24,8 @@ A solver that knows more gives more, each optional: an analytic ``jacobian_produ
 take a positive-definite approximation, the adjoint needs the exact one), a ``linearize`` hook that
 computes a product's per-iterate factors once per Newton iteration, a diagonal for Jacobi
 preconditioning, and a :class:`~diffsim.core.cholesky.SparseCholesky` with an ``assemble``
-function for a factored preconditioner that lives across solves.
+function for a factored preconditioner that lives across solves, with ``local_blocks`` for the
+fast-changing block-diagonal terms (contact) that its solves add exactly instead of factoring.
 
 Newton may linearise an approximation of the Jacobian (it converges linearly then) and switches
 to the exact product once a line search takes the full step; for a residual with branches
@@ -144,6 +145,12 @@ class ImplicitSolve:
             approximation of the Jacobian at ``x`` into its ``values``. It is factored at the first
             Newton iteration and again at a Newton iteration once it has gone stale (see that
             class); it may outlive the solve (kept across time steps).
+        local_blocks: optional ``local_blocks(x) -> (rows, blocks)``, with ``factorization``: the
+            fast-changing diagonal blocks of the approximate Jacobian at ``x`` ((m, k) row indices
+            and (m, k, k) symmetric positive semi-definite values, e.g. contact), which
+            ``assemble`` leaves out of the factored matrix; before each linear solve they are
+            added to the factor's solves exactly (:meth:`~diffsim.core.cholesky.SparseCholesky.set_blocks`),
+            so the factor does not go stale as they change.
         linearize: optional ``linearize(x)``, called once per Newton iteration before the linear
             solve (and before ``assemble``): where ``jacobian_product``'s x-dependent factors are
             computed once instead of in every product.
@@ -182,6 +189,7 @@ class ImplicitSolve:
                  energy: Callable[[wp.array], float] | None = None,
                  preconditioner: Callable[[wp.array, wp.array], None] | None = None,
                  factorization=None, assemble: Callable[[wp.array, wp.array], None] | None = None,
+                 local_blocks: Callable[[wp.array], tuple[np.ndarray, np.ndarray]] | None = None,
                  linearize: Callable[[wp.array], None] | None = None,
                  jacobian_product: Callable[[wp.array, wp.array, wp.array], None] | None = None,
                  active_set: ActiveSetPrediction | None = None, exact_tail: bool = True,
@@ -196,6 +204,9 @@ class ImplicitSolve:
             raise ValueError("factorization and assemble come together")
         self.factorization = factorization
         self.assemble = assemble
+        if local_blocks is not None and factorization is None:
+            raise ValueError("local_blocks correct a factorization: give one")
+        self.local_blocks = local_blocks
         self.linearize = linearize
         self.jacobian_product = jacobian_product
         self.active_set = active_set
@@ -296,6 +307,7 @@ class ImplicitSolve:
             preview = wp.zeros_like(minus_r)
             with _no_tape():
                 self.active_set.predict(x, r, None, _unflat(minus_r, x))
+                self._set_local_blocks(x)
                 self._precondition(minus_r, inverse_diagonal, preview)
                 self.active_set.predict(x, r, _unflat(preview, x), _unflat(minus_r, x))
         step = self._newton_step(x, minus_r, inverse_diagonal, forcing, exact=exact, report=report)
@@ -309,12 +321,13 @@ class ImplicitSolve:
                 return self._direction(x, r, inverse_diagonal, forcing, exact=exact, report=report, predict=False)
         return step
 
-    def _line_search(self, x: wp.array, r: wp.array, step: wp.array, trial: wp.array):
+    def _line_search(self, x: wp.array, r: wp.array, step: wp.array, trial: wp.array,
+                     merit_x: tuple[float, float] | None = None):
         """Backtracking from the full step (Armijo on the energy, else on |r|^2/2): (accepted, t,
-        residual at the trial point). ``step`` descends either, since J is positive definite
-        along it (CG stops at negative curvature)."""
+        residual at the trial point, its merit). ``step`` descends either, since J is positive
+        definite along it (CG stops at negative curvature). ``merit_x``: the merit at x if known."""
         flat_x, flat_trial, n = _flat(x), _flat(trial), _flat(x).shape[0]
-        merit0, rounding = self._merit(x, r)
+        merit0, rounding = merit_x if merit_x is not None else self._merit(x, r)
         residual_norm = _norm(_flat(r))
         slope = _dot(_flat(r), step)  # d merit / d t at t = 0 along step (energy: r is its gradient)
         if self.energy is None:
@@ -326,7 +339,7 @@ class ImplicitSolve:
         for _ in range(30):
             wp.launch(_axpy, n, [flat_x, step, t], [flat_trial], device=x.device)
             r_trial = self._evaluate(trial)
-            merit, _ = self._merit(trial, r_trial)
+            merit, merit_rounding = self._merit(trial, r_trial)
             # Near the solution a float32 energy stops resolving the decrease (~r^2/k below its
             # rounding). Within that rounding the energy says nothing either way, and a step is
             # accepted if it shrinks the residual instead (comparing energies there let Newton
@@ -337,15 +350,16 @@ class ImplicitSolve:
                 else:
                     accepted = _norm(_flat(r_trial)) < (1.0 - 1e-4 * t) * residual_norm
                 if accepted:
-                    return True, t, r_trial
+                    return True, t, r_trial, (merit, merit_rounding)
             t *= 0.5
-        return False, t, r_trial
+        return False, t, r_trial, None
 
     def _newton_step(self, x: wp.array, minus_r: wp.array, inverse_diagonal: wp.array | None, forcing: float, *,
                      exact: bool, report: NewtonReport) -> wp.array:
         """Newton's direction from J s = -r, with the exact Jacobian product if ``exact`` and one
         is given (falling back to the approximation where the exact one has negative curvature)."""
         exact = exact and self.jacobian_product is not None
+        self._set_local_blocks(x)
         if not exact:
             self._linearize(x, approximate=True)
         step, its, negative = self._cg(x, minus_r, inverse_diagonal, exact=exact, tolerance=forcing)
@@ -359,6 +373,12 @@ class ImplicitSolve:
         if self.factorization is not None:
             self.factorization.note_iterations(its, -math.log10(forcing))
         return step
+
+    def _set_local_blocks(self, x: wp.array) -> None:
+        if self.local_blocks is not None:
+            with _no_tape():
+                rows, blocks = self.local_blocks(x)
+            self.factorization.set_blocks(rows, blocks)
 
     def _precondition(self, r: wp.array, diag: wp.array | None, out: wp.array) -> None:
         if self.factorization is not None:
@@ -398,6 +418,7 @@ class ImplicitSolve:
         plain_trial = wp.zeros_like(x)
         r = self._evaluate(x)
         history = [math.inf, math.inf]
+        merit_x = None  # the merit at x, carried over from the line search that chose x
         full_step = False  # the last line search took the full step: Newton is in its quadratic basin
         for it in range(self.max_iterations + 1):
             values = _flat(r).numpy().astype(np.float64)
@@ -431,20 +452,23 @@ class ImplicitSolve:
                 initial = report.residual
             forcing = min(0.1, max(self.cg_tolerance, report.residual / max(initial, 1e-30)))
             self._linearized = False
+            self._set_local_blocks(x)  # (before a refactorisation, which may factor them in)
             self._linearize(x)
             predicted = self.active_set is not None
             step = self._direction(x, r, inverse_diagonal, forcing, exact=full_step, report=report,
                                    predict=predicted)
-            accepted, t, r_trial = self._line_search(x, r, step, trial)
+            if merit_x is None:
+                merit_x = self._merit(x, r)
+            accepted, t, r_trial, merit_trial = self._line_search(x, r, step, trial, merit_x)
             if predicted and (not accepted or t < 0.5):
                 # the predicted branches misled the step (a node held apart by the pad, pulled to
                 # the indenter by the model): the plain linearisation, if its step does better
                 self.active_set.clear()
                 plain = self._direction(x, r, inverse_diagonal, forcing, exact=full_step, report=report,
                                         predict=False)
-                plain_result = self._line_search(x, r, plain, plain_trial)
+                plain_result = self._line_search(x, r, plain, plain_trial, merit_x)
                 if plain_result[0] and (not accepted or plain_result[1] > t):
-                    step, (accepted, t, r_trial) = plain, plain_result
+                    step, (accepted, t, r_trial, merit_trial) = plain, plain_result
                     wp.copy(trial, plain_trial)
             if not accepted and near_floor:
                 # no float32 step lowers the energy or the residual, and every node's residual over
@@ -462,7 +486,7 @@ class ImplicitSolve:
                                         "the problem may be non-smooth at this scale (e.g. friction regularised "
                                         "over less than the step's motion); take a smaller step.")
             wp.copy(x, trial)
-            r = r_trial
+            r, merit_x = r_trial, merit_trial
             report.step = t * _max_abs(step)
             full_step = t == 1.0 and self.exact_tail
         report.newton_iterations = self.max_iterations
@@ -533,6 +557,7 @@ class ImplicitSolve:
         # a backward pass runs the steps in reverse: the factor kept from the last forward solve
         # drifts as it goes, so it is renewed by the same rule as in Newton
         self._linearized = False
+        self._set_local_blocks(solution)
         self._linearize(solution)
         lam, its, _ = self._cg(solution, x_bar, self._inverse_diagonal(solution), exact=True,
                                tolerance=self.adjoint_tolerance)

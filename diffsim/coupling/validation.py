@@ -184,8 +184,11 @@ GRADIENT_CHECKS = {
     "sensor_pose_material": lambda d, i="explicit": _coupled_gradient_check(
         "sensor trajectory against MPM (frame 5)", "controls[5].fem.body_velocity", scene="material", eps=3e-3,
         relative=False, device=d, integrator=i),
+    # eps = 5e-3 m/s, inside the plateau: on a 2-core AMD EPYC the second direction read 1.7%
+    # (0.5e-3), 3.4% (1e-3), then 0.09%, 0.50%, 0.27%, 0.21% at 2e-3, 3e-3, 5e-3, 8e-3 (the float32
+    # loss noise, which scales as 1/eps and differs between CPUs, failed 1e-3 on that machine)
     "sensor_pose_rod": lambda d, i="explicit": _coupled_gradient_check(
-        "sensor trajectory against a cable (frame 5)", "controls[5].fem.body_velocity", scene="rod", eps=1e-3,
+        "sensor trajectory against a cable (frame 5)", "controls[5].fem.body_velocity", scene="rod", eps=5e-3,
         relative=False, device=d, integrator=i),
 }
 

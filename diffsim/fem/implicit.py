@@ -35,8 +35,11 @@ eigenvalues clamped to zero (the twist modes under compression; see "projected H
 Newton's matrix is thus symmetric positive definite at every iterate, and CG is preconditioned by
 a sparse Cholesky factor of that same matrix assembled from its element and node blocks, kept
 across steps and refactored when it has gone stale (:mod:`diffsim.core.cholesky`), or by the
-linear-elastic diagonal (Jacobi); ``preconditioner="auto"`` factors on CPUs up to
-:data:`AUTO_CHOLESKY_UNKNOWNS` unknowns. The
+linear-elastic diagonal (Jacobi). The contact and friction blocks are left out of the factor and
+added to its solves exactly at every linear solve (``local_blocks``, a low-rank Woodbury
+correction over the ten or so nodes in contact): they flip as the patch slides, and kept in the
+factor they staled it within a frame, while the elastic part stays good for several;
+``preconditioner="auto"`` factors on CPUs up to :data:`AUTO_CHOLESKY_UNKNOWNS` unknowns. The
 residual is exact, so Newton lands on r = 0 either way (the approximations cost iterations, not
 accuracy), and the adjoint solve of the backward pass uses the exact Jacobian (unprojected, with
 the curvature term). The approximation alone makes Newton converge linearly (a quasi-static
@@ -312,6 +315,47 @@ def tet_jacobian_product(x: wp.array(dtype=wp.vec3), target: wp.array(dtype=wp.v
     _add_to_free_nodes(tet_rest_volume[t] * (dP @ wp.transpose(Dm_inv)), n, node_fixed, out)
 
 
+@wp.func
+def _contact_jacobian_block(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), i: int, area: float,
+                            stiffness: float, world: int, colliders: ColliderSet, smoothing: float,
+                            friction_velocity: float, dt: float, lagged_force: wp.array2d(dtype=float),
+                            lagged_normal: wp.array2d(dtype=wp.vec3), lagged_velocity: wp.array2d(dtype=wp.vec3),
+                            exact: int, anticipated: wp.array2d(dtype=int)):
+    """Node i's 3 x 3 block of the contact Jacobian (see :func:`contact_jacobian_product`)."""
+    p = x[i]
+    block = wp.mat33(0.0)
+    eye = wp.identity(3, float)
+    for c in range(wp.static(MAX_COLLIDERS)):
+        if c < colliders.count:
+            slot = collider_slot(colliders, world, c)
+            q = collider_query(colliders, c, slot, p)
+            depth = -q.distance
+            slope = float(0.0)
+            if depth >= smoothing:
+                slope = 1.0
+            elif depth > -smoothing:
+                slope = (depth + smoothing) / (2.0 * smoothing)
+            if anticipated[i, c] != 0:
+                slope = 1.0
+            block = block + (stiffness * area * slope) * wp.outer(q.normal, q.normal)
+            if exact != 0 and colliders.shape[c] == SPHERE_SHAPE and depth > -smoothing:
+                # d n / d x = (I - n n^T) / |x - centre| for a sphere
+                centre_distance = q.distance + colliders.size[c][0]
+                curvature = stiffness * area * smooth_penetration(depth, smoothing)
+                block = block - (curvature / centre_distance) * (eye - wp.outer(q.normal, q.normal))
+            lam = lagged_force[i, c]
+            if lam > 0.0:
+                nrm = lagged_normal[i, c]
+                step = p - x_start[i] - dt * lagged_velocity[i, c]
+                slip = (step - wp.dot(step, nrm) * nrm) / dt
+                speed = wp.sqrt(wp.dot(slip, slip) + friction_velocity * friction_velocity)
+                # d slip / d x = (I - n n^T) / dt; slip is tangential, so the block is symmetric
+                tangent = eye - wp.outer(nrm, nrm)
+                block = block + (colliders.friction[c] * lam / (speed * dt)) * (
+                    tangent - wp.outer(slip, slip) / (speed * speed))
+    return block
+
+
 @wp.kernel
 def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3), v: wp.array(dtype=wp.vec3),
                              node_fixed: wp.array(dtype=int), node_body: wp.array(dtype=int),
@@ -331,38 +375,27 @@ def contact_jacobian_product(x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype
     area = node_contact_area[i]
     if area > 0.0 and node_fixed[i] == 0:
         body = node_body[i]
-        world = body_world[body]
-        p = x[i]
-        dv = v[i]
-        total = wp.vec3(0.0)
-        for c in range(wp.static(MAX_COLLIDERS)):
-            if c < colliders.count:
-                slot = collider_slot(colliders, world, c)
-                q = collider_query(colliders, c, slot, p)
-                depth = -q.distance
-                slope = float(0.0)
-                if depth >= smoothing:
-                    slope = 1.0
-                elif depth > -smoothing:
-                    slope = (depth + smoothing) / (2.0 * smoothing)
-                if anticipated[i, c] != 0:
-                    slope = 1.0
-                total = total + (body_contact_stiffness[body] * area * slope * wp.dot(q.normal, dv)) * q.normal
-                if exact != 0 and colliders.shape[c] == SPHERE_SHAPE and depth > -smoothing:
-                    # d n / d x = (I - n n^T) / |x - centre| for a sphere
-                    centre_distance = q.distance + colliders.size[c][0]
-                    curvature = body_contact_stiffness[body] * area * smooth_penetration(depth, smoothing)
-                    total = total - (curvature / centre_distance) * (dv - wp.dot(dv, q.normal) * q.normal)
-                lam = lagged_force[i, c]
-                if lam > 0.0:
-                    nrm = lagged_normal[i, c]
-                    step = p - x_start[i] - dt * lagged_velocity[i, c]
-                    slip = (step - wp.dot(step, nrm) * nrm) / dt
-                    speed = wp.sqrt(wp.dot(slip, slip) + friction_velocity * friction_velocity)
-                    tangent = (dv - wp.dot(dv, nrm) * nrm) / dt
-                    total = total + (colliders.friction[c] * lam / speed) * (
-                        tangent - (wp.dot(slip, tangent) / (speed * speed)) * slip)
-        out[i] = out[i] + total
+        block = _contact_jacobian_block(x, x_start, i, area, body_contact_stiffness[body], body_world[body], colliders,
+                                        smoothing, friction_velocity, dt, lagged_force, lagged_normal,
+                                        lagged_velocity, exact, anticipated)
+        out[i] = out[i] + block @ v[i]
+
+
+@wp.kernel
+def contact_jacobian_blocks(nodes: wp.array(dtype=int), x: wp.array(dtype=wp.vec3), x_start: wp.array(dtype=wp.vec3),
+                            node_body: wp.array(dtype=int), node_contact_area: wp.array(dtype=float),
+                            body_world: wp.array(dtype=int), body_contact_stiffness: wp.array(dtype=float),
+                            colliders: ColliderSet, smoothing: float, friction_velocity: float, dt: float,
+                            lagged_force: wp.array2d(dtype=float), lagged_normal: wp.array2d(dtype=wp.vec3),
+                            lagged_velocity: wp.array2d(dtype=wp.vec3), anticipated: wp.array2d(dtype=int),
+                            blocks: wp.array(dtype=wp.mat33)):
+    """The Gauss-Newton blocks of :func:`contact_jacobian_product` for the given (free, surface) nodes."""
+    k = wp.tid()
+    i = nodes[k]
+    body = node_body[i]
+    blocks[k] = _contact_jacobian_block(x, x_start, i, node_contact_area[i], body_contact_stiffness[body],
+                                        body_world[body], colliders, smoothing, friction_velocity, dt, lagged_force,
+                                        lagged_normal, lagged_velocity, 0, anticipated)
 
 
 @wp.kernel
@@ -572,14 +605,6 @@ def tet_hessian_entries(node_fixed: wp.array(dtype=int), tet_nodes: wp.array(dty
 
 
 @wp.kernel
-def _unit_field(axis: int, out: wp.array(dtype=wp.vec3)):
-    i = wp.tid()
-    e = wp.vec3(0.0)
-    e[axis] = 1.0
-    out[i] = e
-
-
-@wp.kernel
 def _node_block_column(column: wp.array(dtype=wp.vec3), axis: int, start: int, values: wp.array(dtype=wp.float64)):
     i = wp.tid()
     c = column[i]
@@ -769,8 +794,13 @@ class ImplicitFEMStep:
         # the contacts Newton's linearisation treats as active before they are (anticipate_contacts)
         self._anticipated = wp.zeros((model.node_count, max(model.collider_count, 1)), dtype=int, device=device)
         self._changed = wp.zeros(1, dtype=int, device=device)
-        self._probe = wp.zeros(model.node_count, dtype=wp.vec3, device=device)
         self._block = wp.zeros(model.node_count, dtype=wp.vec3, device=device)
+        # the free nodes that can touch a collider, and their contact blocks (contact_jacobian_blocks)
+        self._surface_nodes = np.flatnonzero((model.node_contact_area.numpy() > 0) & (model.node_fixed.numpy() == 0))
+        self._surface = wp.array(self._surface_nodes.astype(np.int32), dtype=int, device=device)
+        self._surface_blocks = wp.zeros(self._surface_nodes.size, dtype=wp.mat33, device=device)
+        self._units = [wp.array(np.tile(np.eye(3, dtype=np.float32)[axis], (model.node_count, 1)), dtype=wp.vec3,
+                                device=device) for axis in range(3)]  # probes of the node blocks, per axis
 
     def _pin_and_diagonal(self, model, dt: float) -> tuple[wp.array, np.ndarray]:
         mass = model.node_mass.numpy().astype(np.float64)
@@ -896,15 +926,26 @@ class ImplicitFEMStep:
             return True
 
         def assemble(x, values):
-            # the tets' projected blocks, then each node's own 3 x 3 block, probed a column at a time
-            # from the node-local products (inertia, pins, Gauss-Newton contact, lagged friction)
+            # the tets' projected blocks, then each node's own 3 x 3 block of inertia and pins, probed
+            # a column at a time; the contact blocks are set apart (contact_blocks)
             launch_items(tet_hessian_entries, model.tet_count,
                          [model.node_fixed, model.tet_nodes, *tet_material_args], [values], device=device)
             for axis in range(3):
-                wp.launch(_unit_field, n, [axis], [self._probe], device=device)
-                self._block.zero_()
-                node_products(x, self._probe, self._block, False)
+                launch("jv_nodes", node_jacobian_product, n, [self._units[axis], model.node_body, model.node_mass,
+                                                             model.node_fixed, model.body_damping, pin, inertia,
+                                                             rate], [self._block], device)
                 wp.launch(_node_block_column, n, [self._block, axis, 144 * model.tet_count], [values], device=device)
+
+        def contact_blocks(x):
+            # The Gauss-Newton contact and lagged-friction 3 x 3 blocks of the nodes that have any (the
+            # ten or so touching a collider, and those Newton predicts will): they change as the
+            # patch moves, so the factor leaves them out and its solves add them exactly.
+            launch("contact_blocks", contact_jacobian_blocks, self._surface.shape[0],
+                   [self._surface, x, contact_args[0], *contact_args[2:], self._anticipated], [self._surface_blocks],
+                   device)
+            blocks = self._surface_blocks.numpy()
+            active = np.flatnonzero(np.abs(blocks).reshape(-1, 9).max(axis=1) > 0.0)
+            return 3 * self._surface_nodes[active, None] + np.arange(3), blocks[active]
 
         prediction = ContactPrediction(self._anticipated, self._changed, [
             model.node_fixed, model.node_body, model.node_contact_area, model.body_world,
@@ -915,6 +956,7 @@ class ImplicitFEMStep:
         factored = self.cholesky is not None
         solve = ImplicitSolve(residual, energy=energy, preconditioner=preconditioner,
                               factorization=self.cholesky, assemble=assemble if factored else None,
+                              local_blocks=contact_blocks if factored and model.collider_count else None,
                               linearize=linearize if fast else None,
                               jacobian_product=jacobian_product if fast else None,
                               # Both pay with the Cholesky preconditioner only. Jacobi-preconditioned CG,
