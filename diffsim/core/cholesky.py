@@ -54,6 +54,7 @@ fill and the band).
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -78,6 +79,17 @@ REFRESH_ITERATIONS = {"banded": 20, "cholmod": 60}
 #: sphere's 10-15 contact nodes (30-45 rows) pay for themselves several times over in CG
 #: iterations, while a plate on the whole face (200 nodes) would cost 20 factorisations' worth.
 MAX_CORRECTION_ROWS = 96
+
+
+class _Correction(NamedTuple):
+    """The Woodbury correction of the blocks set, for the current factor P."""
+
+    rows: np.ndarray  # flat rows of the blocks (E)
+    columns: np.ndarray  # W = P^-1 E
+    block_matrix: np.ndarray  # B, block diagonal
+    capacitance: tuple  # LU of I + E^T W B
+    blocks: np.ndarray  # the blocks as set (to tell a repeat)
+    gathered: np.ndarray  # E^T W
 
 
 class CholeskyPattern:
@@ -175,7 +187,7 @@ class SparseCholesky:
         self._baseline = None  # CG iterations per decade of the first solve after a factorisation
         self._extra = 0.0  # iterations beyond that rate since
         self._columns: dict[tuple, np.ndarray] = {}  # per block row: its columns of W = P^-1 E (this factor's)
-        self._correction = None  # (rows, W, B, LU of I + E^T W B, the blocks, E^T W) now set
+        self._correction: _Correction | None = None  # of the blocks now set, for this factor
         self._blocks = None  # (rows, blocks) last set
         self._folded = False  # the factor holds them (too many to correct for)
         self.block_solves = 0  #: solves spent on columns of W (see set_blocks)
@@ -226,7 +238,7 @@ class SparseCholesky:
         self.factor_seconds += time.perf_counter() - start
         self._baseline = None
         self._extra = 0.0
-        self._columns.clear()  # W belongs to the old factor: the caller sets its blocks again
+        self._columns.clear()  # W belongs to the old factor: the next solve rebuilds the correction
         self._correction = None
 
     def solve(self, b: wp.array, out: wp.array) -> None:
@@ -237,10 +249,10 @@ class SparseCholesky:
         self._update_correction()
         self._solve_factored(b, out)
         if self._correction is not None:
-            rows, columns, blocks, capacitance = self._correction[:4]
+            c = self._correction
             y = out.numpy()  # a view on CPUs; a copy, assigned back, on CUDA devices
-            u = scipy.linalg.lu_solve(capacitance, y[rows].astype(np.float64))
-            y -= (columns @ (blocks @ u)).astype(y.dtype)
+            u = scipy.linalg.lu_solve(c.capacitance, y[c.rows].astype(np.float64))
+            y -= (c.columns @ (c.block_matrix @ u)).astype(y.dtype)
             if not self.device.is_cpu:
                 out.assign(y)
 
@@ -309,10 +321,10 @@ class SparseCholesky:
             self._correction = None
             return
         last = self._correction
-        if last is not None and last[0].size == rows.size and np.array_equal(last[0], rows.ravel()):
-            if np.array_equal(last[4], blocks):
+        if last is not None and last.rows.size == rows.size and np.array_equal(last.rows, rows.ravel()):
+            if np.array_equal(last.blocks, blocks):
                 return  # (Newton sets them again after each prediction; often nothing changed)
-            flat, columns, gathered = last[0], last[1], last[5]
+            flat, columns, gathered = last.rows, last.columns, last.gathered
         else:
             keys = [tuple(r) for r in rows]
             missing = [k for k in dict.fromkeys(keys) if k not in self._columns]
@@ -326,7 +338,7 @@ class SparseCholesky:
             gathered = columns[flat]  # E^T W
         b = scipy.linalg.block_diag(*blocks)
         capacitance = scipy.linalg.lu_factor(np.eye(flat.size) + gathered @ b)
-        self._correction = (flat, columns, b, capacitance, blocks, gathered)
+        self._correction = _Correction(flat, columns, b, capacitance, blocks, gathered)
 
     def note_iterations(self, iterations: int, decades: float = 1.0) -> None:
         """Told after each preconditioned linear solve: its CG iterations and the residual
