@@ -1,6 +1,7 @@
 """Transfer against solving from scratch, on two task families: ``diffsim transfer`` for each pair
 of variants below, one process and one run folder each (``--runs``, resumable), collected into
-``benchmarks/results/transfer_cpu.json``.
+``benchmarks/results/transfer_cpu.json`` (keyed ``TASK A->B``, ``TASK A->B in N`` for N stages
+other than two).
 
 Push's targets are spread over +-6 cm (``target_jitter=0.06``): variants 1 and 3 lie 9 cm apart
 on opposite sides of the block's path, 2 and 3 2 cm apart, 0 and 5 7 cm apart on the same side.
@@ -27,6 +28,9 @@ PAIRS = [
     ("Push-v0", 1, 3, 2, 20, 0.9, ["target_jitter=0.06"]),  # targets on opposite sides of the block
     ("Push-v0", 2, 3, 2, 20, 0.7, ["target_jitter=0.06"]),  # neighbouring targets, 2 cm apart
     ("Push-v0", 0, 5, 2, 20, 0.7, ["target_jitter=0.06"]),  # same side, 7 cm apart
+    ("Push-v0", 0, 5, 1, 20, 0.7, ["target_jitter=0.06"]),  # the same, warm-started directly
+    ("Push-v0", 0, 5, 4, 20, 0.7, ["target_jitter=0.06"]),  # the same, along four stages
+    ("Push-v0", 2, 3, 1, 20, 0.7, ["target_jitter=0.06"]),  # neighbouring targets, directly
     ("CableShape-v0", 5, 2, 2, 8, 0.5, []),  # a bend one way, then the other
 ]
 
@@ -43,8 +47,8 @@ def main() -> None:
     for task, source, target, steps, iterations, score, options in PAIRS:
         if args.only and task not in args.only:
             continue
-        key = f"{task} {source}->{target}"
-        folder = args.runs / task / f"{source}-{target}"
+        key = f"{task} {source}->{target}" + ("" if steps == 2 else f" in {steps}")
+        folder = args.runs / task / (f"{source}-{target}" + ("" if steps == 2 else f"-s{steps}"))
         command = [sys.executable, "-m", "diffsim.cli", "transfer", task, "--from", str(source), "--to", str(target),
                    "--steps", str(steps), "--iters", str(iterations), "--score", str(score), "--out", str(folder),
                    "--no-progress", *[f"--option={o}" for o in options]]

@@ -76,3 +76,24 @@ def test_a_killed_transfer_resumes_and_logs_each_iteration_once(tmp_path):
     total = 6 + 6 + 6 + 12  # source, two stages, scratch (2 x 6); a score of 1 is never reached
     assert summary["scratch"]["iterations"] == 12
     assert [int(r["iteration"]) for r in logged(out)] == list(range(total))
+
+
+def test_a_stage_whose_warm_start_reaches_its_score_costs_no_iteration(tmp_path):
+    import torch
+
+    from diffsim.controllers.transfer import _Stage
+    from diffsim.tasks.env import DiffTaskEnv
+    from diffsim.tasks.task import TaskBatch
+
+    env = DiffTaskEnv(task_type(TASK), num_envs=1, **TINY)
+    variant, scorer = variant_of_seed(env.task, 1), TaskBatch(env.task)
+
+    def stage(score):
+        return _Stage(env, scorer, variant, score=score, learning_rate=0.05, log=lambda *row: None, first_row=0)
+
+    start = torch.full((env.task.horizon, 1, env.action_dim), 0.5)
+    as_is = stage(1.0).play(start)
+    plan, used, score = stage(as_is).run(start, 3, tmp_path / "stage.pt")
+    assert used == 0 and score == as_is and torch.equal(plan, start)
+    plan, used, score = stage(1.0).run(start, 1, tmp_path / "stage.pt")  # a score it cannot reach: it iterates
+    assert used == 1
