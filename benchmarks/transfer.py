@@ -33,6 +33,9 @@ PAIRS = [
     ("Push-v0", 2, 3, 1, 20, 0.7, ["target_jitter=0.06"]),  # neighbouring targets, directly
     ("CableShape-v0", 5, 2, 2, 8, 0.5, []),  # a bend one way, then the other
 ]
+#: Push pairs not chosen by their outcome: seeds 2k -> 2k + 1 (targets 2-11 cm apart), directly and
+#: in two stages, for the spread of the ratio over variants
+PAIRS += [("Push-v0", 2 * k, 2 * k + 1, steps, 20, 0.7, ["target_jitter=0.06"]) for k in range(6) for steps in (1, 2)]
 
 
 def main() -> None:
