@@ -6,6 +6,10 @@ The adapter shows SB3 actions in -1 .. 1 across each actuator's range (SB3's Gau
 start with unit spread, which would pin physical bounds of a few cm/s at their limits) and, when
 given, observations shifted and scaled by fixed statistics (those of one episode of uniformly
 random actions, kept in the checkpoint and the policy file, so evaluation sees what training saw).
+Rewards are divided by the root mean square of that episode's rewards: a task's reward is its
+loss decrease per step, whose units make it 1e-5 on Push, and SB3's value losses and defaults
+assume rewards near one (PPO on Push at 640 world-episodes, seed 0: score 0.000 unscaled, 0.604
+with rewards x 1000).
 
 Needs the ``rl`` extra (``pip install diffsim[rl]``).
 """
@@ -49,7 +53,7 @@ class SB3VecEnv(VecEnv):
 
     def __init__(self, env: TaskVectorEnv | str, *, num_envs: int = 1, normalize_actions: bool = True,
                  observation_mean: np.ndarray | None = None, observation_scale: np.ndarray | None = None,
-                 **options):
+                 reward_scale: float = 1.0, **options):
         if isinstance(env, str):
             env = TaskVectorEnv(task_type(env), num_envs=num_envs, **options)
         self.env = env
@@ -61,6 +65,7 @@ class SB3VecEnv(VecEnv):
             action_space = spaces.Box(-1.0, 1.0, shape=action_space.shape, dtype=np.float32)
         self.observation_mean = observation_mean
         self.observation_scale = observation_scale
+        self.reward_scale = float(reward_scale)  #: what SB3 sees of a reward is reward / reward_scale
         observation_space = env.single_observation_space
         if observation_mean is not None:
             observation_space = spaces.Box(-np.inf, np.inf, shape=observation_space.shape, dtype=np.float32)
@@ -106,7 +111,7 @@ class SB3VecEnv(VecEnv):
                 infos[i]["loss"] = float(info["final_info"]["loss"][i])
                 infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
                 infos[i]["score"] = float(info["final_info"]["score"][i])
-        return self.normalise_observation(obs), reward.astype(np.float32), done, infos
+        return self.normalise_observation(obs), (reward / self.reward_scale).astype(np.float32), done, infos
 
     def close(self) -> None:
         self.env.close()
@@ -138,24 +143,27 @@ ALGORITHMS = {"ppo": PPO, "sac": SAC}
 POLICY_FORMAT = 1
 
 
-def observation_statistics(kind, *, worlds: int, seed: int, device=None, options: dict | None = None):
+def episode_statistics(kind, *, worlds: int, seed: int, device=None, options: dict | None = None):
     """Mean and spread (floored like :class:`~controllers.bptt.ClockPolicy`'s) of the observations
-    of one episode of uniformly random actions in ``worlds`` worlds, on seeds training never uses."""
+    of one episode of uniformly random actions in ``worlds`` worlds, on seeds training never uses,
+    and the root mean square of its rewards (1 where they are all zero)."""
     from diffsim.controllers.evaluate import EVALUATION_SEED
 
     env = TaskVectorEnv(kind, num_envs=worlds, device=device, **(options or {}))
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed + EVALUATION_SEED // 2)
-    seen = [obs]
+    seen, rewards = [obs], []
     low, high = env.single_action_space.low, env.single_action_space.high
     for _ in range(env.task.horizon - 1):
-        obs = env.step(rng.uniform(low, high, size=(worlds, low.size)).astype(np.float32))[0]
+        obs, reward = env.step(rng.uniform(low, high, size=(worlds, low.size)).astype(np.float32))[:2]
         seen.append(obs)
+        rewards.append(reward)
     env.close()
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(rewards, dtype=np.float64))))) if rewards else 0.0
     samples = np.concatenate(seen).astype(np.float64)
     mean, spread = samples.mean(0), samples.std(0)
     floor = np.maximum(0.1 * np.abs(mean), 1e-6 * np.abs(samples).max() + 1e-12)
-    return mean.astype(np.float32), np.maximum(spread, floor).astype(np.float32)
+    return mean.astype(np.float32), np.maximum(spread, floor).astype(np.float32), (rms if rms > 0 else 1.0)
 
 
 def _make(algo: str, env: SB3VecEnv, *, seed: int, horizon: int, worlds: int, buffer_size: int,
@@ -258,8 +266,10 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
             raise ConfigError(f"{str(run.path)!r} holds a {saved.get('algo')} run, not {algo}; "
                               "resume it with its own --algo or pass another --out.")
         mean, scale = saved["observation_mean"].numpy(), saved["observation_scale"].numpy()
+        reward_scale = float(saved.get("reward_scale", 1.0))  # (runs begun before rewards were scaled)
     else:
-        mean, scale = observation_statistics(kind, worlds=worlds, seed=seed, device=device, options=options)
+        mean, scale, reward_scale = episode_statistics(kind, worlds=worlds, seed=seed, device=device,
+                                                       options=options)
     if ray is None:
         vector = TaskVectorEnv(kind, num_envs=worlds, device=device, **options)
     else:
@@ -267,7 +277,7 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
 
         connect(ray)
         vector = RayVectorEnv(kind.id, num_envs=worlds, actors=actors, **options)
-    env = SB3VecEnv(vector, observation_mean=mean, observation_scale=scale)
+    env = SB3VecEnv(vector, observation_mean=mean, observation_scale=scale, reward_scale=reward_scale)
     horizon = env.env.horizon
     chunk = horizon * worlds
     eval_env = SB3VecEnv(TaskVectorEnv(kind, num_envs=evaluation_worlds, device=device, **options),
@@ -308,7 +318,8 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
                                              "wall_time": elapsed, "initial_scores": initial, **names,
                                              "simulation_seconds": env.simulation_seconds,
                                              "observation_mean": torch.from_numpy(mean),
-                                             "observation_scale": torch.from_numpy(scale)})
+                                             "observation_scale": torch.from_numpy(scale),
+                                             "reward_scale": reward_scale})
             for stale in run.path.glob("sb3_*"):  # the files the checkpoint no longer names
                 if stale.name not in names.values():
                     stale.unlink()
@@ -320,7 +331,7 @@ def train_sb3(task: str, algo: str = "ppo", *, iterations: int, out: str | Path,
     final = play_model(eval_env, model, EVALUATION_SEED)
     summary = {
         "task": kind.id, "method": algo, "seed": seed, "worlds": worlds, "horizon": horizon,
-        "learning_rate": learning_rate,
+        "learning_rate": learning_rate, "reward_scale": reward_scale,
         "evaluation_seeds": [EVALUATION_SEED + i for i in range(evaluation_worlds)],
         "initial_score": sum(initial) / evaluation_worlds, "final_score": sum(final) / evaluation_worlds,
         "initial_scores": initial, "final_scores": final, "final_loss": losses[-1] if losses else None,

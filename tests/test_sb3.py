@@ -33,3 +33,23 @@ def test_short_ppo_run_learns_without_error():
     assert model.num_timesteps >= 32
     action, _ = model.predict(env.reset(), deterministic=True)
     assert action.shape == (2, 3) and np.all(np.isfinite(action))
+
+
+def test_rewards_reach_sb3_divided_by_the_random_episodes_scale():
+    # a task's reward is its loss decrease (1e-5 per step on Push); SB3 sees it near unit size
+    from diffsim.controllers.sb3 import episode_statistics
+    from diffsim.tasks.env import TaskVectorEnv, task_type
+
+    tiny = TASKS["diffsim/Push-v0"].tiny
+    mean, spread, reward_scale = episode_statistics(task_type("Push-v0"), worlds=2, seed=0, options=tiny)
+    assert 0 < reward_scale < 1e-2 and mean.shape == spread.shape
+    envs = [SB3VecEnv(TaskVectorEnv(task_type("Push-v0"), num_envs=2, **tiny), reward_scale=s)
+            for s in (1.0, reward_scale)]
+    rewards = []
+    for env in envs:
+        env.seed(3)
+        env.reset()
+        env.step_async(np.full((2, 2), 0.5, np.float32))
+        rewards.append(env.step_wait()[1])
+    assert np.any(rewards[0] != 0)
+    np.testing.assert_allclose(rewards[1], rewards[0] / reward_scale, rtol=1e-5)
