@@ -8,8 +8,8 @@ given, observations shifted and scaled by fixed statistics (those of one episode
 random actions, kept in the checkpoint and the policy file, so evaluation sees what training saw).
 Rewards are divided by the root mean square of that episode's rewards: a task's reward is its
 loss decrease per step, whose units make it 1e-5 on Push, and SB3's value losses and defaults
-assume rewards near one (PPO on Push at 640 world-episodes, seed 0: score 0.000 unscaled, 0.604
-with rewards x 1000).
+assume rewards near one (PPO on Push at 640 world-episodes, three seeds: score 0.036 +- 0.052
+unscaled, 0.583 +- 0.143 scaled).
 
 Needs the ``rl`` extra (``pip install diffsim[rl]``).
 """
@@ -65,6 +65,8 @@ class SB3VecEnv(VecEnv):
             action_space = spaces.Box(-1.0, 1.0, shape=action_space.shape, dtype=np.float32)
         self.observation_mean = observation_mean
         self.observation_scale = observation_scale
+        if not (reward_scale > 0 and math.isfinite(reward_scale)):
+            raise InvalidParameter("reward_scale", reward_scale, "(0, inf)")
         self.reward_scale = float(reward_scale)  #: what SB3 sees of a reward is reward / reward_scale
         observation_space = env.single_observation_space
         if observation_mean is not None:

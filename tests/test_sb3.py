@@ -11,6 +11,7 @@ from stable_baselines3 import PPO  # noqa: E402
 
 import diffsim.tasks  # noqa: E402,F401
 from diffsim.controllers.sb3 import SB3VecEnv  # noqa: E402
+from diffsim.errors import InvalidParameter  # noqa: E402
 from diffsim.tasks.env import TASKS  # noqa: E402
 
 
@@ -53,3 +54,5 @@ def test_rewards_reach_sb3_divided_by_the_random_episodes_scale():
         rewards.append(env.step_wait()[1])
     assert np.any(rewards[0] != 0)
     np.testing.assert_allclose(rewards[1], rewards[0] / reward_scale, rtol=1e-5)
+    with pytest.raises(InvalidParameter, match="reward_scale"):
+        SB3VecEnv(envs[0].env, reward_scale=0.0)
