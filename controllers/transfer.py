@@ -65,11 +65,12 @@ class _Stage:
         """Optimise from ``start``, unless it reaches the score already; returns the first plan
         reaching the score (else the best seen), the iterations used and its score."""
         if not checkpoint.exists():  # a warm start may solve the stage as it is (a resumed stage did not)
-            value = self.play(start)
+            value = self.play(start)  # (which leaves the env reset to this variant)
             if value >= self.score:
                 self.reached = True
                 return start.clone(), 0, value
-        self.env.reset(variants=[self.variant])
+        else:
+            self.env.reset(variants=[self.variant])
         reaching = {}
 
         def on_iteration(iteration: int, loss: float, parameters: dict) -> bool:
