@@ -172,7 +172,7 @@ def _to_torch(arr: wp.array) -> torch.Tensor:
 
 
 class _StepFunction(torch.autograd.Function):
-    """One differentiable env step: (actions, state tensors) -> (observation, loss, next state tensors)."""
+    """One differentiable env step: (actions, state tensors) -> (observation, loss, cost, next state tensors)."""
 
     @staticmethod
     def forward(ctx, denv: DiffTaskEnv, actions: torch.Tensor, *state_tensors: torch.Tensor):
@@ -189,24 +189,27 @@ class _StepFunction(torch.autograd.Function):
         scene.apply_actions(wp_actions, control)
         obs = wp.zeros((denv.num_envs, task.observation_dim), dtype=float, device=device, requires_grad=True)
         loss = wp.zeros(denv.num_envs, dtype=float, device=device, requires_grad=True)
+        cost = wp.zeros(denv.num_envs, dtype=float, device=device, requires_grad=True)
         claim = scene.solver.begin_step_scratch()
         tape = wp.Tape()
         with tape:
             scene.advance(state_in, state_out, control)
             task.loss(state_out, loss)
+            if task.running_cost:
+                task.cost(state_out, cost)
             task.observe(state_out, obs)
         scene.solver.end_step_scratch(claim)
         weakref.finalize(tape, scene.solver.release_step_scratch, claim)
         scene.solver.check_finite(scene.model, state_out, 0)
         ctx.tape, ctx.state_in, ctx.state_out, ctx.control = tape, state_in, state_out, control
-        ctx.obs, ctx.loss, ctx.denv = obs, loss, denv
+        ctx.obs, ctx.loss, ctx.cost, ctx.denv = obs, loss, cost, denv
         denv._last_state = state_out
-        out = (_to_torch(obs), _to_torch(loss), *(_to_torch(state_out.array(n)) for n in names))
+        out = (_to_torch(obs), _to_torch(loss), _to_torch(cost), *(_to_torch(state_out.array(n)) for n in names))
         denv.simulation_seconds["forward"] += time.perf_counter() - started
         return out
 
     @staticmethod
-    def backward(ctx, grad_obs, grad_loss, *grad_state):
+    def backward(ctx, grad_obs, grad_loss, grad_cost, *grad_state):
         started = time.perf_counter()
         denv = ctx.denv
         names = denv.state_names
@@ -218,6 +221,7 @@ class _StepFunction(torch.autograd.Function):
 
         seed(ctx.obs, grad_obs)
         seed(ctx.loss, grad_loss)
+        seed(ctx.cost, grad_cost)
         for n, g in zip(names, grad_state, strict=True):
             seed(ctx.state_out.array(n), g)
         for _, arr in ctx.state_in.arrays():
@@ -236,7 +240,7 @@ class _StepFunction(torch.autograd.Function):
 
 
 class _RolloutFunction(torch.autograd.Function):
-    """A whole horizon through the checkpointed Rollout: actions (T, W, D) -> summed final loss."""
+    """A whole horizon through the checkpointed Rollout: actions (T, W, D) -> summed final objective."""
 
     @staticmethod
     def forward(ctx, rollout: Rollout, denv: DiffTaskEnv, actions: torch.Tensor):
@@ -269,7 +273,8 @@ class DiffTaskEnv:
     ``step(actions)`` returns observations and rewards that carry gradients back to the actions
     and to earlier states (and so to earlier actions), until :meth:`detach` cuts the graph (for
     short windows, SHAC-style). ``rollout(actions)`` runs a whole horizon through the
-    checkpointed :class:`~diffsim.core.Rollout` and returns the summed final task loss. Actions
+    checkpointed :class:`~diffsim.core.Rollout` and returns the summed final objective (the
+    task's loss plus its running costs, :mod:`diffsim.tasks.task`). Actions
     are not clipped here: a controller that needs bounds applies them itself (e.g. ``tanh``).
     """
 
@@ -281,7 +286,8 @@ class DiffTaskEnv:
         self.state_names = [n for n, _ in _float_arrays(self.template)]
         self.action_low, self.action_high = (torch.as_tensor(b) for b in self.task.scene.action_bounds())
         self._state: list[torch.Tensor] = []
-        self._loss: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None  # the objective so far
+        self._spent: torch.Tensor | None = None  # the running costs paid so far
         self._last_state = None
         self._rollouts: dict[int, Rollout] = {}
         #: wall seconds spent simulating steps forward and backward (controllers report the split)
@@ -304,6 +310,7 @@ class DiffTaskEnv:
         self.batch.reset(variants=variants)
         self._state = [_to_torch(self.batch.state.array(n)) for n in self.state_names]
         self._loss = torch.as_tensor(self.batch.loss, dtype=torch.float32)
+        self._spent = torch.zeros(self.num_envs)
         self._last_state = self.batch.state
         self.elapsed = 0
         return torch.as_tensor(self.batch.observation())
@@ -317,12 +324,15 @@ class DiffTaskEnv:
         self._state = [t.detach().requires_grad_(flag) for t in self._state]
 
     def step(self, actions: torch.Tensor):
-        """Returns (observation, reward, terminated, truncated, info); reward = previous loss - loss."""
+        """Returns (observation, reward, terminated, truncated, info); ``info["loss"]`` is the
+        episode's objective so far (loss plus costs paid), the reward its decrease."""
         if self._loss is None:
             raise ConfigError("DiffTaskEnv.step() needs a reset() first.")
         self._check(actions)
         out = _StepFunction.apply(self, actions, *self._state)
-        obs, loss, self._state = out[0], out[1], list(out[2:])
+        obs, self._state = out[0], list(out[3:])
+        self._spent = self._spent + out[2]
+        loss = out[1] + self._spent
         reward = self._loss - loss
         self._loss = loss
         self.elapsed += 1
@@ -342,6 +352,7 @@ class DiffTaskEnv:
         self._state = [t.detach() for t in self._state]
         if self._loss is not None:
             self._loss = self._loss.detach()
+            self._spent = self._spent.detach()
 
     def _check(self, actions) -> None:
         expected = (self.num_envs, self.action_dim)
@@ -355,7 +366,7 @@ class DiffTaskEnv:
             raise InvalidParameter("action", "a tensor with NaN or inf entries", f"finite floats of shape {expected}")
 
     def rollout(self, actions: torch.Tensor, *, checkpoint_every: int | None = None) -> torch.Tensor:
-        """The summed final task loss of a whole horizon from the last reset's initial states.
+        """The summed final objective of a whole horizon from the last reset's initial states.
 
         ``actions`` has shape (frames, num_envs, action_dim); the backward runs the checkpointed
         rollout, so memory stays O(sqrt(T)) states whatever the horizon.
@@ -371,7 +382,8 @@ class DiffTaskEnv:
         if rollout is None:
             controls = [scene.control(requires_grad=True) for _ in range(frames)]
             rollout = scene.rollout(self.batch.initial.clone(requires_grad=True), controls,
-                                    checkpoint_every=checkpoint_every, final_loss=self._final_loss())
+                                    checkpoint_every=checkpoint_every, final_loss=self._final_loss(),
+                                    frame_loss=self._frame_cost() if self.task.running_cost else None)
             self._rollouts[frames] = rollout
         else:
             rollout.state0.assign(self.batch.initial)
@@ -386,6 +398,16 @@ class DiffTaskEnv:
             wp.launch(_sum_into, dim=task.num_worlds, inputs=[per_world], outputs=[loss], device=loss.device)
 
         return final_loss
+
+    def _frame_cost(self) -> Callable:
+        task = self.task
+
+        def frame_cost(model, state, frame: int, loss: wp.array) -> None:
+            per_world = wp.zeros(task.num_worlds, dtype=float, device=loss.device, requires_grad=True)
+            task.cost(state, per_world)
+            wp.launch(_sum_into, dim=task.num_worlds, inputs=[per_world], outputs=[loss], device=loss.device)
+
+        return frame_cost
 
 
 @wp.kernel

@@ -6,12 +6,13 @@ floor in a 1 m domain. Each leg is two muscles, its front and its rear half, wit
 (8 actuation groups): activation a in [-1, 1] adds the Kirchhoff stress a s (F d)(F d)^T, so a > 0
 shortens a half-leg and a < 0 lengthens it; a half contracting against its partner bends the leg.
 
-Loss (per world, per env step) [-]: |v_xy - v_cmd|^2 / |v_cmd|^2 + height_weight * (max(0, h_min -
-h) / h_min)^2, with v_xy the horizontal velocity of the robot's centre of mass (mass-weighted
-particle velocity) [m/s], v_cmd the commanded velocity, h the centre of mass's height above the
-floor [m] and h_min = ``min_height``. It is 1 at rest. The reward is its decrease (previous loss -
-current loss), so an episode's return is L_0 - L_T; a controller that tracks the command over the
-whole episode (Complex-Locomotion's objective) minimises the sum of ``info["loss"]`` instead.
+Running cost (per world, per env step) [-]: e / horizon, with the walk error e = |v_xy - v_cmd|^2
+/ |v_cmd|^2 + height_weight * (max(0, h_min - h) / h_min)^2, v_xy the horizontal velocity of the
+robot's centre of mass (mass-weighted particle velocity) [m/s], v_cmd the commanded velocity, h the
+centre of mass's height above the floor [m] and h_min = ``min_height``; e is 1 at rest. The task
+has no loss of the state alone, so the episode's objective is the mean walk error over the steps
+so far (Complex-Locomotion's objective: track the command all along, not only at the end), each
+reward is minus a step's cost, and a robot that stands still returns -1.
 
 Score in [0, 1]: clamp(1 - |v_mean - v_cmd| / |v_cmd|, 0, 1), with v_mean = (horizontal
 displacement of the centre of mass since the episode's start) / (time elapsed) [m/s]: 1 when the
@@ -68,8 +69,8 @@ class WalkerConfig(TaskConfig):
     max_heading: float = 0.0  #: commanded headings are drawn from [-max_heading, max_heading] [rad] (0: along +x)
     start_offset: float = 0.01  #: the robot starts up to this far off its place along x and y [m]
     gait_period: float = 1.0  #: period of the observation's clock [s]
-    min_height: float = 0.04  #: centre-of-mass height above the floor under which the loss grows [m]
-    height_weight: float = 1.0  #: weight of the height term of the loss [-]
+    min_height: float = 0.04  #: centre-of-mass height above the floor under which the walk error grows [m]
+    height_weight: float = 1.0  #: weight of the height term of the walk error [-]
     observed_particles: int = 32  #: particles in the observation
 
     def __post_init__(self):
@@ -120,14 +121,14 @@ def _body_sums(particle_x: wp.array(dtype=wp.vec3), particle_v: wp.array(dtype=w
 
 
 @wp.kernel
-def _walk_loss(com_x: wp.array(dtype=wp.vec3), com_v: wp.array(dtype=wp.vec3), command: wp.array(dtype=wp.vec3),
-               floor: float, min_height: float, height_weight: float, out: wp.array(dtype=float)):
+def _walk_error(com_x: wp.array(dtype=wp.vec3), com_v: wp.array(dtype=wp.vec3), command: wp.array(dtype=wp.vec3),
+                floor: float, min_height: float, height_weight: float, scale: float, out: wp.array(dtype=float)):
     w = wp.tid()
     c = command[w]
     v = com_v[w]
     error = wp.vec3(v[0] - c[0], v[1] - c[1], 0.0)
     sag = wp.max(min_height - (com_x[w][2] - floor), 0.0) / min_height
-    wp.atomic_add(out, w, wp.dot(error, error) / wp.max(wp.dot(c, c), 1.0e-12) + height_weight * sag * sag)
+    wp.atomic_add(out, w, scale * (wp.dot(error, error) / wp.max(wp.dot(c, c), 1.0e-12) + height_weight * sag * sag))
 
 
 @wp.kernel
@@ -247,7 +248,7 @@ class SoftWalker(Task):
         com = self.center_of_mass(state)[0].numpy()
         self._start_com[mask] = com[mask]
 
-    # -- observation, loss, score ------------------------------------------------------------
+    # -- observation, cost, score -------------------------------------------------------------
     def center_of_mass(self, state) -> tuple[wp.array, wp.array]:
         """Each world's centre of mass [m] and its velocity [m/s], taped (num_worlds,) vec3 arrays."""
         model = self.scene.model
@@ -273,12 +274,22 @@ class SoftWalker(Task):
                           2.0 * math.pi / self.config.gait_period, 6 * self.observed.shape[1]],
                   outputs=[out], device=out.device)
 
+    running_cost = True
+
     def loss(self, state, out) -> None:
+        """None: the walk is paid for step by step (:meth:`cost`)."""
+
+    def walk_error(self, state, out, scale: float = 1.0) -> None:
+        """Add ``scale`` times each world's walk error e (the module header) in ``state`` into
+        ``out`` [-]; taped."""
         c = self.config
         com_x, com_v = self.center_of_mass(state)
-        wp.launch(_walk_loss, dim=self.num_worlds,
-                  inputs=[com_x, com_v, self.command, self.floor_height, c.min_height, c.height_weight],
+        wp.launch(_walk_error, dim=self.num_worlds,
+                  inputs=[com_x, com_v, self.command, self.floor_height, c.min_height, c.height_weight, scale],
                   outputs=[out], device=out.device)
+
+    def cost(self, state, out) -> None:
+        self.walk_error(state, out, 1.0 / self.config.horizon)
 
     def mean_velocity(self, state) -> np.ndarray:
         """Horizontal displacement of each world's centre of mass since its episode began, over

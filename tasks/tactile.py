@@ -344,9 +344,12 @@ class TactileGrasp(TactileTask):
 class FollowConfig(TactileConfig):
     """One sensor pad, facing down, slides over a rigid sphere.
 
-    Loss per world [-]: ``force_weight * ((Fn - F*) / F*)^2 + progress_weight * d / L``, with
-    Fn the pad's normal contact force [N], F* the target force, d the great-circle distance [m]
-    from the point under the pad's centre to the target point and L that distance at the start.
+    Loss per world [-]: ``progress_weight * d / L``, with d the great-circle distance [m] from
+    the point under the pad's centre to the target point and L that distance at the start; running
+    cost per env step [-]: ``force_weight * ((Fn - F*) / F*)^2 / horizon``, with Fn the pad's
+    normal contact force [N] and F* the target force. The episode's objective is so the distance
+    left plus the mean squared force error over the steps so far: the force is tracked all along,
+    as the score measures it.
     """
 
     horizon: int = 150  #: 0.3 s
@@ -525,11 +528,18 @@ class SurfaceFollow(TactileTask):
                   outputs=[terms], device=model.device)
         return terms
 
+    running_cost = True
+
     def loss(self, state, out) -> None:
-        c = self.config
+        self._follow_loss(state, out, 0.0, self.config.progress_weight)
+
+    def cost(self, state, out) -> None:
+        self._follow_loss(state, out, self.config.force_weight / self.config.horizon, 0.0)
+
+    def _follow_loss(self, state, out, force_weight: float, progress_weight: float) -> None:
         wp.launch(_follow_loss, dim=self.num_worlds,
-                  inputs=[self._terms(state), self._device["force"], self._device["length"], c.force_weight,
-                          c.progress_weight],
+                  inputs=[self._terms(state), self._device["force"], self._device["length"], force_weight,
+                          progress_weight],
                   outputs=[out], device=out.device)
 
     def _measure(self, state) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,13 @@
 """Tasks: a Scene with seeded variants, a per-world observation and loss, a score and a horizon;
 and ``TaskBatch``, the batched simulation of one task that every face of the task layer steps.
 
+A task's objective has two parts: its *loss*, a function of the current state (the distance to a
+goal shape, say), and, for tasks with ``running_cost``, a *cost* paid at every env step (the
+error of a tracked velocity or force). The episode's objective after t steps is J_t = L(s_t) +
+c_1 + ... + c_t, every face reports J_t as ``loss`` and the reward is its decrease, J_{t-1} - J_t,
+so an episode's return is J_0 - J_T: what RL maximises and what gradient methods minimise (the
+final J_T) is one quantity.
+
 A task file describes its scene, actuators, observation and loss by subclassing :class:`Task`;
 the gymnasium faces (:mod:`diffsim.tasks.env`) and the differentiable face add nothing task-specific.
 """
@@ -124,6 +131,15 @@ class Task(abc.ABC):
     def loss(self, state: State, out: wp.array) -> None:
         """Launch (taped) kernels adding each world's task loss into ``out`` (num_worlds,)."""
 
+    #: True for tasks that pay :meth:`cost` at every env step (see the module header)
+    running_cost: ClassVar[bool] = False
+
+    def cost(self, state: State, out: wp.array) -> None:
+        """Launch (taped) kernels adding each world's cost of the env step that ended in ``state``
+        into ``out`` (num_worlds,); read only when ``running_cost`` is set. Such a task defines its
+        own :meth:`score`, since the default one reads the loss alone."""
+        raise NotImplementedError(f"{type(self).__name__} sets running_cost but defines no cost().")
+
     def score(self, state: State) -> np.ndarray:
         """Normalised score in [0, 1] of each world's current state (1: target reached)."""
         loss = self.evaluate_loss(state)
@@ -161,6 +177,14 @@ class Task(abc.ABC):
     def evaluate_loss(self, state: State) -> np.ndarray:
         out = wp.zeros(self.num_worlds, dtype=float, device=self.scene.device)
         self.loss(state, out)
+        return out.numpy().astype(np.float64)
+
+    def evaluate_cost(self, state: State) -> np.ndarray:
+        """Each world's cost of the step that ended in ``state`` (zeros without ``running_cost``)."""
+        if not self.running_cost:
+            return np.zeros(self.num_worlds)
+        out = wp.zeros(self.num_worlds, dtype=float, device=self.scene.device)
+        self.cost(state, out)
         return out.numpy().astype(np.float64)
 
     @property
@@ -237,7 +261,10 @@ def subsample(element_world: np.ndarray, num_worlds: int, count: int, *, seed: i
 # ------------------------------------------------------------------------------------ batch
 class TaskBatch:
     """All worlds of one task, stepped together: reset by mask, step with clipped actions, per-world
-    observations, rewards (previous loss minus current loss), scores and episode clocks."""
+    observations, rewards (the decrease of the episode's objective), scores and episode clocks.
+
+    ``loss`` holds each world's objective so far (the task's loss plus the costs paid since its
+    episode began, see the module header); ``spent`` the costs alone."""
 
     def __init__(self, task: Task):
         self.task = task
@@ -257,6 +284,7 @@ class TaskBatch:
         self.rngs = [np.random.default_rng() for _ in range(self.num_worlds)]
         self.elapsed = np.zeros(self.num_worlds, dtype=np.int64)
         self.loss = np.zeros(self.num_worlds)
+        self.spent = np.zeros(self.num_worlds)
         self.variants: list[dict | None] = [None] * self.num_worlds
 
     def seed(self, world: int, seed: int | None) -> None:
@@ -276,6 +304,7 @@ class TaskBatch:
         self.scene.reset_worlds(self.state, self.initial, mask)
         self.elapsed[mask] = 0
         self.task.begin_episode(self.state, mask)
+        self.spent[mask] = 0.0
         self.loss = np.where(mask, self.task.evaluate_loss(self.state), self.loss)
 
     def check_actions(self, actions) -> np.ndarray:
@@ -310,7 +339,8 @@ class TaskBatch:
         if check_finite:
             self.scene.solver.check_finite(self.scene.model, self.state, int(self.elapsed.max()))
         self.task.after_step(self.state)
-        loss = self.task.evaluate_loss(self.state)
+        self.spent = self.spent + self.task.evaluate_cost(self.state)
+        loss = self.task.evaluate_loss(self.state) + self.spent
         reward = self.loss - loss
         self.loss = loss
         self.elapsed += 1

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import warp as wp
 
 from diffsim.errors import InvalidParameter
 from diffsim.tasks.env import DiffTaskEnv
@@ -27,10 +28,17 @@ def test_scene_loss_and_score_at_rest():
         batch.seed(w, w)
     batch.reset()
     assert batch.observation().shape == (2, task.observation_dim)
-    # at rest the velocity error is the whole command (loss 1), and nothing was covered (score 0)
-    np.testing.assert_allclose(batch.loss, 1.0, atol=1e-5)
+    # at rest the velocity error is the whole command (walk error 1), nothing was covered (score 0)
+    # and nothing paid yet (objective 0)
+    error = wp.zeros(2, dtype=float, device=model.device)
+    task.walk_error(batch.state, error)
+    np.testing.assert_allclose(error.numpy(), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(batch.loss, 0.0)
     np.testing.assert_array_equal(batch.score(), 0.0)
-    batch.step(np.zeros((2, 8), np.float32))
+    # a step standing still costs a horizon's share of that error: the reward is minus it
+    reward, _, _ = batch.step(np.zeros((2, 8), np.float32))
+    np.testing.assert_allclose(reward, -1.0 / task.config.horizon, rtol=1e-3)
+    np.testing.assert_allclose(batch.loss, -reward)
     np.testing.assert_allclose(batch.state.world_time.numpy(), task.config.frame_dt, rtol=1e-5)
     speeds = np.linalg.norm(task._command_host[:, :2], axis=1)
     assert np.all((speeds >= task.config.min_speed) & (speeds <= task.config.max_speed))

@@ -184,19 +184,24 @@ def test_differentiable_face_matches_finite_differences(task_id):
         np.testing.assert_allclose(whole.grad.numpy(), -actions.grad.numpy(), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("task_id", ["diffsim/Push-v0", "diffsim/CableShape-v0"])
+# SoftWalker pays running costs: its objective sums them
+@pytest.mark.parametrize("task_id", ["diffsim/Push-v0", "diffsim/CableShape-v0", "diffsim/SoftWalker-v0"])
 def test_differentiable_face_scores_and_observes_what_the_vector_env_does(task_id):
     options = _tiny(task_id)
     venv = gym.make_vec(task_id, num_envs=2, vectorization_mode="vector_entry_point", **options)
     denv = DiffTaskEnv(task_type(task_id), num_envs=2, **options)
     venv.reset(seed=5)
     denv.reset(seed=5)
+    start = denv.batch.loss.copy()  # J_0
+    returns = np.zeros(2)
     for action in _actions(venv, options["horizon"] - 1, seed=2):  # stop before the autoreset
-        obs, _, _, _, info = venv.step(action)
+        obs, reward, _, _, info = venv.step(action)
+        returns += reward
         with torch.no_grad():
             dobs, _, _, _, dinfo = denv.step(torch.as_tensor(action))
     np.testing.assert_allclose(dobs.numpy(), obs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dinfo["loss"].numpy(), info["loss"], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(returns, start - info["loss"], rtol=1e-5, atol=1e-9)  # the return is J_0 - J_t
     np.testing.assert_allclose(denv.score(), info["score"], rtol=1e-5, atol=1e-7)
     assert np.any(info["score"] != denv.batch.score())  # the batch's own state never moved
 
